@@ -1,0 +1,75 @@
+"""Ask Swift for features: a HAPI GET on a shard, decoded frame by frame.
+
+This is the trainer's side of the protocol. It needs python-swiftclient and
+torch only: no eventlet, no Swift server code.
+"""
+
+from dataclasses import dataclass
+
+from hapi import protocol, wire
+
+CHUNK_BYTES = 1 << 20
+
+
+class ChunkReader:
+    """``read(n)`` over an iterator of byte chunks (a streamed response body)."""
+
+    def __init__(self, chunks):
+        self._chunks = iter(chunks)
+        self._buffer = bytearray()
+        self._pos = 0
+        self.bytes_read = 0
+
+    def read(self, n):
+        while len(self._buffer) - self._pos < n:
+            chunk = next(self._chunks, b"")
+            if not chunk:
+                break
+            del self._buffer[:self._pos]
+            self._pos = 0
+            self._buffer += chunk
+        data = bytes(self._buffer[self._pos:self._pos + n])
+        self._pos += len(data)
+        self.bytes_read += len(data)
+        return data
+
+
+@dataclass
+class FeatureStream:
+    """One shard's features: the response headers, then frames as they arrive."""
+
+    headers: dict
+    reader: ChunkReader
+    max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES
+    end: wire.Frame | None = None
+
+    @property
+    def batch_used(self):
+        return int(self.headers[protocol.BATCH_USED.lower()])
+
+    @property
+    def device(self):
+        return self.headers[protocol.DEVICE.lower()]
+
+    @property
+    def samples(self):
+        return int(self.headers[protocol.SAMPLES.lower()])
+
+    def __iter__(self):
+        """Yield the batch frames; raises wire.StreamError on an in-stream error."""
+        for frame in wire.read_frames(self.reader.read, self.max_frame_bytes):
+            if frame.kind == "batch":
+                yield frame
+            else:
+                self.end = frame
+
+
+def fetch_features(conn, container, name, feature_req,
+                   max_frame_bytes=wire.DEFAULT_MAX_FRAME_BYTES):
+    """GET ``container/name`` through the HAPI filter; ``conn`` is a
+    ``swiftclient.Connection``. Swift's and HAPI's errors raise
+    ``swiftclient.ClientException`` (``http_status``, ``http_response_content``)."""
+    headers, body = conn.get_object(container, name, resp_chunk_size=CHUNK_BYTES,
+                                    headers=protocol.request_headers(feature_req))
+    return FeatureStream(headers=headers, reader=ChunkReader(body),
+                         max_frame_bytes=max_frame_bytes)

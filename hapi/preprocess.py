@@ -1,0 +1,73 @@
+"""Deterministic preprocessing presets: encoded image bytes to input tensors.
+
+The storage tier and the trainer (vanilla mode) use the same preset code, so
+a split changes where preprocessing runs, never what it computes.
+``imagenet-N`` resizes the shorter side to N*256/224 and centre-crops N x N
+(torchvision's evaluation transform); ``resize-N`` resizes the whole image to
+N x N (for small images such as the 8x8 digits). Both normalise with the
+ImageNet mean and standard deviation.
+"""
+
+import io
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SIZES = (32, 64, 112, 224)
+
+
+class DecodeError(ValueError):
+    """An image member could not be decoded (or is larger than allowed)."""
+
+
+def _preset(size, crop):
+    resize = [v2.Resize(round(size * 256 / 224)), v2.CenterCrop(size)] if crop \
+        else [v2.Resize((size, size))]
+    return v2.Compose([
+        v2.PILToTensor(),
+        *resize,
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+PRESETS = {
+    **{f"imagenet-{n}": _preset(n, crop=True) for n in SIZES},
+    **{f"resize-{n}": _preset(n, crop=False) for n in SIZES},
+}
+
+
+def open_image(data, max_pixels):
+    """Open encoded image bytes as an RGB PIL image, refusing images above
+    ``max_pixels`` before any pixel is decoded (decompression bombs)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DecodeError(f"not a decodable image: {err}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise DecodeError(f"image is {width}x{height}, above the {max_pixels}-pixel limit")
+    try:
+        return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DecodeError(f"image does not decode: {err}") from None
+
+
+def preprocess(images, preset, max_pixels=40_000_000):
+    """Decode and preprocess a list of encoded images into one NCHW batch.
+
+    Raises :class:`DecodeError` carrying the index of the first bad image in
+    ``err.index``.
+    """
+    transform = PRESETS[preset]
+    tensors = []
+    for index, data in enumerate(images):
+        try:
+            tensors.append(transform(open_image(data, max_pixels)))
+        except DecodeError as err:
+            err.index = index
+            raise
+    return torch.stack(tensors)

@@ -1,0 +1,174 @@
+"""The HAPI request protocol: header names, parameters and their validation.
+
+A GET on a shard object that carries ``X-Hapi-Model`` is a feature request;
+the other ``X-Hapi-*`` headers are optional. The filter in the Swift proxy and
+the standalone server both parse requests with :func:`parse_request`, so the
+two answer a bad parameter with the same status and message.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+
+from hapi import zoo
+from hapi.preprocess import PRESETS
+
+# Request headers.
+MODEL = "X-Hapi-Model"
+SPLIT = "X-Hapi-Split"
+FREEZE = "X-Hapi-Freeze"
+BATCH = "X-Hapi-Batch"
+WEIGHTS = "X-Hapi-Weights"
+PRESET = "X-Hapi-Preset"
+DTYPE = "X-Hapi-Dtype"
+REQUEST_HEADERS = (MODEL, SPLIT, FREEZE, BATCH, WEIGHTS, PRESET, DTYPE)
+
+# Response headers.
+DEVICE = "X-Hapi-Device"
+BATCH_USED = "X-Hapi-Batch-Used"
+SAMPLES = "X-Hapi-Samples"
+CONTENT_TYPE = "application/vnd.hapi.frames"
+
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_PRESET = "imagenet-224"
+DEFAULT_WEIGHTS = "pretrained"
+
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
+
+
+class BadParameter(ValueError):
+    """A request parameter is missing or invalid (HTTP 400)."""
+
+    def __init__(self, parameter, message):
+        super().__init__(f"{parameter}: {message}")
+        self.parameter = parameter
+        self.message = message
+
+    def to_json(self):
+        return json.dumps({"error": self.message, "parameter": self.parameter}).encode()
+
+
+@dataclass(frozen=True)
+class WeightsRef:
+    """Where the model's weights come from.
+
+    ``pretrained``: the zoo's pre-trained weights (offline package, or
+    torchvision's cache/download); ``seed:N``: random init from seed N;
+    ``swift:<container>/<object>``: an object in the caller's account, read
+    with the caller's access; ``file:<name>``: a file in the operator's
+    ``weights_dir``.
+    """
+
+    kind: str
+    value: str = ""
+
+    def __str__(self):
+        return self.kind if not self.value else f"{self.kind}:{self.value}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the operator allows; parsed from the filter's or server's conf."""
+
+    max_batch: int = 256
+    default_batch: int = 32
+    models: tuple = tuple(zoo.MODELS)
+    weights_dir_enabled: bool = False
+
+
+@dataclass(frozen=True)
+class FeatureRequest:
+    model: str
+    split: int
+    freeze: int
+    batch: int
+    weights: WeightsRef
+    preset: str
+    dtype: str
+
+
+def is_feature_request(headers):
+    return MODEL in headers
+
+
+def _int_param(headers, name, default):
+    raw = headers.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise BadParameter(name, f"must be an integer, got {raw[:40]!r}") from None
+
+
+def parse_weights(raw, limits):
+    if raw is None or raw == DEFAULT_WEIGHTS:
+        return WeightsRef(DEFAULT_WEIGHTS)
+    kind, sep, value = raw.partition(":")
+    if kind == "seed" and sep:
+        try:
+            seed = int(value)
+        except ValueError:
+            seed = -1
+        if seed < 0:
+            raise BadParameter(WEIGHTS, f"seed must be a non-negative integer, got {value[:40]!r}")
+        return WeightsRef("seed", str(seed))
+    if kind == "swift" and sep:
+        container, slash, obj = value.partition("/")
+        if not container or not slash or not obj or ".." in value.split("/"):
+            raise BadParameter(WEIGHTS, "swift weights must be 'swift:<container>/<object>'")
+        return WeightsRef("swift", value)
+    if kind == "file" and sep:
+        if not limits.weights_dir_enabled:
+            raise BadParameter(WEIGHTS, "file weights are not enabled on this server")
+        if not _FILE_NAME.match(value):
+            raise BadParameter(WEIGHTS, f"{value[:40]!r} is not a plain file name")
+        return WeightsRef("file", value)
+    raise BadParameter(WEIGHTS, "must be 'pretrained', 'seed:<n>', 'swift:<container>/<object>'"
+                       f" or 'file:<name>', got {raw[:60]!r}")
+
+
+def parse_request(headers, limits, layer_count):
+    """Validate the HAPI headers of a request into a :class:`FeatureRequest`.
+
+    ``headers`` is any case-insensitive mapping (swob or aiohttp headers);
+    ``layer_count(model)`` returns the number of layers of a zoo model.
+    Raises :class:`BadParameter` naming the first bad header.
+    """
+    raw_model = headers.get(MODEL, "")
+    try:
+        model = zoo.canonical_name(raw_model.strip())
+    except zoo.UnknownModel:
+        model = None
+    if model is None or model not in limits.models:
+        raise BadParameter(MODEL, f"unknown model {raw_model[:40]!r}; "
+                           f"known: {', '.join(limits.models)}")
+    layers = layer_count(model)
+    freeze = _int_param(headers, FREEZE, zoo.MODELS[model].default_freeze)
+    if not 0 <= freeze <= layers:
+        raise BadParameter(FREEZE, f"must be between 0 and {layers} (the layer count of "
+                           f"{model}), got {freeze}")
+    split = _int_param(headers, SPLIT, freeze)
+    if not 0 <= split <= freeze:
+        raise BadParameter(SPLIT, f"must be between 0 and the freeze index {freeze}, got {split}")
+    batch = _int_param(headers, BATCH, limits.default_batch)
+    if not 1 <= batch <= limits.max_batch:
+        raise BadParameter(BATCH, f"must be between 1 and {limits.max_batch}, got {batch}")
+    preset = headers.get(PRESET, DEFAULT_PRESET).strip()
+    if preset not in PRESETS:
+        raise BadParameter(PRESET, f"unknown preset {preset[:40]!r}; known: {', '.join(PRESETS)}")
+    dtype = headers.get(DTYPE, "float32").strip()
+    if dtype not in WIRE_DTYPES:
+        raise BadParameter(DTYPE, f"unknown dtype {dtype[:40]!r}; known: {', '.join(WIRE_DTYPES)}")
+    weights = parse_weights(headers.get(WEIGHTS), limits)
+    return FeatureRequest(model=model, split=split, freeze=freeze, batch=batch,
+                          weights=weights, preset=preset, dtype=dtype)
+
+
+def request_headers(req):
+    """The HTTP headers that ask for ``req`` (a :class:`FeatureRequest`)."""
+    return {
+        MODEL: req.model, SPLIT: str(req.split), FREEZE: str(req.freeze),
+        BATCH: str(req.batch), WEIGHTS: str(req.weights), PRESET: req.preset,
+        DTYPE: req.dtype,
+    }

@@ -1,0 +1,298 @@
+"""The HAPI filter in a real Swift proxy, driven with python-swiftclient."""
+
+import http.client
+import io
+import json
+import struct
+import threading
+import time
+import urllib.parse
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save as st_save
+from swiftclient import ClientException
+
+from hapi import protocol, zoo
+from hapi.client.features import fetch_features
+from hapi.preprocess import preprocess
+from hapi.shards import Sample, write_shard
+from hapi.weights import pretrained_state_dict
+
+pytestmark = pytest.mark.swift
+
+CONTAINER = "hapi-filter-tests"
+
+
+def png(seed, size=40):
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def samples(n, size=40, first=0):
+    return [Sample(key=f"{i:06d}", image=png(i, size), ext="png", label=i % 10)
+            for i in range(first, first + n)]
+
+
+def feature_request(model, split=None, batch=2, weights="seed:0", preset="imagenet-64",
+                    dtype="float32"):
+    freeze = zoo.MODELS[model].default_freeze
+    return protocol.FeatureRequest(model=model, split=freeze if split is None else split,
+                                   freeze=freeze, batch=batch,
+                                   weights=protocol.parse_weights(weights, protocol.Limits()),
+                                   preset=preset, dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def conn(swift_conn):
+    swift_conn.put_container(CONTAINER)
+    swift_conn.put_object(CONTAINER, "small.tar", write_shard(samples(5)))
+    return swift_conn
+
+
+def fetch(conn, name, req):
+    stream = fetch_features(conn, CONTAINER, name, req)
+    frames = list(stream)
+    return stream, frames
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def error_of(conn, name, headers):
+    with pytest.raises(ClientException) as err:
+        conn.get_object(CONTAINER, name, headers=headers)
+    return err.value.http_status, err.value.http_response_content
+
+
+def test_frames_follow_the_storage_batch(conn):
+    stream, frames = fetch(conn, "small.tar", feature_request("alexnet", batch=2))
+    assert stream.batch_used == 2 and stream.samples == 5
+    assert stream.device in ("cpu", "cuda", "cuda:0")
+    assert [len(f.labels) for f in frames] == [2, 2, 1]
+    assert [k for f in frames for k in f.keys] == [f"{i:06d}" for i in range(5)]
+    assert [int(x) for f in frames for x in f.labels] == [i % 10 for i in range(5)]
+    split = zoo.MODELS["alexnet"].default_freeze
+    assert all(len(f.timings["layers_s"]) == split for f in frames)
+    assert stream.end.meta["samples"] == "5"
+
+
+# The heavy models run on few, small images; vit_b_16 needs 224 px.
+EQUIVALENCE = [(name, "imagenet-224" if name == "vit_b_16" else "imagenet-64")
+               for name in zoo.MODELS]
+
+
+@pytest.mark.parametrize(("name", "preset"), EQUIVALENCE)
+def test_split_equivalence_through_the_proxy(conn, name, preset):
+    """DESIGN invariant 1: layers [s, end) on the proxy's features == the whole model."""
+    if name == "efficientnet_lite0":  # the real ImageNet weights, offline
+        weights, model = "pretrained", zoo.build_model(name, state_dict=pretrained_state_dict(name))
+    else:
+        weights, model = "seed:0", zoo.build_model(name, seed=0)
+    images = samples(3, first=100)
+    conn.put_object(CONTAINER, f"eq-{name}.tar", write_shard(images))
+    x = preprocess([s.image for s in images], preset)
+    with torch.no_grad():
+        expected = model(x)
+    freeze = model.default_freeze
+    for split in sorted({0, 1, freeze // 2, freeze} if name == "alexnet" else
+                        {1, freeze // 2, freeze}):
+        _, frames = fetch(conn, f"eq-{name}.tar",
+                          feature_request(name, split, weights=weights, preset=preset))
+        features = torch.cat([f.features for f in frames])
+        with torch.no_grad():
+            local = model(x, 0, split)
+            out = model(features, split)
+        assert features.shape == local.shape
+        assert relative_error(features, local) <= 1e-5, (name, split)
+        assert relative_error(out, expected) <= 1e-5, (name, split)
+
+
+def test_half_precision_on_the_wire(conn):
+    _, full = fetch(conn, "small.tar", feature_request("resnet18"))
+    _, half = fetch(conn, "small.tar", feature_request("resnet18", dtype="float16"))
+    a, b = torch.cat([f.features for f in full]), torch.cat([f.features for f in half])
+    assert b.dtype == torch.float16 and b.nbytes * 2 == a.nbytes
+    assert relative_error(b.float(), a) < 1e-2
+
+
+def test_weights_from_a_swift_object(conn):
+    model = zoo.build_model("resnet18", seed=7)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    conn.put_object(CONTAINER, "weights/r18.safetensors", st_save(state))
+    req = feature_request("resnet18", weights=f"swift:{CONTAINER}/weights/r18.safetensors")
+    _, frames = fetch(conn, "small.tar", req)
+    x = preprocess([s.image for s in samples(5)], "imagenet-64")
+    with torch.no_grad():
+        local = model(x, 0, model.default_freeze)
+    assert relative_error(torch.cat([f.features for f in frames]), local) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def bad_objects(conn):
+    good = write_shard(samples(2))
+    objects = {
+        "not-a-tar": b"this is not a tar archive at all" * 10,
+        "truncated.tar": good[:len(good) // 2 + 100],
+        "not-an-image.tar": write_shard([Sample("000001", b"plain text", "jpg", 1)]),
+        "bomb.tar": write_shard([Sample("000001", huge_png_header(), "png", 1)]),
+        "no-label.tar": _tar_without_label(),
+    }
+    for name, data in objects.items():
+        conn.put_object(CONTAINER, name, data)
+    return objects
+
+
+def huge_png_header(width=100_000, height=100_000):
+    """A valid PNG header declaring 10 giga-pixels: a decompression bomb."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+def _tar_without_label():
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("000001.png")
+        data = png(1)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def good_request_works(conn):
+    _, frames = fetch(conn, "small.tar", feature_request("alexnet"))
+    assert sum(len(f.labels) for f in frames) == 5
+
+
+BAD_PARAMETERS = [
+    ({protocol.MODEL: "lenet"}, protocol.MODEL),
+    ({protocol.SPLIT: "999"}, protocol.SPLIT),
+    ({protocol.SPLIT: "two"}, protocol.SPLIT),
+    ({protocol.FREEZE: "999"}, protocol.FREEZE),
+    ({protocol.BATCH: "0"}, protocol.BATCH),
+    ({protocol.BATCH: "100000"}, protocol.BATCH),
+    ({protocol.PRESET: "fancy"}, protocol.PRESET),
+    ({protocol.DTYPE: "int4"}, protocol.DTYPE),
+    ({protocol.WEIGHTS: "swift:no-such-container/w.safetensors"}, protocol.WEIGHTS),
+    ({protocol.WEIGHTS: "file:w.safetensors"}, protocol.WEIGHTS),
+]
+
+
+@pytest.mark.parametrize(("override", "parameter"), BAD_PARAMETERS)
+def test_bad_parameter_is_400_naming_it_and_proxy_keeps_serving(conn, override, parameter):
+    headers = {**protocol.request_headers(feature_request("alexnet")), **override}
+    status, body = error_of(conn, "small.tar", headers)
+    assert status == 400
+    doc = json.loads(body)
+    assert doc["parameter"] == parameter and doc["error"]
+    good_request_works(conn)
+
+
+@pytest.mark.parametrize(("name", "member", "message"), [
+    ("not-a-tar", None, "not a valid tar"),
+    ("truncated.tar", None, "truncated"),
+    ("not-an-image.tar", "000001.jpg", "not a decodable image"),
+    ("bomb.tar", "000001.png", "pixel limit"),
+    ("no-label.tar", "000001.png", "no .cls label"),
+])
+def test_bad_shard_is_422_naming_the_member(conn, bad_objects, name, member, message):
+    headers = protocol.request_headers(feature_request("alexnet"))
+    status, body = error_of(conn, name, headers)
+    assert status == 422
+    doc = json.loads(body)
+    assert message in doc["error"]
+    assert doc["member"] == member
+    assert conn.get_object(CONTAINER, name)[1] == bad_objects[name]
+    good_request_works(conn)
+
+
+def test_missing_object_is_swifts_404(conn):
+    status, _ = error_of(conn, "no-such-shard.tar",
+                         protocol.request_headers(feature_request("alexnet")))
+    assert status == 404
+    good_request_works(conn)
+
+
+def raw_get(url, headers):
+    """A GET with exactly ``headers`` (swiftclient would add a token)."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        connection.request("GET", parts.path, headers=headers)
+        resp = connection.getresponse()
+        return resp.status, resp.read()
+    finally:
+        connection.close()
+
+
+def timed_get(url, headers):
+    t0 = time.perf_counter()
+    status, body = raw_get(url, headers)
+    return status, body, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("token", [None, "AUTH_tk-not-a-valid-token"])
+def test_no_valid_token_is_401_without_tensor_bytes(conn, token):
+    url = f"{conn.url}/{CONTAINER}/small.tar"
+    headers = protocol.request_headers(feature_request("alexnet"))
+    if token:
+        headers["X-Auth-Token"] = token
+    status, body = raw_get(url, headers)
+    assert status == 401
+    assert b"features" not in body and b"__metadata__" not in body
+    good_request_works(conn)
+
+
+def test_requests_without_hapi_headers_get_the_object(conn):
+    assert conn.get_object(CONTAINER, "small.tar")[1] == write_shard(samples(5))
+
+
+def test_info_advertises_the_filter(swift_cluster):
+    status, body = raw_get(f"{swift_cluster.proxy_url}/info", {})
+    info = json.loads(body)["hapi"]
+    assert status == 200
+    assert set(info["models"]) == set(zoo.MODELS)
+    assert info["max_batch"] > 0 and "imagenet-224" in info["presets"]
+
+
+def test_proxy_serves_others_during_a_long_extraction(conn, swift_cluster):
+    """DESIGN invariant 3: torch runs in OS threads, the proxy hub keeps serving."""
+    conn.put_object(CONTAINER, "long.tar", write_shard(samples(24, size=256, first=500)))
+    req = feature_request("resnet50", batch=4, preset="imagenet-224")
+    started, done = threading.Event(), threading.Event()
+    result = {}
+
+    def extract():
+        started.set()
+        _, frames = fetch(conn, "long.tar", req)
+        result["samples"] = sum(len(f.labels) for f in frames)
+        done.set()
+
+    worker = threading.Thread(target=extract)
+    worker.start()
+    started.wait()
+    time.sleep(1.0)
+    latencies = []
+    plain_url = f"{conn.url}/{CONTAINER}/small.tar"
+    while not done.is_set() and len(latencies) < 20:
+        status, _, health_s = timed_get(f"{swift_cluster.proxy_url}/healthcheck", {})
+        assert status == 200
+        status, body, get_s = timed_get(plain_url, {"X-Auth-Token": conn.token})
+        assert status == 200 and body == write_shard(samples(5))
+        latencies.append((health_s, get_s))
+        time.sleep(0.1)
+    worker.join()
+    assert result["samples"] == 24
+    assert len(latencies) >= 5, "extraction finished before the proxy could be probed"
+    assert max(max(pair) for pair in latencies) < 0.1, latencies

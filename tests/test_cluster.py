@@ -1,0 +1,150 @@
+"""The hapi-swift CLI and the Cluster API: start, status, restart, stop."""
+
+import configparser
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from paste.deploy import loadfilter
+from swiftclient.client import Connection
+
+from hapi.server_setup import cluster as cluster_mod
+from hapi.server_setup.cluster import SERVERS, Cluster, ClusterError, main
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def parse_env(line):
+    """{"ST_AUTH": ..., ...} from ``export ST_AUTH=... ST_USER=... ST_KEY=...``."""
+    assert line.startswith("export ")
+    return dict(item.split("=", 1) for item in line.split()[1:])
+
+
+@pytest.mark.swift
+def test_cli_lifecycle(tmp_path, capsys):
+    root = tmp_path / "cluster"
+    port = free_port()
+
+    assert main(["start", str(root), "--proxy-port", str(port), "--without-hapi"]) == 0
+    assert "ready in" in capsys.readouterr().out
+    try:
+        status = Cluster(root).status()
+        assert all(info["alive"] for info in status.values()), status
+        assert status["proxy"]["port"] == port
+
+        assert main(["start", str(root)]) == 0
+        assert "already running" in capsys.readouterr().out
+        assert Cluster(root).status() == status
+
+        assert main(["env", str(root)]) == 0
+        env = parse_env(capsys.readouterr().out.strip())
+        assert env["ST_AUTH"] == f"http://127.0.0.1:{port}/auth/v1.0"
+        conn = Connection(authurl=env["ST_AUTH"], user=env["ST_USER"], key=env["ST_KEY"])
+        conn.put_container("cli")
+        assert [c["name"] for c in conn.get_account()[1]] == ["cli"]
+
+        assert main(["status", str(root)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split()[0] for line in lines] == [f"{s}-server" for s in SERVERS]
+        assert all(" alive " in line for line in lines)
+    finally:
+        assert main(["stop", str(root)]) == 0
+
+    assert "stopped proxy-server" in capsys.readouterr().out
+    assert not any(info["alive"] for info in Cluster(root).status().values())
+    assert main(["status", str(root)]) == 0
+    assert all(" dead " in line for line in capsys.readouterr().out.splitlines())
+    for server in SERVERS:
+        assert (root / "log" / f"{server}.log").stat().st_size > 0
+    assert main(["stop", str(root)]) == 0
+    assert "not running" in capsys.readouterr().out
+
+
+@pytest.mark.swift
+def test_restart_keeps_data_ports_and_hash_settings(tmp_path):
+    cluster = Cluster(tmp_path, with_hapi=False)
+    with cluster:
+        cluster.connection().put_container("kept")
+        cluster.connection().put_object("kept", "obj", b"payload")
+    swift_conf = (tmp_path / "etc" / "swift.conf").read_text()
+    ports = dict(cluster.ports)
+
+    restarted = Cluster(tmp_path, with_hapi=False)
+    with restarted:
+        assert restarted.ports == ports
+        assert restarted.connection().get_object("kept", "obj")[1] == b"payload"
+    assert (tmp_path / "etc" / "swift.conf").read_text() == swift_conf
+
+
+def test_accounts_exist_after_start(swift_cluster):
+    """A real account keeps its creation time; an auto-created stand-in says "now"."""
+    for admin in ("test:tester", "test2:tester2"):
+        conn = swift_cluster.connection(admin)
+        created = conn.head_account()["x-timestamp"]
+        time.sleep(0.02)
+        assert conn.head_account()["x-timestamp"] == created
+
+
+def read_conf(path):
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(path)
+    return parser
+
+
+def test_pipeline_with_and_without_hapi(tmp_path):
+    with_hapi = Cluster(tmp_path / "a", hapi_conf={"max_batch": "64"})
+    without = Cluster(tmp_path / "b", with_hapi=False)
+    for cluster in (with_hapi, without):
+        cluster.set_up()
+    conf = read_conf(with_hapi.conf_path("proxy"))
+    assert " tempauth hapi copy " in conf["pipeline:main"]["pipeline"]
+    assert dict(conf["filter:hapi"]) == {
+        **dict(conf["DEFAULT"]), "use": "egg:hapi-tl#hapi", "max_batch": "64"}
+    plain = read_conf(without.conf_path("proxy"))
+    assert " tempauth copy " in plain["pipeline:main"]["pipeline"]
+    assert not plain.has_section("filter:hapi")
+
+
+def test_conf_snippet_loads_the_filter():
+    """The documented [filter:hapi] section, defaults included, loads through paste."""
+    snippet = Path(cluster_mod.__file__).with_name("proxy-server.hapi.conf")
+    make_filter = loadfilter(f"config:{snippet}", name="hapi")
+    assert callable(make_filter(lambda env, start_response: []))
+
+
+def test_busy_proxy_port_is_a_clear_error(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ClusterError, match=f"proxy port {port} is already in use"):
+            Cluster(tmp_path, proxy_port=port).start()
+
+
+@pytest.mark.swift
+def test_failed_start_stops_servers_and_shows_logs(tmp_path, monkeypatch):
+    monkeypatch.setattr(cluster_mod, "PIPELINE", "catch_errors no_such_filter proxy-server")
+    cluster = Cluster(tmp_path, with_hapi=False)
+    with pytest.raises(ClusterError, match="proxy exited") as failure:
+        cluster.start(timeout=30)
+    assert "log/proxy.log (last" in str(failure.value)
+    assert "no_such_filter" in str(failure.value)
+    assert not any(info["alive"] for info in cluster.status().values())
+
+
+def test_runs_as_a_module(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "hapi.server_setup.cluster", "status",
+                             str(tmp_path)], capture_output=True, text=True, check=True)
+    assert "proxy-server" in result.stdout and " dead " in result.stdout
+
+
+def test_env_on_a_folder_never_set_up(tmp_path, capsys):
+    assert main(["env", str(tmp_path)]) == 1
+    assert "is not set up" in capsys.readouterr().err

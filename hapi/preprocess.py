@@ -2,10 +2,11 @@
 
 The storage tier and the trainer (vanilla mode) use the same preset code, so
 a split changes where preprocessing runs, never what it computes.
-``imagenet-N`` resizes the shorter side to N*256/224 and centre-crops N x N
-(torchvision's evaluation transform); ``resize-N`` resizes the whole image to
-N x N (for small images such as the 8x8 digits). Both normalise with the
-ImageNet mean and standard deviation.
+A preset fixes the geometry: ``imagenet-N`` resizes the shorter side to
+N*256/224 and centre-crops N x N (torchvision's evaluation transform);
+``resize-N`` resizes the whole image to N x N (for small images such as the
+8x8 digits). The normalisation is the model's own (``ModelInfo.mean``/``std``:
+the statistics its pre-trained weights expect).
 """
 
 import io
@@ -14,8 +15,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from hapi import zoo
+
 SIZES = (32, 64, 112, 224)
 
 
@@ -26,12 +27,7 @@ class DecodeError(ValueError):
 def _preset(size, crop):
     resize = [v2.Resize(round(size * 256 / 224)), v2.CenterCrop(size)] if crop \
         else [v2.Resize((size, size))]
-    return v2.Compose([
-        v2.PILToTensor(),
-        *resize,
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return v2.Compose([v2.PILToTensor(), *resize, v2.ToDtype(torch.float32, scale=True)])
 
 
 PRESETS = {
@@ -45,7 +41,9 @@ def open_image(data, max_pixels):
     ``max_pixels`` before any pixel is decoded (decompression bombs)."""
     try:
         image = Image.open(io.BytesIO(data))
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError:
+        raise DecodeError(f"image is above the {max_pixels}-pixel limit") from None
+    except (OSError, ValueError) as err:
         raise DecodeError(f"not a decodable image: {err}") from None
     width, height = image.size
     if width * height > max_pixels:
@@ -56,13 +54,15 @@ def open_image(data, max_pixels):
         raise DecodeError(f"image does not decode: {err}") from None
 
 
-def preprocess(images, preset, max_pixels=40_000_000):
-    """Decode and preprocess a list of encoded images into one NCHW batch.
+def preprocess(images, preset, model, max_pixels=40_000_000):
+    """Decode and preprocess a list of encoded images into one NCHW batch
+    for the zoo model named ``model``.
 
     Raises :class:`DecodeError` carrying the index of the first bad image in
     ``err.index``.
     """
-    transform = PRESETS[preset]
+    info = zoo.MODELS[model]
+    transform = v2.Compose([PRESETS[preset], v2.Normalize(info.mean, info.std)])
     tensors = []
     for index, data in enumerate(images):
         try:

@@ -82,26 +82,26 @@ def read_shard(data):
     label that is not a non-negative integer.
     """
     images, labels = {}, {}
+    name = None
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
+                name = member.name
                 if not member.isfile():
                     continue
-                key, _, ext = member.name.rpartition(".")
+                key, _, ext = name.rpartition(".")
                 ext = ext.lower()
                 if not key:
-                    raise ShardError("member name has no extension", member.name)
+                    raise ShardError("member name has no extension", name)
                 payload = tar.extractfile(member).read()
-                if len(payload) != member.size:
-                    raise ShardError("member is truncated", member.name)
                 if ext == "cls":
-                    labels[key] = (member.name, payload)
+                    labels[key] = (name, payload)
                 elif ext in IMAGE_EXTENSIONS:
                     images[key] = (ext, payload)
-    except tarfile.TarError as err:
-        raise ShardError(f"not a valid tar shard: {err}") from None
-    except EOFError:
-        raise ShardError("shard is truncated") from None
+    except (tarfile.TarError, EOFError) as err:
+        if name is None:
+            raise ShardError(f"not a valid tar shard: {err}") from None
+        raise ShardError(f"shard is truncated or corrupt: {err}", name) from None
     if not images:
         raise ShardError("shard holds no samples")
     samples = []

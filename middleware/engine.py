@@ -122,7 +122,8 @@ class FeatureEngine:
         """Run one storage batch: decode, preprocess, layers [0, split); return a frame."""
         start = time.perf_counter()
         try:
-            inputs = preprocess([s.image for s in samples], request.preset, self.max_image_pixels)
+            inputs = preprocess([s.image for s in samples], request.preset, request.model,
+                                self.max_image_pixels)
         except DecodeError as err:
             bad = samples[err.index]
             raise ShardError(str(err), f"{bad.key}.{bad.ext}") from None

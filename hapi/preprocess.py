@@ -36,6 +36,11 @@ PRESETS = {
 }
 
 
+def preset_size(name):
+    """The side in pixels of the images a preset makes."""
+    return int(name.rpartition("-")[2])
+
+
 def open_image(data, max_pixels):
     """Open encoded image bytes as an RGB PIL image, refusing images above
     ``max_pixels`` before any pixel is decoded (decompression bombs)."""

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 from hapi import zoo
-from hapi.preprocess import PRESETS
+from hapi.preprocess import PRESETS, preset_size
 
 # Request headers.
 MODEL = "X-Hapi-Model"
@@ -157,6 +157,10 @@ def parse_request(headers, limits, layer_count):
     preset = headers.get(PRESET, DEFAULT_PRESET).strip()
     if preset not in PRESETS:
         raise BadParameter(PRESET, f"unknown preset {preset[:40]!r}; known: {', '.join(PRESETS)}")
+    info = zoo.MODELS[model]
+    if info.fixed_input_size and preset_size(preset) != info.input_size:
+        raise BadParameter(PRESET, f"{model} takes only {info.input_size} px inputs, "
+                           f"{preset!r} makes {preset_size(preset)} px")
     dtype = headers.get(DTYPE, "float32").strip()
     if dtype not in WIRE_DTYPES:
         raise BadParameter(DTYPE, f"unknown dtype {dtype[:40]!r}; known: {', '.join(WIRE_DTYPES)}")

@@ -69,6 +69,13 @@ def test_file_weights_must_be_a_plain_name(name):
                                limits, layer_count)
 
 
+def test_fixed_input_size_models_refuse_other_sizes():
+    with pytest.raises(protocol.BadParameter, match="only 224 px") as err:
+        protocol.parse_request({protocol.MODEL: "vit_b_16", protocol.PRESET: "imagenet-64"},
+                               LIMITS, layer_count)
+    assert err.value.parameter == protocol.PRESET
+
+
 def test_operator_can_restrict_models():
     limits = protocol.Limits(models=("resnet18",))
     with pytest.raises(protocol.BadParameter, match="known: resnet18"):

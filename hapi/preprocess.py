@@ -41,9 +41,10 @@ def preset_size(name):
     return int(name.rpartition("-")[2])
 
 
-def open_image(data, max_pixels):
-    """Open encoded image bytes as an RGB PIL image, refusing images above
-    ``max_pixels`` before any pixel is decoded (decompression bombs)."""
+def check_image(data, max_pixels):
+    """Open encoded image bytes far enough to read the format and size, and
+    refuse images above ``max_pixels`` before any pixel is decoded
+    (decompression bombs). Returns the lazily-decoding PIL image."""
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
@@ -53,6 +54,12 @@ def open_image(data, max_pixels):
     width, height = image.size
     if width * height > max_pixels:
         raise DecodeError(f"image is {width}x{height}, above the {max_pixels}-pixel limit")
+    return image
+
+
+def open_image(data, max_pixels):
+    """Decode encoded image bytes into an RGB PIL image (see :func:`check_image`)."""
+    image = check_image(data, max_pixels)
     try:
         return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import save as st_save
 from swiftclient import ClientException
 
-from hapi import protocol, zoo
+from hapi import protocol, wire, zoo
 from hapi.client.features import fetch_features
 from hapi.preprocess import preprocess
 from hapi.shards import Sample, write_shard
@@ -219,6 +219,21 @@ def test_bad_shard_is_422_naming_the_member(conn, bad_objects, name, member, mes
     assert message in doc["error"]
     assert doc["member"] == member
     assert conn.get_object(CONTAINER, name)[1] == bad_objects[name]
+    good_request_works(conn)
+
+
+def test_member_failing_after_the_status_ends_the_stream_naming_it(conn):
+    """Headers are checked up front; a body that breaks in batch 2 becomes an error frame."""
+    images = samples(4)
+    broken = images[3].image[:len(images[3].image) // 2]
+    conn.put_object(CONTAINER, "late-failure.tar",
+                    write_shard([*images[:3], Sample(images[3].key, broken, "png", 3)]))
+    stream = fetch_features(conn, CONTAINER, "late-failure.tar", feature_request("alexnet"))
+    received = []
+    with pytest.raises(wire.StreamError) as err:
+        received.extend(len(frame.labels) for frame in stream)
+    assert received == [2]
+    assert err.value.status == 422 and err.value.member == "000003.png"
     good_request_works(conn)
 
 

@@ -25,5 +25,5 @@ test: lint
 	$(BIN)/python -m pytest -q --durations=15
 
 clean-demo:
-	-$(BIN)/hapi-swift stop $(DEMO_DIR)
+	-$(BIN)/hapi-swift stop $(DEMO_DIR)/swift
 	rm -rf $(DEMO_DIR)

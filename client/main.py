@@ -1,0 +1,304 @@
+"""Fine-tune a pre-trained network on a data set stored in Swift.
+
+The storage tier (the HAPI filter in the Swift proxy) runs the frozen layers
+[0, split) next to the data; this trainer runs layers [split, end) and trains
+those above the freeze index. ``--split_idx 0`` is vanilla training: raw
+shards cross the network and every layer runs here. Examples::
+
+    export ST_AUTH=http://127.0.0.1:8080/auth/v1.0 ST_USER=test:tester ST_KEY=testing
+    python client/main.py --dataset digits --model myefficientnet_lite0 --freeze \\
+        --preset resize-112 --num_epochs 5 --metrics metrics.json
+    python client/main.py --dataset digits --model resnet18 --weights seed:0 \\
+        --freeze --manual_split --split_idx 4 --checkpoint_dir ckpt --resume
+
+The original HAPI client's flags keep their meaning: ``--freeze`` freezes the
+layers below ``--freeze_idx`` (the model's default index when not given;
+without ``--freeze`` every layer trains and the split is 0), ``--model`` takes
+its ``my`` prefix (``myalexnet`` is ``alexnet``), ``--manual_split
+--split_idx N`` fixes the split.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+import torch
+from requests.exceptions import RequestException
+from swiftclient import ClientException, Connection
+
+from hapi import protocol, weights, wire, zoo
+from hapi.client.checkpoint import CheckpointError, DirectoryStore, SwiftStore
+from hapi.client.data import DataError
+from hapi.client.train import TrainConfig, Trainer, TrainingError
+from hapi.preprocess import PRESETS
+
+
+class SwiftAuthError(RuntimeError):
+    """No credentials, or Swift refused them."""
+
+
+# What a run can fail with that is worth a one-line message, not a traceback.
+EXPECTED_ERRORS = (SwiftAuthError, TrainingError, DataError, CheckpointError, ClientException,
+                   weights.WeightsError, wire.FrameError, RequestException)
+
+
+def build_parser():
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        prog="client/main.py", description=__doc__.split("\n\n")[0])
+
+    job = parser.add_argument_group("the job (the original HAPI client's flags)")
+    job.add_argument("--dataset", "--container", dest="dataset", required=True,
+                     help="Swift container holding the data set (shards and manifest)")
+    job.add_argument("--model", required=True,
+                     help=f"model of the zoo, 'my' prefix allowed: {', '.join(zoo.MODELS)}")
+    job.add_argument("--num_epochs", type=int, default=1, help="default: %(default)s")
+    job.add_argument("--batch_size", type=int, default=32,
+                     help="training batch size (default: %(default)s)")
+    job.add_argument("--freeze", action="store_true",
+                     help="freeze the layers below the freeze index")
+    job.add_argument("--freeze_idx", type=int,
+                     help="freeze index (implies --freeze; default: the model's)")
+    job.add_argument("--manual_split", action="store_true",
+                     help="split at --split_idx (giving --split_idx is enough)")
+    job.add_argument("--split_idx", type=int,
+                     help="split index: layers below it run in Swift; 0 is vanilla "
+                          "(default: the freeze index)")
+    job.add_argument("--use_intermediate", action="store_true",
+                     help="use the standalone HAPI server (not available yet)")
+    job.add_argument("--cpuonly", action="store_true", help="train on the CPU even with a GPU")
+    job.add_argument("--sequential", action="store_true",
+                     help="no overlap: fetch each shard only when the trainer needs it")
+    job.add_argument("--testonly", action="store_true",
+                     help="inference only over the selected samples, with the trained "
+                          "layers of the latest checkpoint when one is given")
+    job.add_argument("--start", type=int, default=0,
+                     help="first sample, in the manifest's order (default: 0)")
+    job.add_argument("--end", type=int, help="end of the sample range (default: all)")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--weights", default=protocol.DEFAULT_WEIGHTS,
+                          help="'pretrained', 'seed:N' (random init) or "
+                               "'swift:CONTAINER/OBJECT' (safetensors in your account); "
+                               "default: %(default)s")
+    training.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"),
+                          help="default: %(default)s")
+    training.add_argument("--lr", type=float, default=0.01,
+                          help="learning rate (default: %(default)s)")
+    training.add_argument("--momentum", type=float, default=0.9,
+                          help="SGD momentum (default: %(default)s)")
+    training.add_argument("--weight_decay", type=float, default=0.0,
+                          help="default: %(default)s")
+    training.add_argument("--seed", type=int, default=0, help="seeds the head, the data "
+                          "order and each step's dropout (default: %(default)s)")
+    training.add_argument("--holdout", type=float, default=0.2, help="fraction of the shards "
+                          "held out to measure accuracy per epoch (default: %(default)s)")
+    training.add_argument("--threads", type=int, default=0,
+                          help="torch CPU threads on the trainer (0: torch's default); "
+                               "1 avoids oversubscription where the cores are shared")
+    training.add_argument("--preset", default=protocol.DEFAULT_PRESET, choices=sorted(PRESETS),
+                          metavar="PRESET", help="preprocessing, the same on either tier: "
+                          f"{', '.join(sorted(PRESETS))} (default: %(default)s)")
+
+    storage = parser.add_argument_group("storage tier and data movement")
+    storage.add_argument("--storage_batch", type=int, default=64,
+                         help="batch size asked of the storage tier, which may use "
+                              "another (default: %(default)s)")
+    storage.add_argument("--wire_dtype", default="float32", choices=protocol.WIRE_DTYPES,
+                         help="dtype of the features on the wire (default: %(default)s)")
+    storage.add_argument("--prefetch", type=int, default=2, help="shard requests in flight "
+                         "while the trainer computes (default: %(default)s)")
+    storage.add_argument("--retries", type=int, default=5, help="retries of a failed Swift "
+                         "request, 503 at capacity included (default: %(default)s)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--metrics", help="write the run's metrics to this JSON file")
+    where = output.add_mutually_exclusive_group()
+    where.add_argument("--checkpoint_dir", help="checkpoint into this folder")
+    where.add_argument("--checkpoint_container",
+                       help="checkpoint into this Swift container of your account")
+    output.add_argument("--checkpoint_every", type=int, default=0,
+                        help="also checkpoint every N steps (0: after each epoch only)")
+    output.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint")
+    output.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                        help="progress bars (default: on a terminal)")
+
+    auth = parser.add_argument_group(
+        "Swift credentials (as python-swiftclient's swift command takes them)")
+    auth.add_argument("-A", "--auth", default=env("ST_AUTH"), help="v1 auth URL [ST_AUTH]")
+    auth.add_argument("-U", "--user", default=env("ST_USER"), help="user [ST_USER]")
+    auth.add_argument("-K", "--key", default=env("ST_KEY"), help="key [ST_KEY]")
+    auth.add_argument("-V", "--auth-version", default=env("ST_AUTH_VERSION", "1.0"),
+                      help="auth version for -A/-U/-K [ST_AUTH_VERSION]")
+    for name, var, default in (
+            ("os-auth-url", "OS_AUTH_URL", None), ("os-username", "OS_USERNAME", None),
+            ("os-password", "OS_PASSWORD", None),
+            ("os-project-name", "OS_PROJECT_NAME", env("OS_TENANT_NAME")),
+            ("os-user-domain-name", "OS_USER_DOMAIN_NAME", None),
+            ("os-project-domain-name", "OS_PROJECT_DOMAIN_NAME", None),
+            ("os-region-name", "OS_REGION_NAME", None),
+            ("os-identity-api-version", "OS_IDENTITY_API_VERSION",
+             env("OS_AUTH_VERSION", "3")),
+            ("os-storage-url", "OS_STORAGE_URL", None), ("os-auth-token", "OS_AUTH_TOKEN", None)):
+        auth.add_argument(f"--{name}", default=env(var, default), help=f"[{var}]")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.use_intermediate:
+        parser.error("--use_intermediate: the standalone HAPI server is not available yet; "
+                     "drop the flag to extract features in the Swift proxy")
+    try:
+        args.model = zoo.canonical_name(args.model)
+    except zoo.UnknownModel as err:
+        parser.error(f"--model: {err}")
+    try:
+        args.weights = protocol.parse_weights(args.weights,
+                                              protocol.Limits(weights_dir_enabled=True))
+    except protocol.BadParameter as err:
+        parser.error(f"--weights: {err.message}")
+    if args.manual_split and args.split_idx is None:
+        parser.error("--manual_split needs --split_idx")
+    for name in ("num_epochs", "batch_size", "storage_batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if min(args.prefetch, args.checkpoint_every, args.threads) < 0:
+        parser.error("--prefetch, --checkpoint_every and --threads cannot be negative")
+    if not 0 <= args.holdout < 1:
+        parser.error("--holdout must be in [0, 1)")
+    if args.resume and not (args.checkpoint_dir or args.checkpoint_container):
+        parser.error("--resume needs --checkpoint_dir or --checkpoint_container")
+    return args
+
+
+def train_config(args, log=print):
+    """The run's :class:`TrainConfig`; says how the freeze index and split were chosen."""
+    info = zoo.MODELS[args.model]
+    if args.freeze_idx is not None:
+        freeze = args.freeze_idx
+    elif args.freeze:
+        freeze = info.default_freeze
+    else:
+        freeze = 0
+        log("nothing frozen (no --freeze): every layer trains on the trainer, split 0 (vanilla)")
+    if args.split_idx is not None:
+        split = args.split_idx
+        if not 0 <= split <= freeze:
+            raise TrainingError(f"--split_idx {split} must be between 0 and the freeze index "
+                                f"{freeze}: the storage tier only runs frozen layers")
+    else:
+        split = freeze
+        if freeze:
+            log(f"split {split}: automatic split selection is not available yet, so the "
+                "split is the freeze index (choose another with --split_idx)")
+    return TrainConfig(
+        container=args.dataset, model=args.model, weights=args.weights, freeze=freeze,
+        split=split, preset=args.preset, batch_size=args.batch_size, epochs=args.num_epochs,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, seed=args.seed,
+        storage_batch=args.storage_batch, wire_dtype=args.wire_dtype,
+        holdout=0.0 if args.testonly else args.holdout, start=args.start, end=args.end,
+        prefetch=0 if args.sequential else args.prefetch,
+        device="cuda" if torch.cuda.is_available() and not args.cpuonly else "cpu",
+        checkpoint_every=args.checkpoint_every)
+
+
+def connection_options(args):
+    """python-swiftclient ``Connection`` arguments from the flags and environment."""
+    if args.auth or args.user or args.key:
+        missing = [flag for flag, value in (("-A/ST_AUTH", args.auth), ("-U/ST_USER", args.user),
+                                            ("-K/ST_KEY", args.key)) if not value]
+        if missing:
+            raise SwiftAuthError(f"incomplete Swift credentials: missing {', '.join(missing)}")
+        return {"authurl": args.auth, "user": args.user, "key": args.key,
+                "auth_version": args.auth_version}
+    if args.os_auth_url:
+        os_options = {key: value for key, value in (
+            ("project_name", args.os_project_name),
+            ("user_domain_name", args.os_user_domain_name),
+            ("project_domain_name", args.os_project_domain_name),
+            ("region_name", args.os_region_name)) if value}
+        return {"authurl": args.os_auth_url, "user": args.os_username,
+                "key": args.os_password, "auth_version": args.os_identity_api_version,
+                "os_options": os_options}
+    if args.os_storage_url and args.os_auth_token:
+        return {"preauthurl": args.os_storage_url, "preauthtoken": args.os_auth_token}
+    raise SwiftAuthError("no Swift credentials: set ST_AUTH, ST_USER and ST_KEY (or the OS_* "
+                         "variables), or pass -A/-U/-K")
+
+
+def swift_connector(args):
+    """Authenticate once; return ``connect()``, which makes a new connection
+    with that token (one per thread: connections are not thread-safe)."""
+    options = connection_options(args)
+    where = options.get("authurl") or options["preauthurl"]
+    probe = Connection(**options, retries=1)
+    try:
+        if "preauthtoken" in options:
+            probe.head_account()
+            url, token = options["preauthurl"], options["preauthtoken"]
+        else:
+            url, token = probe.get_auth()
+    except ClientException as err:
+        if err.http_status in (401, 403):
+            who = options.get("user") or "the given token"
+            raise SwiftAuthError(f"Swift at {where} refused {who}: {err.http_status} "
+                                 f"{err.http_reason}") from None
+        raise
+    except RequestException as err:
+        raise SwiftAuthError(f"cannot reach Swift at {where}: {err}") from None
+    finally:
+        probe.close()
+    return lambda: Connection(**{**options, "preauthurl": url, "preauthtoken": token},
+                              retries=args.retries)
+
+
+def run(args, on_step=None, log=print):
+    """Train (or, with ``--testonly``, evaluate) as ``args`` say; return the
+    metrics document, also written to ``--metrics`` when given."""
+    config = train_config(args, log)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    connect = swift_connector(args)
+    with contextlib.ExitStack() as stack:
+        store = None
+        if args.checkpoint_dir:
+            store = DirectoryStore(args.checkpoint_dir)
+        elif args.checkpoint_container:
+            conn = connect()
+            stack.callback(conn.close)
+            store = SwiftStore(conn, args.checkpoint_container)
+        trainer = stack.enter_context(Trainer(config, connect, store, on_step=on_step,
+                                              progress=args.progress, log=log))
+        log(f"{config.mode} mode: {config.model}, {len(trainer.model)} layers, split "
+            f"{config.split}, freeze {config.freeze}; {trainer.plan.train_samples} training "
+            f"and {trainer.plan.holdout_samples} held-out samples; trainer on {config.device}")
+        metrics = trainer.evaluate() if args.testonly else trainer.train(resume=args.resume)
+    if args.metrics:
+        with open(args.metrics, "w") as out:
+            json.dump(metrics, out, indent=1)
+    log(f"received {metrics['bytes_received'] / 1e6:.1f} MB from Swift; the raw shards "
+        f"(what vanilla moves) are {metrics['raw_shard_bytes'] / 1e6:.1f} MB")
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except EXPECTED_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,469 @@
+"""The compute tier's training loop: layers [split, end) run on the trainer.
+
+With split ``s`` and freeze index ``f`` (``s <= f``) the storage tier sends
+the output of layers [0, s) (or, for ``s = 0``, the raw shards are
+preprocessed here); the trainer runs layers [s, f) frozen (eval mode, no
+gradients), then layers [f, end) in training mode and trains those. The
+optimizer always sees batches of the user's batch size (see
+``hapi.client.data``).
+
+Every random draw is a function of the seed: the new head's initial
+weights, the shard and sample order of each epoch, and the random state of
+each step (dropout), which is reseeded from (seed, epoch, step). A run is
+therefore the same computation whatever the split, the storage batch, the
+prefetch depth or the timing, and a run resumed from a checkpoint continues
+exactly where the interrupted one stopped.
+"""
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from hapi import protocol, weights, zoo
+from hapi.client import checkpoint, data
+
+METRICS_FORMAT = "hapi-metrics/1"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go ahead as configured."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    container: str
+    model: str
+    weights: protocol.WeightsRef
+    freeze: int
+    split: int
+    preset: str
+    batch_size: int = 32
+    epochs: int = 1
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    storage_batch: int = 64
+    wire_dtype: str = "float32"
+    holdout: float = 0.2
+    start: int = 0
+    end: int | None = None
+    prefetch: int = 2
+    device: str = "cpu"
+    checkpoint_every: int = 0
+
+    @property
+    def mode(self):
+        return "split" if self.split > 0 else "vanilla"
+
+    def identity(self):
+        """What a checkpoint must share with this run to be resumed by it. The
+        split, storage batch, prefetch depth and device may change: they move
+        work around, they do not change what is computed."""
+        return {"container": self.container, "model": self.model,
+                "weights": str(self.weights), "freeze": self.freeze, "preset": self.preset,
+                "batch_size": self.batch_size, "optimizer": self.optimizer, "lr": self.lr,
+                "momentum": self.momentum,
+                "weight_decay": self.weight_decay, "seed": self.seed,
+                "holdout": self.holdout, "start": self.start, "end": self.end}
+
+
+@dataclass
+class Traffic:
+    """What crossed the network for a pass, and what it cost to get it."""
+
+    shards: int = 0
+    bytes_received: int = 0
+    raw_shard_bytes: int = 0
+    load_s: float = 0.0
+    storage_compute_s: float = 0.0
+
+
+@dataclass
+class PassMetrics:
+    """One pass over a list of shards: an epoch's training or an evaluation.
+
+    ``wait_s`` is the time the trainer waited for data, ``compute_s`` the
+    time it computed (forward, and for training backward and step).
+    """
+
+    samples: int = 0
+    steps: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    time_s: float = 0.0
+    wait_s: float = 0.0
+    compute_s: float = 0.0
+    traffic: Traffic = field(default_factory=Traffic)
+
+    @property
+    def loss(self):
+        return self.loss_sum / self.samples if self.samples else None
+
+    @property
+    def accuracy(self):
+        return self.correct / self.samples if self.samples else None
+
+    def to_dict(self):
+        return {**asdict(self), "loss": self.loss, "accuracy": self.accuracy}
+
+    @classmethod
+    def from_dict(cls, doc):
+        counters = {f.name: doc[f.name] for f in fields(cls) if f.name != "traffic"}
+        return cls(**counters, traffic=Traffic(**doc["traffic"]))
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train: PassMetrics = field(default_factory=PassMetrics)
+    holdout: PassMetrics | None = None
+    step_loss: list = field(default_factory=list)
+    step_batch: list = field(default_factory=list)
+
+    def to_dict(self):
+        return {"epoch": self.epoch, "loss": self.train.loss,
+                "accuracy": self.holdout.accuracy if self.holdout else None,
+                "time_s": self.train.time_s, "train": self.train.to_dict(),
+                "holdout": self.holdout.to_dict() if self.holdout else None,
+                "step_loss": self.step_loss, "step_batch": self.step_batch}
+
+    @classmethod
+    def from_dict(cls, doc):
+        return cls(epoch=doc["epoch"], train=PassMetrics.from_dict(doc["train"]),
+                   holdout=PassMetrics.from_dict(doc["holdout"]) if doc["holdout"] else None,
+                   step_loss=list(doc["step_loss"]), step_batch=list(doc["step_batch"]))
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What ``on_step`` hears after each optimizer step."""
+
+    epoch: int
+    step: int
+    global_step: int
+    loss: float
+    keys: list
+    wait_s: float
+    compute_s: float
+
+
+def build_model(config, num_classes, conn):
+    """The zoo model with the run's weights, a new seeded head of
+    ``num_classes`` outputs, frozen below ``config.freeze``, on the device."""
+    ref = config.weights
+    if ref.kind == "seed":
+        model = zoo.build_model(config.model, seed=int(ref.value))
+    elif ref.kind == "pretrained":
+        model = zoo.build_model(config.model,
+                                state_dict=weights.pretrained_state_dict(config.model))
+    elif ref.kind == "swift":
+        container, _, name = ref.value.partition("/")
+        _, body = conn.get_object(container, name)
+        model = zoo.build_model(config.model, state_dict=weights.load_state_dict_bytes(
+            body, source=str(ref)))
+    else:
+        raise TrainingError(f"weights {ref} live on the storage server only; the trainer "
+                            "needs the same weights: use 'pretrained', 'seed:N' or 'swift:...'")
+    if not 0 <= config.freeze <= len(model):
+        raise TrainingError(f"freeze index {config.freeze} is outside [0, {len(model)}], "
+                            f"the layers of {config.model}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(data.derived_seed("head", config.seed))
+        model.replace_head(num_classes)
+    return model.freeze(config.freeze).to(config.device)
+
+
+def make_optimizer(model, config):
+    """SGD with momentum, or Adam, over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
+class Trainer:
+    """Runs a configured training (or evaluation) against a data set in Swift.
+
+    ``connect()`` returns a new authenticated ``swiftclient.Connection``;
+    ``store`` is a checkpoint store (``hapi.client.checkpoint``) or None;
+    ``on_step(StepRecord)`` is called after every optimizer step, after any
+    checkpoint of that step (an exception it raises stops the run there);
+    ``progress`` shows tqdm bars (None: only on a terminal).
+    """
+
+    def __init__(self, config, connect, store=None, on_step=None, progress=None,
+                 log=print):
+        if not 0 <= config.split <= config.freeze:
+            raise TrainingError(f"split {config.split} must be between 0 and the freeze "
+                                f"index {config.freeze}")
+        self.config = config
+        self.connect = connect
+        self.store = store
+        self.on_step = on_step
+        self.progress = progress
+        self.log = log
+        self.device = torch.device(config.device)
+        self.conn = connect()
+        try:
+            manifest, sizes = data.open_dataset(self.conn, config.container)
+            self.plan = data.plan_data(manifest, sizes, config.start, config.end,
+                                       config.holdout)
+            self.model = build_model(config, len(self.plan.classes), self.conn)
+        except BaseException:
+            self.conn.close()
+            raise
+        self.optimizer = None
+        self.criterion = nn.CrossEntropyLoss()
+        self.loader = data.ShardLoader(self._source(), connect, config.prefetch)
+        self.storage_devices = set()
+        self.storage_batches = set()
+
+    def _source(self):
+        config = self.config
+        if config.split == 0:
+            return data.RawSource(config.container, config.preset, config.model)
+        return data.FeatureSource(config.container, protocol.FeatureRequest(
+            model=config.model, split=config.split, freeze=config.freeze,
+            batch=config.storage_batch, weights=config.weights, preset=config.preset,
+            dtype=config.wire_dtype))
+
+    def close(self):
+        self.loader.close()
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # Training ------------------------------------------------------------------
+
+    def train(self, resume=False):
+        """Train ``config.epochs`` epochs, checkpointing after each (and every
+        ``checkpoint_every`` steps); returns the metrics document."""
+        config = self.config
+        if config.freeze >= len(self.model):
+            raise TrainingError(f"freeze index {config.freeze} leaves none of the "
+                                f"{len(self.model)} layers of {config.model} to train")
+        self.optimizer = make_optimizer(self.model, config)
+        began = time.perf_counter()
+        done, current = [], None
+        if resume:
+            done, current = self._resume()
+        resumed_from = _position(done, current) if resume else None
+        global_step = sum(e.train.steps for e in done) + (current.train.steps if current else 0)
+        for epoch in range(len(done), config.epochs):
+            metrics = current if current is not None else EpochMetrics(epoch)
+            current = None
+            order = data.epoch_order(self.plan.train, config.seed, epoch)
+            self.model.train()
+            steps = self._pass(order, metrics.train, partial(self._train_step, epoch=epoch),
+                               shuffle_epoch=epoch, desc=f"epoch {epoch + 1}")
+            with contextlib.closing(steps):
+                for batch, loss in steps:
+                    global_step += 1
+                    metrics.step_loss.append(loss)
+                    metrics.step_batch.append(len(batch))
+                    if config.checkpoint_every and global_step % config.checkpoint_every == 0:
+                        self._save(global_step, epoch, done, metrics)
+                    if self.on_step is not None:
+                        self.on_step(StepRecord(epoch, metrics.train.steps, global_step, loss,
+                                                batch.keys, metrics.train.wait_s,
+                                                metrics.train.compute_s))
+            if self.plan.holdout:
+                metrics.holdout = self._evaluate(self.plan.holdout, f"held-out {epoch + 1}")
+            done.append(metrics)
+            self._save(global_step, epoch + 1, done, None)
+            self.log(_epoch_line(metrics, config.epochs))
+        return self._report(done, time.perf_counter() - began, resumed_from)
+
+    def _train_step(self, batch, step, epoch):
+        """One optimizer step; returns (mean loss, correct predictions)."""
+        config = self.config
+        torch.manual_seed(data.derived_seed("step", config.seed, epoch, step))
+        x = batch.inputs.to(self.device, torch.float32, non_blocking=True)
+        y = batch.labels.to(self.device, non_blocking=True)
+        if config.split < config.freeze:
+            with torch.no_grad():
+                x = self.model(x, config.split, config.freeze)
+        logits = self.model(x, config.freeze)
+        loss = self.criterion(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item(), (logits.argmax(1) == y).sum().item()
+
+    # Evaluation ----------------------------------------------------------------
+
+    def evaluate(self):
+        """Inference only (``--testonly``) over every selected sample, with the
+        trained layers of the store's latest checkpoint when there is one."""
+        began = time.perf_counter()
+        ckpt = checkpoint.load_checkpoint(self.store) if self.store is not None else None
+        if ckpt is not None:
+            self._check_identity(ckpt.state, ("container", "model", "weights", "freeze"))
+            ckpt.restore(self.model)
+            self.log(f"evaluating the trained layers of {self.store} (step {ckpt.state['step']})")
+        else:
+            self.log("no checkpoint given: evaluating the untrained head")
+        metrics = self._evaluate(self.plan.train + self.plan.holdout, "test")
+        self.log(f"test: loss {metrics.loss:.4f}, accuracy {metrics.accuracy:.2%} "
+                 f"({metrics.samples} samples, {metrics.samples / metrics.time_s:.1f} samples/s)")
+        report = self._report([], time.perf_counter() - began, None)
+        report["test"] = metrics.to_dict()
+        return report
+
+    def _evaluate(self, refs, desc):
+        metrics = PassMetrics()
+        self.model.eval()
+        for _ in self._pass(refs, metrics, self._eval_step, desc=desc):
+            pass
+        return metrics
+
+    @torch.inference_mode()
+    def _eval_step(self, batch, step):
+        x = batch.inputs.to(self.device, torch.float32, non_blocking=True)
+        y = batch.labels.to(self.device, non_blocking=True)
+        logits = self.model(x, self.config.split)
+        loss = nn.functional.cross_entropy(logits, y)
+        return loss.item(), (logits.argmax(1) == y).sum().item()
+
+    # Passes over shards ----------------------------------------------------------
+
+    def _pass(self, refs, metrics, step_fn, shuffle_epoch=None, desc=""):
+        """Run ``step_fn(batch, step) -> (loss, correct)`` over the batches of
+        ``refs``; yield (batch, loss) after each step, accounting time and
+        traffic in ``metrics``. A training pass (``shuffle_epoch``) continues
+        after the ``metrics.samples`` samples it has already trained on."""
+        config = self.config
+        first, skip = data.resume_point(refs, metrics.samples)
+        shards = self.loader(refs[first:])
+        stream = self._received(shards, metrics.traffic)
+        if shuffle_epoch is not None:
+            stream = (data.shuffled(shard, config.seed, shuffle_epoch) for shard in stream)
+        batches = data.rebatch(stream, config.batch_size, skip)
+        total = sum(ref.selected for ref in refs)
+        bar = tqdm(total=total, initial=metrics.samples, desc=desc, unit="img",
+                   unit_scale=True, leave=False, dynamic_ncols=True,
+                   disable=None if self.progress is None else not self.progress)
+        began = time.perf_counter()
+        with contextlib.closing(shards), bar:
+            try:
+                while True:
+                    waited = time.perf_counter()
+                    batch = next(batches, None)
+                    computed = time.perf_counter()
+                    if batch is None:
+                        break
+                    loss, correct = step_fn(batch, metrics.steps)
+                    metrics.wait_s += computed - waited
+                    metrics.compute_s += time.perf_counter() - computed
+                    metrics.steps += 1
+                    metrics.samples += len(batch)
+                    metrics.loss_sum += loss * len(batch)
+                    metrics.correct += correct
+                    bar.set_postfix(loss=f"{loss:.3f}", refresh=False,
+                                    MB=f"{metrics.traffic.bytes_received / 1e6:.1f}")
+                    bar.update(len(batch))
+                    yield batch, loss
+            finally:
+                metrics.time_s += time.perf_counter() - began
+
+    def _received(self, shards, traffic):
+        for shard in shards:
+            traffic.shards += 1
+            traffic.bytes_received += shard.bytes_received
+            traffic.raw_shard_bytes += shard.ref.bytes
+            traffic.load_s += shard.load_s
+            traffic.storage_compute_s += shard.storage.get("compute_s", 0.0)
+            if shard.storage:
+                self.storage_devices.add(shard.storage["device"])
+                self.storage_batches.add(shard.storage["batch_used"])
+            yield shard
+
+    # Checkpoints -----------------------------------------------------------------
+
+    def _save(self, global_step, epoch, done, current):
+        if self.store is None:
+            return
+        checkpoint.save_checkpoint(self.store, self.model, self.config.freeze, self.optimizer, {
+            "step": global_step, "epoch": epoch, "run": self.config.identity(),
+            "epochs": [e.to_dict() for e in done],
+            "current": current.to_dict() if current else None,
+        })
+
+    def _resume(self):
+        if self.store is None:
+            raise TrainingError("--resume needs a checkpoint store (--checkpoint_dir or "
+                                "--checkpoint_container)")
+        ckpt = checkpoint.load_checkpoint(self.store)
+        if ckpt is None:
+            raise TrainingError(f"--resume: there is no checkpoint in {self.store}")
+        self._check_identity(ckpt.state, tuple(self.config.identity()))
+        ckpt.restore(self.model, self.optimizer)
+        done = [EpochMetrics.from_dict(doc) for doc in ckpt.state["epochs"]]
+        current = ckpt.state["current"]
+        current = EpochMetrics.from_dict(current) if current else None
+        position = _position(done, current)
+        self.log(f"resuming from {self.store}: epoch {position['epoch'] + 1} after its step "
+                 f"{position['step']} (global step {ckpt.state['step']})")
+        return done, current
+
+    def _check_identity(self, state, keys):
+        saved, ours = state["run"], self.config.identity()
+        differ = [f"{key} {saved.get(key)!r} (now {ours[key]!r})" for key in keys
+                  if saved.get(key) != ours[key]]
+        if differ:
+            raise TrainingError(f"the checkpoint in {self.store} belongs to another run: "
+                                + "; ".join(differ))
+
+    # Report ------------------------------------------------------------------------
+
+    def _report(self, epochs, wall_s, resumed_from):
+        config = self.config
+        passes = [e.train for e in epochs] + [e.holdout for e in epochs if e.holdout]
+        return {
+            "format": METRICS_FORMAT,
+            "dataset": config.container, "model": config.model, "weights": str(config.weights),
+            "mode": config.mode, "split": config.split, "freeze": config.freeze,
+            "layers": len(self.model), "batch_size": config.batch_size,
+            "storage_batch": {"requested": config.storage_batch if config.split else None,
+                              "used": sorted(self.storage_batches)},
+            "prefetch": config.prefetch, "preset": config.preset, "seed": config.seed,
+            "devices": {"trainer": str(self.device),
+                        "storage": sorted(self.storage_devices) if config.split else None},
+            "samples": {"train": self.plan.train_samples, "holdout": self.plan.holdout_samples},
+            "bytes_received": sum(p.traffic.bytes_received for p in passes),
+            "raw_shard_bytes": sum(p.traffic.raw_shard_bytes for p in passes),
+            "wait_s": sum(p.wait_s for p in passes),
+            "compute_s": sum(p.compute_s for p in passes),
+            "load_s": sum(p.traffic.load_s for p in passes),
+            "storage_compute_s": sum(p.traffic.storage_compute_s for p in passes),
+            "wall_s": wall_s,
+            "accuracy": epochs[-1].holdout.accuracy if epochs and epochs[-1].holdout else None,
+            "resumed_from": resumed_from,
+            "epochs": [e.to_dict() for e in epochs],
+        }
+
+
+def _position(done, current):
+    return {"epoch": len(done), "step": current.train.steps if current else 0}
+
+
+def _epoch_line(metrics, epochs):
+    train, held = metrics.train, metrics.holdout
+    line = (f"epoch {metrics.epoch + 1}/{epochs}: loss {train.loss:.4f}, "
+            f"{train.time_s:.1f} s ({train.wait_s:.1f} s waiting for data), "
+            f"{train.traffic.bytes_received / 1e6:.1f} MB received")
+    if held:
+        line += f"; held-out accuracy {held.accuracy:.2%} ({held.samples} samples)"
+    return line

@@ -7,8 +7,11 @@ real pre-trained weights, at 32 px, keeps every run to seconds.
 
 import itertools
 import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +227,13 @@ def test_standalone_server_is_not_there_yet(capsys):
         cli.parse_args(["--dataset", "d", "--model", "myalexnet", "--use_intermediate"])
     assert exit_.value.code == 2
     assert "not available yet" in capsys.readouterr().err
+
+
+def test_main_runs_as_a_script():
+    """``python client/main.py`` puts client/ first on sys.path: no module
+    there may shadow the standard library (a ``profile.py`` once did)."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "client" / "main.py"), "--help"],
+                            capture_output=True, text=True, timeout=120, cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert "--use_intermediate" in result.stdout

@@ -1,0 +1,571 @@
+"""Automatic split selection: a cost model of the overlapped pipeline, and the choice.
+
+Given a :class:`hapi.client.profiling.Profile` (everything measured, per
+sample), :func:`choose_split` predicts the iteration and epoch time of
+every candidate split ``s`` in ``[0, f]`` (``s = 0`` is vanilla: raw
+shards cross the network and the trainer decodes them) and picks the
+fastest one that fits memory on both tiers. The :class:`Decision` carries
+the whole table (:meth:`Decision.format_table`, :meth:`Decision.to_json`);
+:func:`plot_decision` draws it.
+
+The cost model
+--------------
+
+Per sample, for split ``s`` and freeze index ``f`` (``L`` layers, ``t_T[i]``
+the trainer's forward time of layer ``i``, ``t_TB[i]`` its forward+backward
+time, ``t_S[i]`` the storage tier's time, ``b[s]`` the boundary's bytes in
+the wire dtype, ``a[s]`` in float32)::
+
+    wire(s)  = raw_bytes                                     s = 0
+             = b[s] + frame_overhead_bytes                   s > 0
+    S(s)     = storage_serve_s_per_byte * raw_bytes          s = 0 (serving bytes)
+             = storage_decode_s + sum(t_S[0:s]) + storage_to_wire_s_per_byte * b[s]
+    N(s)     = wire(s) / bandwidth
+    H(s)     = trainer_decode_s + trainer_copy_s_per_byte * a[0]   s = 0
+             = trainer_copy_s_per_byte * b[s]                       s > 0
+    C(s)     = sum(t_T[s:f]) + sum(t_TB[f:L]) + trainer_step_s / batch
+
+The storage tier, the link and the trainer are three resources that work at
+the same time on different batches (DESIGN.md): once the pipeline is full,
+each sample costs the time of the busiest one. On a CPU trainer the host
+work ``H`` (decoding, deserialising, copying) and the compute ``C`` share the
+cores, so the trainer's stage is ``H + C``; on a GPU they are two stages.
+
+What does not overlap is the path of one request. The loader
+(``hapi.client.data.Prefetcher``) keeps ``d`` requests in flight
+(``prefetch_depth``) and sends the next one when the trainer takes a shard;
+within a request nothing overlaps: it waits ``Lat`` (``request_latency_s``)
+for its first byte, the storage tier computes a frame and only then writes
+it, and the shard is decoded (vanilla) or deserialised when it is complete.
+A request of ``R`` samples (``samples_per_request``) therefore takes
+``Lat + R * (S + N + H)``, and ``d`` of them share the time between two
+shards taken by the trainer::
+
+    Q(s)     = (Lat / R + S + N + H) / d                  d >= 1
+             = Lat / R + S + N + H + C                    d = 0 (sequential)
+    cycle(s) = max(S, N, H + C, Q)          (CPU trainer; max(S, N, H, C, Q) on a GPU)
+    iteration_s = batch * cycle(s)
+    fill_s   = Lat + R * (S + N + H)        the first shard, before training starts
+    epoch_s  = fill_s + max(samples - R, 0) * cycle(s) + min(samples, R) * C'
+                                            (C' = H + C on a CPU trainer, C on a GPU;
+                                             iterations = ceil(samples / batch))
+
+The epoch waits for the first shard, then takes one shard a cycle, and
+ends with the trainer's work on the last one.
+
+``Q`` is the bound of a loop with ``d`` requests (``d = 0``: nothing
+overlaps, the iteration is the sum of everything); with a bottleneck stage
+well above the rest it hides behind the max. Kernel socket buffers let a
+frame's transfer overlap the next frame's computation a little; the model
+ignores that (it errs towards the slower of the two). The winner minimises
+``iteration_s``; exact ties (e.g. two boundaries of the same size when the
+network dominates) go to the smaller total work ``S + N + H + C``, then the
+fewer bytes, then the larger split.
+
+Memory (bytes; a split that does not fit is infeasible, with the reason):
+
+- storage tier, per sample in the storage batch: the largest pair of
+  consecutive activations in ``[0, s]`` plus the wire copy of ``b[s]``. The
+  storage batch is the one asked for, shrunk to fit ``storage_budget_bytes``
+  (the storage tier's batch adaptation); a split where not even one sample
+  fits is infeasible.
+- trainer: the prefetched shards, ``(d + 2) * R * held(s)`` (``d`` waiting,
+  one being trained on, one being concatenated; ``held(0) = a[0] + raw_bytes``,
+  ``held(s) = b[s]``), plus the training batch's activations
+  ``batch * (a[s] + max(inference peak of [s, f), a[f] + 2 * sum(a[f+1:L+1])))``
+  (the saved activations of the trainable layers and their gradients). On a
+  CPU trainer both come out of ``trainer_free_bytes``; on a GPU the
+  activations do and the shards come out of ``trainer_host_free_bytes``.
+
+Storage times of layers no frame has run yet
+--------------------------------------------
+
+The storage tier reports the layers it ran, ``[0, s)`` for the split in
+use. For a deeper candidate the missing layers are estimated from the
+trainer's own forward times of the same layers, scaled by how much faster
+or slower the storage tier is on the layers both have run::
+
+    rho     = sum(t_S[i] for i in K) / sum(t_T[i] for i in K)    K: layers measured on both
+    t_S[i]  = rho * t_T[i]                                       for i not in K
+
+A ratio of sums weights each layer by its time, so the big layers that
+dominate a split's cost dominate the ratio and a microsecond layer's timer
+noise does not. Before any storage layer is measured (vanilla so far) the
+ratio is ``profile.storage_speed_ratio`` when given, else 1 (same
+hardware), and the decision says that it was assumed. Limitation: one
+ratio for all layers; a GPU storage tier facing a CPU trainer speeds up
+convolutions more than small element-wise layers, so profile at ``s = f``
+(all frozen layers measured at once) where that matters.
+
+Over a run
+----------
+
+:class:`AutoSplit` drives the choice during training: it starts at the
+freeze index (the first frames time every frozen layer on the storage tier),
+decides after a few frames and transfers (at most ``max_profile_shards``
+shards), and re-decides when the bandwidth or the storage speed drifts by
+more than a threshold (``OnlineEstimator.drifted``), keeping the split in
+use unless the new best is more than ``margin`` faster.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from hapi.client.profiling import OnlineEstimator, Profile
+
+__all__ = [
+    "DECISION_FORMAT", "AutoSplit", "Decision", "SplitCost", "choose_split", "evaluate_split",
+    "plot_decision", "storage_layer_times",
+]
+
+DECISION_FORMAT = "hapi-split-decision/1"
+
+
+@dataclass
+class SplitCost:
+    """The cost model's prediction for one split. Times are seconds per
+    training iteration (``batch`` samples) unless named otherwise; memory in
+    bytes."""
+
+    split: int
+    first_trainer_layer: str
+    wire_bytes: float
+    storage_s: float
+    transfer_s: float
+    trainer_host_s: float
+    trainer_compute_s: float
+    trainer_s: float
+    pipeline_s: float
+    iteration_s: float
+    bottleneck: str
+    fill_s: float
+    epoch_s: float | None
+    iterations: int | None
+    storage_batch: int
+    storage_estimated_layers: int
+    storage_memory_bytes: float
+    trainer_memory_bytes: float
+    trainer_host_memory_bytes: float
+    feasible: bool = True
+    reason: str = ""
+    work_s: float = 0.0
+    samples_per_s: float = 0.0
+
+
+@dataclass
+class Decision:
+    """The chosen split and the predictions it was chosen from."""
+
+    split: int
+    freeze: int
+    model: str
+    batch_size: int
+    bandwidth: float
+    storage_ratio: float
+    storage_ratio_source: str
+    rows: list[SplitCost]
+    reason: str
+    current: int | None = None
+    inputs: dict = field(default_factory=dict)
+
+    @property
+    def chosen(self) -> SplitCost:
+        return self.rows[self.split]
+
+    @property
+    def best_predicted(self) -> SplitCost:
+        """The feasible row with the lowest predicted iteration time (the
+        choice, unless the current split was kept within the margin)."""
+        return min((row for row in self.rows if row.feasible), key=_rank)
+
+    def row(self, split: int) -> SplitCost:
+        return self.rows[split]
+
+    def to_dict(self) -> dict:
+        rows = [asdict(row) for row in self.rows]
+        return {"format": DECISION_FORMAT, "split": self.split, "freeze": self.freeze,
+                "model": self.model, "batch_size": self.batch_size,
+                "bandwidth": self.bandwidth, "storage_ratio": self.storage_ratio,
+                "storage_ratio_source": self.storage_ratio_source, "reason": self.reason,
+                "current": self.current, "inputs": self.inputs, "rows": rows}
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def format_table(self) -> str:
+        """The predictions as a text table, the choice marked with ``*``."""
+        header = (f"{'':1}{'s':>3} {'first trainer layer':<20} {'wire KB':>9} {'storage':>9} "
+                  f"{'network':>9} {'trainer':>9} {'requests':>9} {'iter s':>9} "
+                  f"{'bottleneck':<10} {'epoch s':>9}  note")
+        lines = [header]
+        for row in self.rows:
+            mark = "*" if row.split == self.split else ""
+            epoch = "-" if row.epoch_s is None else f"{row.epoch_s:9.1f}"
+            if not row.feasible:
+                note = row.reason
+            elif row.split == 0:
+                note = "vanilla: raw shards, decoded on the trainer"
+            else:
+                note = f"storage batch {row.storage_batch}" + (
+                    f", {row.storage_estimated_layers} storage layer(s) estimated"
+                    if row.storage_estimated_layers else "")
+            lines.append(
+                f"{mark:1}{row.split:>3} {row.first_trainer_layer[:20]:<20} "
+                f"{row.wire_bytes / 1e3:9.1f} {row.storage_s:9.4f} {row.transfer_s:9.4f} "
+                f"{row.trainer_s:9.4f} {row.pipeline_s:9.4f} {row.iteration_s:9.4f} "
+                f"{row.bottleneck:<10} {epoch:>9}  {note}")
+        lines.append(f"split {self.split}: {self.reason}")
+        lines.append(f"bandwidth {self.bandwidth * 8 / 1e6:.1f} Mbit/s, storage/trainer speed "
+                     f"ratio {self.storage_ratio:.3g} ({self.storage_ratio_source})")
+        return "\n".join(lines)
+
+
+# The cost model ------------------------------------------------------------------
+
+
+def storage_layer_times(profile: Profile) -> tuple[list[float], float, str, list[bool]]:
+    """Per-sample storage time of every frozen layer ``[0, f)``: measured
+    where a frame ran the layer, else the trainer's forward time scaled by
+    the storage/trainer ratio on the layers both measured (module docstring).
+    Returns (times, ratio, how the ratio was found, which were estimated)."""
+    frozen = profile.layers[:profile.freeze]
+    both = [layer for layer in frozen
+            if layer.storage_s is not None and layer.trainer_forward_s > 0]
+    trainer_sum = sum(layer.trainer_forward_s for layer in both)
+    if both and trainer_sum > 0:
+        ratio = sum(layer.storage_s for layer in both) / trainer_sum
+        source = f"measured on {len(both)} layer(s)"
+    elif profile.storage_speed_ratio is not None:
+        ratio, source = profile.storage_speed_ratio, "assumed (profile.storage_speed_ratio)"
+    else:
+        ratio, source = 1.0, "assumed 1: no storage layer measured yet"
+    estimated = [layer.storage_s is None for layer in frozen]
+    times = [ratio * layer.trainer_forward_s if layer.storage_s is None else layer.storage_s
+             for layer in frozen]
+    return times, ratio, source, estimated
+
+
+def evaluate_split(profile: Profile, split: int, freeze: int | None = None, *,
+                   epoch_samples: int | None = None,
+                   storage_times: list[float] | None = None,
+                   estimated: list[bool] | None = None) -> SplitCost:
+    """The cost model's prediction for ``split`` (see the module docstring)."""
+    p = profile
+    freeze = p.freeze if freeze is None else freeze
+    if not 0 <= freeze <= len(p):
+        raise ValueError(f"freeze index {freeze} is outside [0, {len(p)}]")
+    if not 0 <= split <= freeze:
+        raise ValueError(f"split {split} must be between 0 and the freeze index {freeze}")
+    if storage_times is None or estimated is None:
+        storage_times, _, _, estimated = storage_layer_times(
+            p if freeze == p.freeze else p.with_measurements(freeze=freeze))
+    batch, requests, depth = p.batch_size, p.samples_per_request, p.prefetch_depth
+    a, b = p.activation_bytes, p.boundary_bytes
+    layers = p.layers
+
+    # Per-sample stage times.
+    if split == 0:
+        wire = p.raw_bytes
+        storage = p.storage_serve_s_per_byte * p.raw_bytes
+        host = p.trainer_decode_s + p.trainer_copy_s_per_byte * a[0]
+    else:
+        wire = b[split] + p.frame_overhead_bytes
+        storage = p.storage_decode_s + sum(storage_times[:split]) + \
+            p.storage_to_wire_s_per_byte * b[split]
+        host = p.trainer_copy_s_per_byte * b[split]
+    transfer = wire / p.bandwidth
+    compute = sum(layer.trainer_forward_s for layer in layers[split:freeze]) + \
+        sum(_train_time(layer) for layer in layers[freeze:]) + p.trainer_step_s / batch
+    work = storage + transfer + host + compute
+    request = p.request_latency_s / requests + storage + transfer + host
+    pipeline = request / depth if depth else request + compute
+    if _on_cpu(p.trainer_device):
+        stages = {"storage": storage, "network": transfer, "trainer": host + compute}
+    else:
+        stages = {"storage": storage, "network": transfer, "trainer_host": host,
+                  "trainer": compute}
+    stages["requests"] = pipeline
+    bottleneck = max(stages, key=stages.get)
+    cycle = stages[bottleneck]
+    fill = p.request_latency_s + requests * (storage + transfer + host)
+    last = compute + (host if _on_cpu(p.trainer_device) else 0.0)
+    samples = epoch_samples if epoch_samples is not None else p.epoch_samples
+
+    # Memory.
+    reasons = []
+    storage_peak = 0.0 if split == 0 else \
+        max(a[i] + a[i + 1] for i in range(split)) + b[split]
+    storage_batch = p.storage_batch
+    if split > 0 and p.storage_budget_bytes is not None:
+        fits = int(p.storage_budget_bytes // storage_peak) if storage_peak > 0 else storage_batch
+        storage_batch = min(storage_batch, fits)
+        if storage_batch < 1:
+            reasons.append(f"storage: one sample needs {_mb(storage_peak)} of activations, "
+                           f"the budget is {_mb(p.storage_budget_bytes)}")
+    held = (a[0] + p.raw_bytes) if split == 0 else b[split]
+    host_memory = (depth + 2) * requests * held
+    inference_peak = max((a[i] + a[i + 1] for i in range(split, freeze)), default=0)
+    training_set = a[freeze] + 2 * sum(a[freeze + 1:])
+    device_memory = batch * (a[split] + max(inference_peak, training_set))
+    if _on_cpu(p.trainer_device):
+        if p.trainer_free_bytes is not None and host_memory + device_memory > p.trainer_free_bytes:
+            reasons.append(f"trainer: {_mb(host_memory)} of prefetched shards and "
+                           f"{_mb(device_memory)} of activations exceed the "
+                           f"{_mb(p.trainer_free_bytes)} free")
+    else:
+        if p.trainer_free_bytes is not None and device_memory > p.trainer_free_bytes:
+            reasons.append(f"trainer device: {_mb(device_memory)} of activations exceed the "
+                           f"{_mb(p.trainer_free_bytes)} free")
+        if p.trainer_host_free_bytes is not None and host_memory > p.trainer_host_free_bytes:
+            reasons.append(f"trainer host: {_mb(host_memory)} of prefetched shards exceed "
+                           f"the {_mb(p.trainer_host_free_bytes)} free")
+
+    return SplitCost(
+        split=split,
+        first_trainer_layer=layers[split].name if split < len(layers) else "(output)",
+        wire_bytes=wire, storage_s=batch * storage, transfer_s=batch * transfer,
+        trainer_host_s=batch * host, trainer_compute_s=batch * compute,
+        trainer_s=batch * (host + compute), pipeline_s=batch * pipeline,
+        iteration_s=batch * cycle, bottleneck=bottleneck, fill_s=fill,
+        epoch_s=None if samples is None else
+        fill + max(samples - requests, 0) * cycle + min(samples, requests) * last,
+        iterations=None if samples is None else math.ceil(samples / batch),
+        storage_batch=max(storage_batch, 0) if split else 0,
+        storage_estimated_layers=sum(estimated[:split]),
+        storage_memory_bytes=storage_peak * max(storage_batch, 1) if split else 0.0,
+        trainer_memory_bytes=device_memory, trainer_host_memory_bytes=host_memory,
+        feasible=not reasons, reason="; ".join(reasons), work_s=batch * work,
+        samples_per_s=1 / cycle if cycle > 0 else math.inf)
+
+
+def _train_time(layer) -> float:
+    return layer.trainer_train_s if layer.trainer_train_s is not None \
+        else layer.trainer_forward_s
+
+
+def _on_cpu(device: str) -> bool:
+    return str(device).split(":")[0] == "cpu"
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.0f} MiB"
+
+
+def _rank(row: SplitCost):
+    return (row.iteration_s, row.work_s, row.wire_bytes, -row.split)
+
+
+def choose_split(profile: Profile, freeze: int | None = None, *,
+                 epoch_samples: int | None = None, current: int | None = None,
+                 margin: float = 0.0, candidates=None) -> Decision:
+    """Predict every split in ``[0, freeze]`` (or ``candidates``) and choose.
+
+    The choice is the feasible split with the lowest predicted iteration
+    time (ties: less total work, fewer bytes, larger split). With
+    ``current`` (the split in use) and ``margin`` (e.g. 0.05), the current
+    split is kept unless the best is more than ``margin`` faster: switching
+    has a cost, and predictions within a few percent are noise. Raises
+    ValueError when no candidate fits memory.
+    """
+    freeze = profile.freeze if freeze is None else freeze
+    if freeze != profile.freeze:
+        profile = profile.with_measurements(freeze=freeze)
+    storage_times, ratio, source, estimated = storage_layer_times(profile)
+    rows = [evaluate_split(profile, s, freeze, epoch_samples=epoch_samples,
+                           storage_times=storage_times, estimated=estimated)
+            for s in range(freeze + 1)]
+    allowed = set(range(freeze + 1)) if candidates is None else set(candidates)
+    if bad := allowed - set(range(freeze + 1)):
+        raise ValueError(f"candidate split(s) {sorted(bad)} outside [0, {freeze}]")
+    for row in rows:
+        if row.split not in allowed and row.feasible:
+            row.feasible, row.reason = False, "not a candidate"
+    feasible = [row for row in rows if row.feasible]
+    if not feasible:
+        raise ValueError("no split fits memory: " + "; ".join(
+            f"s={row.split}: {row.reason}" for row in rows))
+    best = min(feasible, key=_rank)
+    chosen = best
+    reason = f"lowest predicted iteration time ({best.iteration_s:.4g} s, " \
+             f"bottleneck {best.bottleneck})"
+    if current is not None and 0 <= current <= freeze and rows[current].feasible and \
+            current != best.split and rows[current].iteration_s <= best.iteration_s * (1 + margin):
+        chosen = rows[current]
+        reason = (f"kept the current split: its predicted {chosen.iteration_s:.4g} s is within "
+                  f"{margin:.0%} of the best, split {best.split} ({best.iteration_s:.4g} s)")
+    return Decision(split=chosen.split, freeze=freeze, model=profile.model,
+                    batch_size=profile.batch_size, bandwidth=profile.bandwidth,
+                    storage_ratio=ratio, storage_ratio_source=source, rows=rows,
+                    reason=reason, current=current, inputs=_inputs(profile))
+
+
+def _inputs(p: Profile) -> dict:
+    """The scalar measurements a decision was made with (for the metrics JSON)."""
+    names = ("batch_size", "bandwidth", "raw_bytes", "wire_dtype", "storage_decode_s",
+             "trainer_decode_s", "trainer_copy_s_per_byte", "trainer_step_s",
+             "request_latency_s", "samples_per_request", "storage_batch", "prefetch_depth",
+             "trainer_device", "trainer_free_bytes", "trainer_host_free_bytes",
+             "storage_budget_bytes", "epoch_samples")
+    return {name: getattr(p, name) for name in names}
+
+
+# The choice over a run --------------------------------------------------------------
+
+
+class AutoSplit:
+    """The automatic split over a training run, for the training loop.
+
+    ``profile`` holds what the trainer measured before the first request
+    (per-layer trainer times, boundary sizes, decode costs, memory; its
+    ``bandwidth`` is a placeholder until transfers are measured). The run
+    starts at ``start`` (default: the freeze index, so that the first frames
+    report the storage time of every frozen layer and nothing is estimated);
+    nothing is thrown away: those iterations train like any other.
+
+    Feed :attr:`estimator` every frame and transfer, and call
+    :meth:`update` after each shard: it returns the split for the requests
+    still to send. The first decision comes once ``profile_frames`` frames
+    and ``estimator.min_observations`` transfers have arrived, and at the
+    latest after ``max_profile_shards`` shards. After it, a drift of the
+    bandwidth or the storage speed beyond ``drift_threshold`` re-evaluates
+    the choice, which moves only when the new best is more than ``margin``
+    faster than the split in use.
+    """
+
+    def __init__(self, profile: Profile, *, start: int | None = None, profile_frames: int = 4,
+                 max_profile_shards: int = 4, drift_threshold: float = 0.25,
+                 margin: float = 0.05, epoch_samples: int | None = None,
+                 estimator: OnlineEstimator | None = None):
+        self.profile = profile
+        self.split = profile.freeze if start is None else start
+        if not 0 <= self.split <= profile.freeze:
+            raise ValueError(f"start split {self.split} outside [0, {profile.freeze}]")
+        self.profile_frames = profile_frames
+        self.max_profile_shards = max_profile_shards
+        self.drift_threshold = drift_threshold
+        self.margin = margin
+        self.epoch_samples = epoch_samples
+        self.estimator = estimator or OnlineEstimator()
+        self.shards = 0
+        self.decisions: list[Decision] = []
+        self.history: list[dict] = []
+
+    @property
+    def decision(self) -> Decision | None:
+        return self.decisions[-1] if self.decisions else None
+
+    def current_profile(self) -> Profile:
+        """The profile with everything the stream has measured so far."""
+        return self.estimator.apply(self.profile)
+
+    def update(self) -> int:
+        """Account one more shard; decide or re-decide when it is time. Returns the split."""
+        self.shards += 1
+        est = self.estimator
+        if self.decision is None:
+            measured = est.frames >= self.profile_frames and \
+                est.transfers >= est.min_observations
+            if measured or self.shards >= self.max_profile_shards:
+                self._decide("profiled" if measured else
+                             f"profiling bound reached ({self.shards} shards)", current=None)
+        elif est.drifted(self.drift_threshold):
+            change = est.drift()
+            est.keep_recent()
+            self._decide("drift: " + ", ".join(f"{name} {value:+.0%}"
+                                               for name, value in change.items()
+                                               if value is not None), current=self.split)
+        return self.split
+
+    def _decide(self, why: str, current: int | None) -> Decision:
+        decision = choose_split(self.current_profile(), epoch_samples=self.epoch_samples,
+                                current=current, margin=self.margin)
+        self.estimator.mark()
+        self.decisions.append(decision)
+        self.history.append({"shard": self.shards, "why": why, "from": self.split,
+                             "to": decision.split, "reason": decision.reason})
+        self.split = decision.split
+        return decision
+
+
+# The plot -----------------------------------------------------------------------------
+
+
+def plot_decision(decision: Decision, path, profile: Profile | None = None) -> None:
+    """Draw the decision to ``path`` (PNG by its extension): per-boundary
+    bytes on the wire, per-layer time on each side (with ``profile``),
+    predicted time per split and its components, the choice marked. Uses
+    matplotlib's Agg canvas directly: no display, no global backend change."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = decision.rows
+    splits = [row.split for row in rows]
+    panels = 3 if profile is not None else 2
+    fig = Figure(figsize=(10, 3.2 * panels), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(panels, 1, sharex=True)
+    ax_bytes, ax_pred = axes[0], axes[-1]
+
+    if profile is not None:
+        boundaries = list(range(len(profile.boundary_bytes)))
+        sizes = [profile.raw_bytes, *profile.boundary_bytes[1:]]
+    else:
+        boundaries, sizes = splits, [row.wire_bytes for row in rows]
+    colors = ["tab:orange" if i == 0 else "tab:blue" for i in boundaries]
+    ax_bytes.bar(boundaries, [s / 1e3 for s in sizes], color=colors, width=0.7)
+    ax_bytes.set_yscale("log")
+    ax_bytes.set_ylabel("KB per sample\non the wire")
+    ax_bytes.set_title(f"{decision.model}: split {decision.split} chosen "
+                       f"(freeze {decision.freeze}, batch {decision.batch_size}, "
+                       f"{decision.bandwidth * 8 / 1e6:.1f} Mbit/s)")
+
+    if profile is not None:
+        ax_time = axes[1]
+        storage, _, _, estimated = storage_layer_times(profile)
+        centres = [i + 0.5 for i in range(len(profile.layers))]
+        ax_time.step(centres, [layer.trainer_forward_s * 1e3 for layer in profile.layers],
+                     where="mid", color="tab:green", label="trainer forward")
+        trainable = [i for i, layer in enumerate(profile.layers)
+                     if layer.trainer_train_s is not None]
+        if trainable:
+            ax_time.plot([centres[i] for i in trainable],
+                         [profile.layers[i].trainer_train_s * 1e3 for i in trainable], "s",
+                         color="tab:green", label="trainer forward+backward")
+        for flag, style, label in ((False, "o", "storage measured"),
+                                   (True, "x", "storage estimated")):
+            points = [i for i, t in enumerate(storage) if estimated[i] == flag and t > 0]
+            if points:
+                ax_time.plot([centres[i] for i in points], [storage[i] * 1e3 for i in points],
+                             style, color="tab:red", label=label)
+        ax_time.set_yscale("log")
+        ax_time.set_ylabel("ms per sample\nper layer")
+        ax_time.legend(fontsize="small", loc="best")
+
+    feasible = [row for row in rows if row.feasible]
+    ax_pred.bar([r.split for r in feasible], [r.iteration_s for r in feasible], width=0.7,
+                color="lightgrey", label="predicted iteration")
+    for key, color, label in (("storage_s", "tab:red", "storage"),
+                              ("transfer_s", "tab:blue", "network"),
+                              ("trainer_s", "tab:green", "trainer"),
+                              ("pipeline_s", "tab:purple", "request path")):
+        values = [getattr(r, key) if getattr(r, key) > 0 else math.nan for r in rows]
+        ax_pred.plot(splits, values, ".-", color=color, label=label, linewidth=1)
+    infeasible = [row for row in rows if not row.feasible]
+    if infeasible:
+        top = max(row.iteration_s for row in rows)
+        ax_pred.plot([r.split for r in infeasible], [top] * len(infeasible), "kx",
+                     label="does not fit memory")
+    chosen = decision.chosen
+    ax_pred.axvline(chosen.split, color="black", linestyle="--", linewidth=1)
+    ax_pred.annotate(f"split {chosen.split}\n{chosen.iteration_s:.3g} s", (chosen.split,
+                     chosen.iteration_s), xytext=(5, 10), textcoords="offset points")
+    ax_pred.set_yscale("log")
+    ax_pred.set_ylabel("s per iteration")
+    ax_pred.set_xlabel("boundary / split index (0 = vanilla)")
+    ax_pred.legend(fontsize="small", loc="best")
+    for ax in axes:
+        ax.axvline(decision.freeze, color="grey", linestyle=":", linewidth=1)
+    fig.savefig(path, dpi=80)

@@ -4,7 +4,10 @@ This is the trainer's side of the protocol. It needs python-swiftclient and
 torch only: no eventlet, no Swift server code.
 """
 
+import urllib.parse
 from dataclasses import dataclass
+
+from swiftclient import Connection
 
 from hapi import protocol, wire
 
@@ -73,3 +76,19 @@ def fetch_features(conn, container, name, feature_req,
                                     headers=protocol.request_headers(feature_req))
     return FeatureStream(headers=headers, reader=ChunkReader(body),
                          max_frame_bytes=max_frame_bytes)
+
+
+def intermediate_connection(conn, server_url):
+    """A copy of ``conn`` (a ``swiftclient.Connection``) that sends its requests
+    to the standalone HAPI server at ``server_url`` (``http://host:port``)
+    instead of Swift's proxy: the same account path, the same token, and the
+    same credentials to log in again with Swift's auth when the token expires.
+    :func:`fetch_features` works unchanged over it.
+    """
+    if not conn.url or not conn.token:
+        conn.get_auth()
+    path = urllib.parse.urlsplit(conn.url).path
+    return Connection(authurl=conn.authurl, user=conn.user, key=conn.key,
+                      retries=conn.retries, auth_version=conn.auth_version,
+                      os_options=conn.os_options, timeout=conn.timeout,
+                      preauthurl=server_url.rstrip("/") + path, preauthtoken=conn.token)

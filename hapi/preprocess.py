@@ -12,7 +12,7 @@ the statistics its pre-trained weights expect).
 import io
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from hapi import zoo
@@ -49,6 +49,8 @@ def check_image(data, max_pixels):
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
         raise DecodeError(f"image is above the {max_pixels}-pixel limit") from None
+    except UnidentifiedImageError:
+        raise DecodeError("not a decodable image: no known image format") from None
     except (OSError, ValueError) as err:
         raise DecodeError(f"not a decodable image: {err}") from None
     width, height = image.size

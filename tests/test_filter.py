@@ -1,19 +1,20 @@
 """The HAPI filter in a real Swift proxy, driven with python-swiftclient."""
 
-import http.client
-import io
 import json
-import struct
 import threading
 import time
-import urllib.parse
-import zlib
 
-import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
+from helpers import (
+    BAD_PARAMETERS,
+    BAD_SHARDS,
+    bad_shard_objects,
+    feature_request,
+    raw_get,
+    samples,
+)
 from safetensors.torch import save as st_save
 from swiftclient import ClientException
 
@@ -26,28 +27,6 @@ from hapi.weights import pretrained_state_dict
 pytestmark = pytest.mark.swift
 
 CONTAINER = "hapi-filter-tests"
-
-
-def png(seed, size=40):
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def samples(n, size=40, first=0):
-    return [Sample(key=f"{i:06d}", image=png(i, size), ext="png", label=i % 10)
-            for i in range(first, first + n)]
-
-
-def feature_request(model, split=None, batch=2, weights="seed:0", preset="imagenet-64",
-                    dtype="float32"):
-    freeze = zoo.MODELS[model].default_freeze
-    return protocol.FeatureRequest(model=model, split=freeze if split is None else split,
-                                   freeze=freeze, batch=batch,
-                                   weights=protocol.parse_weights(weights, protocol.Limits()),
-                                   preset=preset, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
@@ -142,56 +121,15 @@ def test_weights_from_a_swift_object(conn):
 
 @pytest.fixture(scope="module")
 def bad_objects(conn):
-    good = write_shard(samples(2))
-    objects = {
-        "not-a-tar": b"this is not a tar archive at all" * 10,
-        "truncated.tar": good[:len(good) // 2 + 100],
-        "not-an-image.tar": write_shard([Sample("000001", b"plain text", "jpg", 1)]),
-        "bomb.tar": write_shard([Sample("000001", huge_png_header(), "png", 1)]),
-        "no-label.tar": _tar_without_label(),
-    }
+    objects = bad_shard_objects()
     for name, data in objects.items():
         conn.put_object(CONTAINER, name, data)
     return objects
 
 
-def huge_png_header(width=100_000, height=100_000):
-    """A valid PNG header declaring 10 giga-pixels: a decompression bomb."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + \
-            struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-
-
-def _tar_without_label():
-    import tarfile
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo("000001.png")
-        data = png(1)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def good_request_works(conn):
     _, frames = fetch(conn, "small.tar", feature_request("alexnet"))
     assert sum(len(f.labels) for f in frames) == 5
-
-
-BAD_PARAMETERS = [
-    ({protocol.MODEL: "lenet"}, protocol.MODEL),
-    ({protocol.SPLIT: "999"}, protocol.SPLIT),
-    ({protocol.SPLIT: "two"}, protocol.SPLIT),
-    ({protocol.FREEZE: "999"}, protocol.FREEZE),
-    ({protocol.BATCH: "0"}, protocol.BATCH),
-    ({protocol.BATCH: "100000"}, protocol.BATCH),
-    ({protocol.PRESET: "fancy"}, protocol.PRESET),
-    ({protocol.DTYPE: "int4"}, protocol.DTYPE),
-    ({protocol.WEIGHTS: "swift:no-such-container/w.safetensors"}, protocol.WEIGHTS),
-    ({protocol.WEIGHTS: "file:w.safetensors"}, protocol.WEIGHTS),
-]
 
 
 @pytest.mark.parametrize(("override", "parameter"), BAD_PARAMETERS)
@@ -204,13 +142,7 @@ def test_bad_parameter_is_400_naming_it_and_proxy_keeps_serving(conn, override, 
     good_request_works(conn)
 
 
-@pytest.mark.parametrize(("name", "member", "message"), [
-    ("not-a-tar", None, "not a valid tar"),
-    ("truncated.tar", "000001.png", "truncated"),
-    ("not-an-image.tar", "000001.jpg", "not a decodable image"),
-    ("bomb.tar", "000001.png", "pixel limit"),
-    ("no-label.tar", "000001.png", "no .cls label"),
-])
+@pytest.mark.parametrize(("name", "member", "message"), BAD_SHARDS)
 def test_bad_shard_is_422_naming_the_member(conn, bad_objects, name, member, message):
     headers = protocol.request_headers(feature_request("alexnet"))
     status, body = error_of(conn, name, headers)
@@ -242,18 +174,6 @@ def test_missing_object_is_swifts_404(conn):
                          protocol.request_headers(feature_request("alexnet")))
     assert status == 404
     good_request_works(conn)
-
-
-def raw_get(url, headers):
-    """A GET with exactly ``headers`` (swiftclient would add a token)."""
-    parts = urllib.parse.urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    try:
-        connection.request("GET", parts.path, headers=headers)
-        resp = connection.getresponse()
-        return resp.status, resp.read()
-    finally:
-        connection.close()
 
 
 def timed_get(url, headers):

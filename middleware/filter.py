@@ -27,17 +27,30 @@ every request it serves. Place the filter after the auth middleware::
     # max_image_pixels = 40000000
     # max_cached_models = 4
     # models =
+    # memory_budget = auto
+    # queue_timeout = 10
+    # min_batch = 1
+
+Memory (DESIGN.md invariant 4): each request is admitted against the memory
+budget (``hapi.middleware.admission``) once its shard is open: at the batch
+it asked for, else at the largest smaller batch that fits (down to
+``min_batch``; ``X-Hapi-Batch-Used`` says which), else after waiting in a FIFO
+queue up to ``queue_timeout`` seconds, else 503. Counters (statsd):
+``batch_reduced``, ``queued``, ``rejected``.
 
 Status codes: 400 with a JSON body naming the bad ``X-Hapi-*`` header; 422
 naming the shard member that is invalid or does not decode; 413 for a shard
 above ``max_shard_bytes``; 503 with Retry-After when ``max_concurrent``
-requests are already extracting; Swift's own statuses (401, 403, 404, ...)
-of the object read pass through unchanged.
+requests are already in progress (reading, waiting for memory, extracting or
+streaming) or when there is no memory for the request in time; Swift's own
+statuses (401, 403, 404, ...) of the object read pass through unchanged.
 """
 
+import dataclasses
 import time
 
-from eventlet import spawn, tpool
+from eventlet import Timeout, spawn, tpool
+from eventlet.event import Event
 from eventlet.semaphore import Semaphore
 from swift.common.http import is_success
 from swift.common.registry import register_swift_info
@@ -46,6 +59,7 @@ from swift.common.utils import close_if_possible, get_logger
 from swift.common.wsgi import make_subrequest
 
 from hapi import protocol, zoo
+from hapi.middleware.admission import OverBudget
 from hapi.middleware.engine import (
     REQUEST_FAILURES,
     RequestError,
@@ -84,6 +98,7 @@ class HapiMiddleware:
         self.max_shard_bytes = settings.max_shard_bytes
         self.limits = settings.limits
         self.engine = settings.make_engine()
+        self.budget = settings.make_budget(self.engine)
         self.active = 0
         self.model_lock = Semaphore()
 
@@ -112,21 +127,55 @@ class HapiMiddleware:
             self.logger.increment("rejected")
             raise RequestError.at_capacity(self.max_concurrent)
         self.active += 1
+        ticket = None
         try:
             started = time.monotonic()
             data = self.read_shard_object(req.environ, req.path)
             model = self.model_for(req.environ, f"/{version}/{account}", feature_req)
             samples = self.open_shard(data)
+            ticket = self.reserve(model, feature_req, len(samples))
+            if ticket.reduced:
+                feature_req = dataclasses.replace(feature_req, batch=ticket.batch)
             batches = split_batches(samples, feature_req.batch)
             first = self.first_frame(model, batches[0], feature_req)
         except BaseException:
+            if ticket is not None:
+                self.budget.release(ticket)
             self.active -= 1
             raise
         self.logger.increment("requests")
         self.logger.update_stats("bytes_in", len(data))
         start_response("200 OK", list(
             self.engine.response_headers(feature_req, len(samples)).items()))
-        return self.stream(model, batches, feature_req, first, started)
+        return self.stream(model, batches, feature_req, first, started, ticket)
+
+    def reserve(self, model, feature_req, samples):
+        """Admit the request against the memory budget, waiting on the hub
+        (not in an OS thread) while it is queued; the granted ticket."""
+        cost = tpool.execute(self.engine.memory_cost, model, feature_req)
+        granted = Event()
+        try:
+            ticket = self.budget.admit(cost, min(feature_req.batch, samples), granted.send)
+            if not ticket.granted:
+                self.logger.increment("queued")
+                self.wait_in_queue(ticket, granted)
+            ticket = self.budget.settle(ticket)
+        except OverBudget as err:
+            self.logger.increment("rejected")
+            raise RequestError.from_exception(err) from None
+        if ticket.reduced:
+            self.logger.increment("batch_reduced")
+        return ticket
+
+    def wait_in_queue(self, ticket, granted):
+        """Wait up to queue_timeout for the budget to grant ``ticket``; a
+        greenthread killed meanwhile leaves the queue."""
+        try:
+            with Timeout(self.budget.queue_timeout, False):
+                granted.wait()
+        except BaseException:
+            self.budget.release(ticket)
+            raise
 
     def read_object(self, env, path):
         """GET ``path`` with the caller's own authorization; the failed swob
@@ -193,8 +242,10 @@ class HapiMiddleware:
         except ShardError as err:
             raise RequestError.from_exception(err) from None
 
-    def stream(self, model, batches, feature_req, first, started):
-        """Yield frames; batch i+1 is computed in an OS thread while batch i is sent."""
+    def stream(self, model, batches, feature_req, first, started, ticket):
+        """Yield frames; batch i+1 is computed in an OS thread while batch i is
+        sent. The memory reservation ``ticket`` is released when the stream
+        ends, however it ends."""
 
         def compute(index):
             if index < len(batches):
@@ -223,6 +274,7 @@ class HapiMiddleware:
         finally:
             if pending is not None:
                 pending.wait()
+            self.budget.release(ticket)
             self.active -= 1
             self.logger.update_stats("bytes_out", sent)
             self.logger.timing_since("extraction_time", started)
@@ -242,6 +294,7 @@ def filter_factory(global_conf, **local_conf):
         max_batch=limits.max_batch,
         default_batch=limits.default_batch,
         max_concurrent=settings.max_concurrent,
+        min_batch=settings.min_batch,
         file_weights=limits.weights_dir_enabled,
     )
 

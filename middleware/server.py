@@ -27,6 +27,11 @@ most one batch ahead of the frame being written, and a write waits until the
 socket has drained, so a slow reader holds about two frames in the server's
 memory whatever the shard's size.
 
+Memory is admitted as in the filter (``hapi.middleware.admission``): the
+asked batch, else the largest smaller one that fits the memory budget, else a
+wait of up to ``queue_timeout`` seconds in a FIFO queue, else 503 with
+Retry-After; each decision that is not a plain grant is logged.
+
 On SIGTERM or SIGINT the server stops accepting connections; in-flight
 streams get ``shutdown_grace`` seconds to finish, then end with an error frame
 of status 503 at their next frame boundary.
@@ -44,6 +49,7 @@ import asyncio
 import collections
 import configparser
 import contextlib
+import dataclasses
 import logging
 import re
 import sys
@@ -58,6 +64,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from hapi import protocol
+from hapi.middleware.admission import OverBudget
 from hapi.middleware.engine import (
     OPTION_DEFAULTS,
     REQUEST_FAILURES,
@@ -168,6 +175,7 @@ class HapiServer:
         self.config = config
         self.settings = config.hapi
         self.engine = self.settings.make_engine()
+        self.budget = self.settings.make_budget(self.engine)
         # One worker per admitted request: each runs one torch job at a time.
         self.executor = ThreadPoolExecutor(max_workers=self.settings.max_concurrent,
                                            thread_name_prefix="hapi-torch")
@@ -273,18 +281,62 @@ class HapiServer:
         data = await self.read_object(request.path, auth)
         model = await self.model_for(account_path, feature_req, auth)
         samples = await self.run(self.engine.open_shard, data)
-        batches = split_batches(samples, feature_req.batch)
-        first = await self.run(self.engine.extract, model, batches[0], feature_req, 0)
-        resp = web.StreamResponse(headers=self.engine.response_headers(feature_req,
-                                                                       len(samples)))
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
-        sent, outcome = await self.stream(resp, model, batches, feature_req, first, started)
-        log.info("%s model=%s split=%d batch=%d samples=%d bytes_in=%d bytes_out=%d "
-                 "seconds=%.3f outcome=%s", request.path, feature_req.model, feature_req.split,
-                 feature_req.batch, len(samples), len(data), sent,
+        ticket = await self.reserve(request.path, model, feature_req, len(samples))
+        asked = feature_req.batch
+        try:
+            if ticket.reduced:
+                feature_req = dataclasses.replace(feature_req, batch=ticket.batch)
+            batches = split_batches(samples, feature_req.batch)
+            first = await self.run(self.engine.extract, model, batches[0], feature_req, 0)
+            resp = web.StreamResponse(headers=self.engine.response_headers(feature_req,
+                                                                           len(samples)))
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            sent, outcome = await self.stream(resp, model, batches, feature_req, first, started)
+        finally:
+            self.budget.release(ticket)
+        log.info("%s model=%s split=%d batch=%d (asked %d) samples=%d bytes_in=%d "
+                 "bytes_out=%d seconds=%.3f outcome=%s", request.path, feature_req.model,
+                 feature_req.split, feature_req.batch, asked, len(samples), len(data), sent,
                  time.monotonic() - started, outcome)
         return resp
+
+    async def reserve(self, path, model, feature_req, samples):
+        """Admit the request against the memory budget, waiting on the event
+        loop while it is queued; the granted ticket."""
+        cost = await self.run(self.engine.memory_cost, model, feature_req)
+        granted = asyncio.get_running_loop().create_future()
+
+        def wake():
+            if not granted.done():
+                granted.set_result(None)
+
+        try:
+            ticket = self.budget.admit(cost, min(feature_req.batch, samples), wake)
+            if not ticket.granted:
+                log.info("%s queued for memory: %d bytes at batch %d, %d request(s) waiting",
+                         path, cost.at(ticket.wanted), ticket.wanted, self.budget.queued)
+                await self.wait_in_queue(ticket, granted)
+            ticket = self.budget.settle(ticket)
+        except OverBudget as err:
+            log.warning("%s refused for memory (503, Retry-After %d): %s",
+                        path, err.retry_after, err)
+            raise
+        if ticket.reduced:
+            log.info("%s batch reduced from %d to %d to fit the memory budget",
+                     path, ticket.wanted, ticket.batch)
+        return ticket
+
+    async def wait_in_queue(self, ticket, granted):
+        """Wait up to queue_timeout for the budget to grant ``ticket``; a
+        request cancelled meanwhile (its client left) leaves the queue."""
+        try:
+            await asyncio.wait_for(granted, self.budget.queue_timeout)
+        except asyncio.TimeoutError:
+            pass
+        except BaseException:
+            self.budget.release(ticket)
+            raise
 
     async def read_object(self, path, auth):
         """The object's bytes, read with the caller's token; Swift's refusal

@@ -6,19 +6,25 @@ range, a held-out part chosen by shard) and then, every epoch:
 
 1. orders the training shards with a generator seeded from (seed, epoch);
 2. loads them with a bounded number of requests in flight, in that order
-   whatever order they arrive in: in split mode a HAPI GET returns the
-   storage tier's features of layers [0, split); in vanilla mode a plain GET
-   returns the raw shard, decoded and preprocessed here;
+   whatever order they arrive in, each at the split its selector gives when
+   it is sent: at a split s > 0 a HAPI GET returns the storage tier's
+   features of layers [0, s); at s = 0 (vanilla) a plain GET returns the raw
+   shard, decoded and preprocessed here. Each loaded shard says its split and
+   how its request went (frames' timings, bytes, waits) and the selector
+   learns from it before the next request goes out;
 3. shuffles each shard's samples with a generator seeded from (seed, epoch,
    shard name) and cuts the stream into batches of exactly the user's batch
    size (the epoch's last batch may be smaller), whatever batch the storage
-   tier used.
+   tier used. A batch keeps the split of each of its parts: the trainer runs
+   layers [s, f) of each part itself, so a batch that straddles a change of
+   split computes what it would have computed at either split.
 
-Nothing depends on timing or on the mode, so split and vanilla runs with the
-same seed see the same samples in the same batches, and a resumed epoch can
-skip exactly the samples it has already trained on.
+Nothing depends on timing, on the mode or on the split, so runs with the
+same seed see the same samples in the same batches whatever their splits,
+and a resumed epoch can skip exactly the samples it has already trained on.
 """
 
+import dataclasses
 import hashlib
 import itertools
 import threading
@@ -31,7 +37,7 @@ import torch
 from swiftclient import ClientException
 
 from hapi import protocol
-from hapi.client.features import fetch_features
+from hapi.client.features import CHUNK_BYTES, fetch_features
 from hapi.preprocess import DecodeError, preprocess
 from hapi.shards import MANIFEST_NAME, Manifest, ShardError, read_shard
 
@@ -70,22 +76,67 @@ class DataPlan:
         return sum(ref.selected for ref in self.holdout)
 
 
+@dataclass(frozen=True)
+class Transfer:
+    """How one shard's request went, as the split selector measures it.
+
+    ``sent_at``, ``answered_at``, ``done_at``: ``time.perf_counter()`` when
+    the request went out, when its response headers came, when its last byte
+    was read. ``storage_s``: the storage tier's compute for it (0 for a raw
+    GET), of which ``storage_early_s`` came before the headers (the filter
+    computes the first frame before it answers).
+    """
+
+    nbytes: int
+    sent_at: float
+    answered_at: float
+    done_at: float
+    storage_s: float = 0.0
+    storage_early_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class FrameStats:
+    """What one frame says about the storage tier: its ``timings``
+    (``hapi.wire``) for ``samples`` samples of ``feature_bytes`` bytes."""
+
+    timings: dict
+    samples: int
+    feature_bytes: int
+
+
 @dataclass
 class ShardData:
-    """A loaded shard: model inputs (features or preprocessed images), labels, keys."""
+    """A loaded shard at ``split``: model inputs (the features at that
+    boundary, or at 0 the preprocessed images), labels, keys, and what its
+    request measured."""
 
     ref: ShardRef
+    split: int
     inputs: torch.Tensor
     labels: torch.Tensor
     keys: list
-    bytes_received: int
+    transfer: Transfer
     load_s: float
+    frames: list = field(default_factory=list)
     storage: dict = field(default_factory=dict)
+
+    @property
+    def bytes_received(self):
+        return self.transfer.nbytes
+
+
+@dataclass
+class Part:
+    """Consecutive samples of a batch that came at the same split."""
+
+    split: int
+    inputs: torch.Tensor
 
 
 @dataclass
 class Batch:
-    inputs: torch.Tensor
+    parts: list
     labels: torch.Tensor
     keys: list
 
@@ -181,35 +232,86 @@ def resume_point(ordered, consumed):
 # Loading --------------------------------------------------------------------
 
 
-class FeatureSource:
-    """Split mode: the Swift proxy runs layers [0, split) and sends features."""
+class FixedSplit:
+    """Every request at one split (``--manual_split``, or nothing frozen).
+
+    A split selector: ``split`` for the next request, ``observe(shard)``
+    after each loaded shard, ``wants_step_times`` (and then
+    ``observe_step(seconds)``), ``report()`` for the metrics. The trainer's
+    automatic selection (``hapi.client.train.AutomaticSplit``) is the other.
+    """
+
+    automatic = False
+    wants_step_times = False
+
+    def __init__(self, split):
+        self.split = split
+
+    def observe(self, shard):
+        """A fixed split learns nothing from a shard."""
+
+    def report(self):
+        return {"automatic": False, "split": self.split}
+
+
+class ShardSource:
+    """Loads a shard at a split: at ``split > 0`` the Swift proxy runs layers
+    [0, split) and sends features (``request`` gives the other HAPI
+    parameters; its own split is replaced); at 0 the raw shard crosses the
+    network and is preprocessed here (vanilla)."""
 
     def __init__(self, container, request):
         self.container = container
         self.request = request
 
-    def load(self, conn, ref):
+    def load(self, conn, ref, split):
+        if split == 0:
+            return self._load_raw(conn, ref)
+        return self._load_features(conn, ref, dataclasses.replace(self.request, split=split))
+
+    def _load_features(self, conn, ref, request):
         began = time.perf_counter()
         try:
-            stream = fetch_features(conn, self.container, ref.name, self.request)
+            stream = fetch_features(conn, self.container, ref.name, request)
         except ClientException as err:
             raise storage_error(err, self.container, ref.name) from None
+        answered = time.perf_counter()
         if protocol.SAMPLES.lower() not in stream.headers:
             raise DataError(f"GET {self.container}/{ref.name} returned the object, not "
                             "features: the proxy has no hapi filter in its pipeline")
         frames = list(stream)
+        done = time.perf_counter()
         keys = [key for frame in frames for key in frame.keys]
         if len(keys) != ref.samples:
             raise DataError(f"{self.container}/{ref.name} holds {len(keys)} samples, its "
                             f"manifest says {ref.samples}")
+        stats = [FrameStats(frame.timings, len(frame.keys), frame.features.nbytes)
+                 for frame in frames]
+        compute = [_storage_seconds(frame.timings) for frame in stats]
+        transfer = Transfer(nbytes=stream.reader.bytes_read, sent_at=began,
+                            answered_at=answered, done_at=done, storage_s=sum(compute),
+                            storage_early_s=sum(compute[:1]))
         storage = {"device": stream.device, "batch_used": stream.batch_used,
-                   "compute_s": sum(_storage_seconds(frame.timings) for frame in frames)}
-        return ShardData(ref=ref,
+                   "compute_s": sum(compute)}
+        return ShardData(ref=ref, split=request.split,
                          inputs=torch.cat([f.features for f in frames])[ref.lo:ref.hi],
                          labels=torch.cat([f.labels for f in frames])[ref.lo:ref.hi],
-                         keys=keys[ref.lo:ref.hi],
-                         bytes_received=stream.reader.bytes_read,
-                         load_s=time.perf_counter() - began, storage=storage)
+                         keys=keys[ref.lo:ref.hi], transfer=transfer,
+                         load_s=time.perf_counter() - began, frames=stats, storage=storage)
+
+    def _load_raw(self, conn, ref):
+        began = time.perf_counter()
+        samples, transfer = raw_samples(conn, self.container, ref)
+        samples = samples[ref.lo:ref.hi]
+        try:
+            inputs = preprocess([s.image for s in samples], self.request.preset,
+                                self.request.model)
+        except DecodeError as err:
+            raise decode_error(err, self.container, ref.name, samples) from None
+        return ShardData(ref=ref, split=0, inputs=inputs,
+                         labels=torch.tensor([s.label for s in samples]),
+                         keys=[s.key for s in samples], transfer=transfer,
+                         load_s=time.perf_counter() - began)
 
 
 def _storage_seconds(timings):
@@ -217,38 +319,33 @@ def _storage_seconds(timings):
         timings.get("to_wire_s", 0.0)
 
 
-class RawSource:
-    """Vanilla mode: the raw shard crosses the network and is preprocessed here."""
+def raw_samples(conn, container, ref):
+    """Download the raw shard ``ref`` and read its samples (all of them, in
+    key order); returns (samples, :class:`Transfer`)."""
+    began = time.perf_counter()
+    try:
+        _, chunks = conn.get_object(container, ref.name, resp_chunk_size=CHUNK_BYTES)
+        answered = time.perf_counter()
+        body = b"".join(chunks)
+    except ClientException as err:
+        raise storage_error(err, container, ref.name) from None
+    transfer = Transfer(nbytes=len(body), sent_at=began, answered_at=answered,
+                        done_at=time.perf_counter())
+    try:
+        samples = read_shard(body)
+    except ShardError as err:
+        raise DataError(f"{container}/{ref.name}: {err}"
+                        + (f" (member {err.member})" if err.member else "")) from None
+    if len(samples) != ref.samples:
+        raise DataError(f"{container}/{ref.name} holds {len(samples)} samples, "
+                        f"its manifest says {ref.samples}")
+    return samples, transfer
 
-    def __init__(self, container, preset, model):
-        self.container = container
-        self.preset = preset
-        self.model = model
 
-    def load(self, conn, ref):
-        began = time.perf_counter()
-        try:
-            _, body = conn.get_object(self.container, ref.name)
-        except ClientException as err:
-            raise storage_error(err, self.container, ref.name) from None
-        try:
-            samples = read_shard(body)
-            if len(samples) != ref.samples:
-                raise DataError(f"{self.container}/{ref.name} holds {len(samples)} samples, "
-                                f"its manifest says {ref.samples}")
-            samples = samples[ref.lo:ref.hi]
-            inputs = preprocess([s.image for s in samples], self.preset, self.model)
-        except ShardError as err:
-            raise DataError(f"{self.container}/{ref.name}: {err}"
-                            + (f" (member {err.member})" if err.member else "")) from None
-        except DecodeError as err:
-            bad = samples[err.index]
-            raise DataError(f"{self.container}/{ref.name}: member {bad.key}.{bad.ext}: "
-                            f"{err}") from None
-        return ShardData(ref=ref, inputs=inputs,
-                         labels=torch.tensor([s.label for s in samples]),
-                         keys=[s.key for s in samples], bytes_received=len(body),
-                         load_s=time.perf_counter() - began)
+def decode_error(err, container, name, samples):
+    """A readable error for the member of ``samples`` that did not decode."""
+    bad = samples[err.index]
+    return DataError(f"{container}/{name}: member {bad.key}.{bad.ext}: {err}")
 
 
 def storage_error(err, container, name):
@@ -263,44 +360,53 @@ def storage_error(err, container, name):
 class ShardLoader:
     """Loads shards in the order given, with up to ``depth`` requests in flight.
 
-    Each worker thread has its own Swift connection (``connect()``; python-
-    swiftclient connections are not thread-safe). ``depth=0`` loads each shard
-    in the caller's thread when it is needed: no overlap (``--sequential``).
-    At most ``depth`` loaded shards wait for the consumer, so memory stays
-    bounded whatever the speed of either side.
+    ``selector`` chooses the split: each request is sent at
+    ``selector.split`` as it is then, and ``selector.observe(shard)`` hears
+    about every loaded shard, in order and in the consumer's thread, before
+    the next request goes out (:class:`FixedSplit`, or the trainer's
+    automatic selection). Each worker thread has its own Swift connection
+    (``connect()``; python-swiftclient connections are not thread-safe).
+    ``depth=0`` loads each shard in the caller's thread when it is needed: no
+    overlap (``--sequential``). At most ``depth`` loaded shards wait for the
+    consumer, so memory stays bounded whatever the speed of either side.
     """
 
-    def __init__(self, source, connect, depth):
+    def __init__(self, source, connect, depth, selector):
         self.source = source
         self.connect = connect
         self.depth = depth
+        self.selector = selector
         self._local = threading.local()
         self._connections = []
         self._pool = ThreadPoolExecutor(depth, thread_name_prefix="hapi-fetch") \
             if depth > 0 else None
 
-    def _load(self, ref):
+    def _load(self, ref, split):
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self.connect()
             self._connections.append(conn)
-        return self.source.load(conn, ref)
+        return self.source.load(conn, ref, split)
+
+    def _submit(self, ref):
+        return self._pool.submit(self._load, ref, self.selector.split)
 
     def __call__(self, refs):
         """Yield a :class:`ShardData` per ref, in order."""
         if self._pool is None:
             for ref in refs:
-                yield self._load(ref)
+                shard = self._load(ref, self.selector.split)
+                self.selector.observe(shard)
+                yield shard
             return
         refs = iter(refs)
-        pending = deque(self._pool.submit(self._load, ref)
-                        for ref in itertools.islice(refs, self.depth))
+        pending = deque(self._submit(ref) for ref in itertools.islice(refs, self.depth))
         try:
             while pending:
-                data = pending.popleft().result()
-                for ref in itertools.islice(refs, 1):
-                    pending.append(self._pool.submit(self._load, ref))
-                yield data
+                shard = pending.popleft().result()
+                self.selector.observe(shard)
+                pending.extend(self._submit(ref) for ref in itertools.islice(refs, 1))
+                yield shard
         finally:
             for future in pending:
                 future.cancel()
@@ -325,30 +431,32 @@ def shuffled(shard, seed, epoch):
     """The shard's samples in their seeded order for this epoch."""
     perm = torch.randperm(len(shard.keys), generator=_generator("samples", seed, epoch,
                                                                 shard.ref.name))
-    return ShardData(ref=shard.ref, inputs=shard.inputs[perm], labels=shard.labels[perm],
-                     keys=[shard.keys[i] for i in perm.tolist()],
-                     bytes_received=shard.bytes_received, load_s=shard.load_s,
-                     storage=shard.storage)
+    return dataclasses.replace(shard, inputs=shard.inputs[perm], labels=shard.labels[perm],
+                               keys=[shard.keys[i] for i in perm.tolist()])
 
 
 def rebatch(shards, batch_size, skip=0):
     """Cut a stream of shards into batches of ``batch_size`` samples (the last
-    may be smaller), dropping the first ``skip`` samples of the stream."""
-    inputs, labels, keys = [], [], []
-    held = 0
+    may be smaller), dropping the first ``skip`` samples of the stream. A
+    batch whose samples came at different splits has a part per split."""
+    pieces, labels, keys = [], [], []
     for shard in shards:
-        start = min(skip, len(shard.keys))
-        skip -= start
-        offset = start
+        offset = min(skip, len(shard.keys))
+        skip -= offset
         while offset < len(shard.keys):
-            take = min(batch_size - held, len(shard.keys) - offset)
-            inputs.append(shard.inputs[offset:offset + take])
+            take = min(batch_size - len(keys), len(shard.keys) - offset)
+            pieces.append((shard.split, shard.inputs[offset:offset + take]))
             labels.append(shard.labels[offset:offset + take])
             keys.extend(shard.keys[offset:offset + take])
-            held += take
             offset += take
-            if held == batch_size:
-                yield Batch(torch.cat(inputs), torch.cat(labels), keys)
-                inputs, labels, keys, held = [], [], [], 0
-    if held:
-        yield Batch(torch.cat(inputs), torch.cat(labels), keys)
+            if len(keys) == batch_size:
+                yield _batch(pieces, labels, keys)
+                pieces, labels, keys = [], [], []
+    if keys:
+        yield _batch(pieces, labels, keys)
+
+
+def _batch(pieces, labels, keys):
+    parts = [Part(split, torch.cat([inputs for _, inputs in group]))
+             for split, group in itertools.groupby(pieces, key=lambda piece: piece[0])]
+    return Batch(parts, torch.cat(labels), keys)

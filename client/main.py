@@ -15,7 +15,12 @@ The original HAPI client's flags keep their meaning: ``--freeze`` freezes the
 layers below ``--freeze_idx`` (the model's default index when not given;
 without ``--freeze`` every layer trains and the split is 0), ``--model`` takes
 its ``my`` prefix (``myalexnet`` is ``alexnet``), ``--manual_split
---split_idx N`` fixes the split.
+--split_idx N`` fixes the split. With frozen layers and no fixed split, the
+split is chosen automatically while training: the run starts at the freeze
+index, measures both tiers and the network on its first shards, picks the
+split its cost model predicts fastest (vanilla included), and re-decides
+when the bandwidth or the storage tier's speed drifts. The decision table
+goes to the log and the metrics, its plot next to the metrics (``--plot``).
 """
 
 import argparse
@@ -23,6 +28,7 @@ import contextlib
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 from requests.exceptions import RequestException
@@ -62,10 +68,10 @@ def build_parser():
     job.add_argument("--freeze_idx", type=int,
                      help="freeze index (implies --freeze; default: the model's)")
     job.add_argument("--manual_split", action="store_true",
-                     help="split at --split_idx (giving --split_idx is enough)")
+                     help="split at --split_idx (giving --split_idx is enough); without it "
+                          "the split is chosen automatically")
     job.add_argument("--split_idx", type=int,
-                     help="split index: layers below it run in Swift; 0 is vanilla "
-                          "(default: the freeze index)")
+                     help="split index: layers below it run in Swift; 0 is vanilla")
     job.add_argument("--use_intermediate", action="store_true",
                      help="use the standalone HAPI server (not available yet)")
     job.add_argument("--cpuonly", action="store_true", help="train on the CPU even with a GPU")
@@ -115,6 +121,8 @@ def build_parser():
 
     output = parser.add_argument_group("output")
     output.add_argument("--metrics", help="write the run's metrics to this JSON file")
+    output.add_argument("--plot", help="draw the automatic split decision to this PNG "
+                        "(default: next to --metrics, as NAME-split.png)")
     where = output.add_mutually_exclusive_group()
     where.add_argument("--checkpoint_dir", help="checkpoint into this folder")
     where.add_argument("--checkpoint_container",
@@ -191,11 +199,12 @@ def train_config(args, log=print):
         if not 0 <= split <= freeze:
             raise TrainingError(f"--split_idx {split} must be between 0 and the freeze index "
                                 f"{freeze}: the storage tier only runs frozen layers")
+    elif freeze:
+        split = None
+        log(f"automatic split selection among splits 0 to {freeze}: profiling at the freeze "
+            "index first (fix a split with --manual_split --split_idx N)")
     else:
-        split = freeze
-        if freeze:
-            log(f"split {split}: automatic split selection is not available yet, so the "
-                "split is the freeze index (choose another with --split_idx)")
+        split = 0
     return TrainConfig(
         container=args.dataset, model=args.model, weights=args.weights, freeze=freeze,
         split=split, preset=args.preset, batch_size=args.batch_size, epochs=args.num_epochs,
@@ -258,6 +267,14 @@ def swift_connector(args):
                               retries=args.retries)
 
 
+def plot_path(args):
+    """Where the split decision's plot goes: --plot, else next to --metrics."""
+    if args.plot or not args.metrics:
+        return args.plot
+    metrics = Path(args.metrics)
+    return str(metrics.with_name(f"{metrics.stem}-split.png"))
+
+
 def run(args, on_step=None, log=print):
     """Train (or, with ``--testonly``, evaluate) as ``args`` say; return the
     metrics document, also written to ``--metrics`` when given."""
@@ -275,10 +292,15 @@ def run(args, on_step=None, log=print):
             store = SwiftStore(conn, args.checkpoint_container)
         trainer = stack.enter_context(Trainer(config, connect, store, on_step=on_step,
                                               progress=args.progress, log=log))
-        log(f"{config.mode} mode: {config.model}, {len(trainer.model)} layers, split "
-            f"{config.split}, freeze {config.freeze}; {trainer.plan.train_samples} training "
-            f"and {trainer.plan.holdout_samples} held-out samples; trainer on {config.device}")
+        split = "automatic" if config.split is None else config.split
+        log(f"{config.model}: {len(trainer.model)} layers, freeze {config.freeze}, split "
+            f"{split}; {trainer.plan.train_samples} training and "
+            f"{trainer.plan.holdout_samples} held-out samples; trainer on {config.device}")
         metrics = trainer.evaluate() if args.testonly else trainer.train(resume=args.resume)
+        plot = plot_path(args)
+        if plot and trainer.selector.automatic and trainer.selector.plot(plot):
+            metrics["split_selection"]["plot"] = plot
+            log(f"split decision plotted to {plot}")
     if args.metrics:
         with open(args.metrics, "w") as out:
             json.dump(metrics, out, indent=1)

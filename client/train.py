@@ -7,6 +7,13 @@ gradients), then layers [f, end) in training mode and trains those. The
 optimizer always sees batches of the user's batch size (see
 ``hapi.client.data``).
 
+The split is fixed (``--manual_split``) or chosen while training
+(:class:`AutomaticSplit`): the run starts at ``f``, and a decision made on
+what the first shards measured applies to the requests still to send. Each
+part of a batch carries the split it was produced at, and the trainer runs
+layers [s, f) of each part itself, so a change of split changes where the
+frozen layers run, not what the optimizer sees.
+
 Every random draw is a function of the seed: the new head's initial
 weights, the shard and sample order of each epoch, and the random state of
 each step (dropout), which is reseeded from (seed, epoch, step). A run is
@@ -16,7 +23,10 @@ exactly where the interrupted one stopped.
 """
 
 import contextlib
+import math
+import statistics
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 
@@ -26,6 +36,16 @@ from tqdm import tqdm
 
 from hapi import protocol, weights, zoo
 from hapi.client import checkpoint, data
+from hapi.client.profiling import (
+    OnlineEstimator,
+    free_memory_bytes,
+    measure_copy_rate,
+    measure_decode,
+    measure_trainer_layers,
+    profile_from_model,
+)
+from hapi.client.split import AutoSplit, plot_decision
+from hapi.preprocess import DecodeError, preset_size
 
 METRICS_FORMAT = "hapi-metrics/1"
 
@@ -40,7 +60,7 @@ class TrainConfig:
     model: str
     weights: protocol.WeightsRef
     freeze: int
-    split: int
+    split: int | None  # None: chosen automatically (AutomaticSplit)
     preset: str
     batch_size: int = 32
     epochs: int = 1
@@ -57,10 +77,6 @@ class TrainConfig:
     prefetch: int = 2
     device: str = "cpu"
     checkpoint_every: int = 0
-
-    @property
-    def mode(self):
-        return "split" if self.split > 0 else "vanilla"
 
     def identity(self):
         """What a checkpoint must share with this run to be resumed by it. The
@@ -189,6 +205,167 @@ def make_optimizer(model, config):
                            weight_decay=config.weight_decay)
 
 
+# Automatic split selection -------------------------------------------------------
+
+DRIFT_THRESHOLD = 0.25  # relative change of bandwidth or storage speed that re-decides
+MARGIN = 0.05  # a new split must be predicted this much faster to replace the one in use
+DRIFT_WINDOW = 8  # drift is judged on up to this many observations since the last decision
+DRIFT_MIN_OBSERVATIONS = 4  # ... once there are at least this many
+PACED = 1.25  # link time this much above the request's storage compute: the link paced it
+DECODE_PROBE_SAMPLES = 32  # images of the probe shard decoded to time vanilla's decode
+STEP_SAMPLES = 16  # optimizer steps timed for the profile's trainer_step_s
+
+
+class LinkClock:
+    """Feeds the requests' :class:`hapi.client.data.Transfer` to an estimator,
+    in the order they were sent, as link time.
+
+    A request's latency is its wait for the response headers less the
+    storage compute before them (the first frame). Its link time is the part
+    of its body's interval (headers to last byte) not already covered by the
+    bodies before it: requests in flight together share the link, so their
+    bytes count over the union of their intervals, not over each interval.
+    That time measures the link only when the link paced it, when it was
+    clearly longer than the storage tier's compute for the request;
+    otherwise the transfer hid behind the compute (its time is the storage
+    tier's, and the bandwidth is only known to be higher), and it is not
+    counted.
+    """
+
+    def __init__(self, estimator):
+        self.estimator = estimator
+        self.covered_until = -math.inf
+
+    def observe(self, transfer):
+        self.estimator.observe_latency(
+            transfer.answered_at - transfer.sent_at - transfer.storage_early_s)
+        link_s = transfer.done_at - max(transfer.answered_at, self.covered_until)
+        self.covered_until = max(self.covered_until, transfer.done_at)
+        if link_s > PACED * transfer.storage_s:
+            self.estimator.observe_transfer(transfer.nbytes, link_s)
+
+
+def summed_timings(frames):
+    """The ``timings`` of frames of one split, added up."""
+    layers = zip(*(frame.timings.get("layers_s", ()) for frame in frames), strict=True)
+    return {"decode_s": sum(frame.timings.get("decode_s", 0.0) for frame in frames),
+            "layers_s": [sum(times) for times in layers],
+            "to_wire_s": sum(frame.timings.get("to_wire_s", 0.0) for frame in frames)}
+
+
+def measure_profile(model, config, plan, conn, link):
+    """What the trainer measures before its first request, as a
+    :class:`hapi.client.profiling.Profile`: every layer's time here at the
+    training batch, the boundary sizes, the bytes per raw sample, vanilla's
+    decode time (on a raw shard of median size, downloaded once; its transfer
+    goes to ``link`` and gives the first bandwidth), the cost of copying
+    received features, free memory. Returns (profile, what the probe cost)."""
+    side = preset_size(config.preset)
+    input_shape = (3, side, side)
+    device = torch.device(config.device)
+    inputs = torch.randn(config.batch_size, *input_shape,
+                         generator=torch.Generator().manual_seed(config.seed))
+    trainer = measure_trainer_layers(model, inputs.to(device), config.freeze)
+    refs = plan.train + plan.holdout
+    probe = sorted(refs, key=lambda ref: ref.bytes)[len(refs) // 2]  # a typical shard
+    samples, transfer = data.raw_samples(conn, config.container, probe)
+    link.observe(transfer)
+    images = [sample.image for sample in samples[:DECODE_PROBE_SAMPLES]]
+    try:
+        decode_s, _ = measure_decode(images, config.preset, config.model)
+    except DecodeError as err:
+        raise data.decode_error(err, config.container, probe.name, samples) from None
+    profile = profile_from_model(
+        model, input_shape=input_shape, freeze=config.freeze, batch_size=config.batch_size,
+        trainer=trainer, raw_bytes=sum(r.bytes for r in refs) / sum(r.samples for r in refs),
+        bandwidth=link.estimator.bandwidth, wire_dtype=config.wire_dtype, trainer_decode_s=decode_s,
+        trainer_copy_s_per_byte=measure_copy_rate(wire_dtype=config.wire_dtype),
+        samples_per_request=round(sum(r.samples for r in refs) / len(refs)),
+        storage_batch=config.storage_batch, prefetch_depth=config.prefetch,
+        trainer_free_bytes=free_memory_bytes(device),
+        trainer_host_free_bytes=free_memory_bytes("cpu") if device.type == "cuda" else None,
+        epoch_samples=plan.train_samples)
+    return profile, {"probe_shard": probe.name, "probe_bytes": transfer.nbytes}
+
+
+class AutomaticSplit:
+    """Chooses the split of each request while the run trains (``hapi.client.split``).
+
+    Before the first request it measures what the trainer can measure on its
+    own (:func:`measure_profile`). The run starts at the freeze index, so
+    that the first frames time every frozen layer on the storage tier; those
+    iterations train like any other. Every shard then feeds the estimator
+    (its frames' timings and its transfer), and ``AutoSplit.update`` makes
+    the first decision within a bounded number of shards and re-decides when
+    the bandwidth or the storage tier's speed drifts. Each decision is
+    logged as a table. Its ``split`` applies to the requests still to send.
+    """
+
+    automatic = True
+
+    def __init__(self, model, config, plan, conn, log=print):
+        began = time.perf_counter()
+        estimator = OnlineEstimator(min_observations=DRIFT_MIN_OBSERVATIONS,
+                                    drift_window=DRIFT_WINDOW)
+        self.link = LinkClock(estimator)
+        profile, probe = measure_profile(model, config, plan, conn, self.link)
+        self.auto = AutoSplit(profile, estimator=estimator, epoch_samples=plan.train_samples,
+                              drift_threshold=DRIFT_THRESHOLD, margin=MARGIN)
+        self.profiling = {**probe, "seconds": time.perf_counter() - began}
+        self.step_times = []
+        self.log = log
+
+    @property
+    def split(self):
+        return self.auto.split
+
+    @property
+    def wants_step_times(self):
+        return len(self.step_times) < STEP_SAMPLES
+
+    def observe_step(self, seconds):
+        """One iteration's loss and optimizer step, besides the layers."""
+        self.step_times.append(seconds)
+        self.auto.profile.trainer_step_s = statistics.median(self.step_times)
+
+    def observe(self, shard):
+        """Learn from a loaded shard, then decide or re-decide when it is time."""
+        if shard.frames:
+            # One observation per shard: per-sample times over all its frames,
+            # so that a small last frame does not weigh like a full one.
+            features = sum(frame.feature_bytes for frame in shard.frames)
+            samples = sum(frame.samples for frame in shard.frames)
+            self.auto.estimator.observe_frame(summed_timings(shard.frames), samples, features)
+            self.auto.profile.frame_overhead_bytes = (shard.bytes_received - features) / samples
+        self.link.observe(shard.transfer)
+        decisions = len(self.auto.decisions)
+        try:
+            self.auto.update()
+        except ValueError as err:
+            raise TrainingError(f"automatic split selection: {err} (choose a split with "
+                                "--manual_split --split_idx N)") from None
+        if len(self.auto.decisions) > decisions:
+            step = self.auto.history[-1]
+            self.log(f"split selection after {step['shard']} shard(s), {step['why']}: split "
+                     f"{step['from']} -> {step['to']}\n{self.auto.decision.format_table()}")
+
+    def report(self):
+        """The decision (its table too), how it came about, and what it was made from."""
+        decision = self.auto.decision
+        return {"automatic": True, "split": self.split,
+                "decision": decision.to_dict() if decision else None,
+                "table": decision.format_table() if decision else None,
+                "history": self.auto.history, "profiling": self.profiling,
+                "profile": self.auto.current_profile().to_dict()}
+
+    def plot(self, path):
+        """Draw the last decision to ``path``; False when none was made yet."""
+        if self.auto.decision is None:
+            return False
+        plot_decision(self.auto.decision, path, self.auto.current_profile())
+        return True
+
+
 class Trainer:
     """Runs a configured training (or evaluation) against a data set in Swift.
 
@@ -201,7 +378,7 @@ class Trainer:
 
     def __init__(self, config, connect, store=None, on_step=None, progress=None,
                  log=print):
-        if not 0 <= config.split <= config.freeze:
+        if config.split is not None and not 0 <= config.split <= config.freeze:
             raise TrainingError(f"split {config.split} must be between 0 and the freeze "
                                 f"index {config.freeze}")
         self.config = config
@@ -217,21 +394,22 @@ class Trainer:
             self.plan = data.plan_data(manifest, sizes, config.start, config.end,
                                        config.holdout)
             self.model = build_model(config, len(self.plan.classes), self.conn)
+            self.selector = data.FixedSplit(config.split) if config.split is not None else \
+                AutomaticSplit(self.model, config, self.plan, self.conn, log)
         except BaseException:
             self.conn.close()
             raise
         self.optimizer = None
         self.criterion = nn.CrossEntropyLoss()
-        self.loader = data.ShardLoader(self._source(), connect, config.prefetch)
+        self.loader = data.ShardLoader(self._source(), connect, config.prefetch, self.selector)
         self.storage_devices = set()
         self.storage_batches = set()
+        self.samples_per_split = Counter()
 
     def _source(self):
         config = self.config
-        if config.split == 0:
-            return data.RawSource(config.container, config.preset, config.model)
-        return data.FeatureSource(config.container, protocol.FeatureRequest(
-            model=config.model, split=config.split, freeze=config.freeze,
+        return data.ShardSource(config.container, protocol.FeatureRequest(
+            model=config.model, split=config.freeze, freeze=config.freeze,
             batch=config.storage_batch, weights=config.weights, preset=config.preset,
             dtype=config.wire_dtype))
 
@@ -290,17 +468,35 @@ class Trainer:
         """One optimizer step; returns (mean loss, correct predictions)."""
         config = self.config
         torch.manual_seed(data.derived_seed("step", config.seed, epoch, step))
-        x = batch.inputs.to(self.device, torch.float32, non_blocking=True)
+        with torch.no_grad():
+            x = self._inputs_at(batch, config.freeze)
         y = batch.labels.to(self.device, non_blocking=True)
-        if config.split < config.freeze:
-            with torch.no_grad():
-                x = self.model(x, config.split, config.freeze)
         logits = self.model(x, config.freeze)
-        loss = self.criterion(logits, y)
+        timed = self.selector.wants_step_times
+        loss, loss_s = self._timed(timed, self.criterion, logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        _, step_s = self._timed(timed, self.optimizer.step)
+        if timed:
+            self.selector.observe_step(loss_s + step_s)
         return loss.item(), (logits.argmax(1) == y).sum().item()
+
+    def _inputs_at(self, batch, stop):
+        """The batch at boundary ``stop``: each part runs layers [its split, stop) here."""
+        outputs = [self.model(part.inputs.to(self.device, torch.float32, non_blocking=True),
+                              part.split, stop) for part in batch.parts]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _timed(self, synchronize, fn, *args):
+        """``fn(*args)`` and its duration; ``synchronize`` waits for a GPU to finish."""
+        sync = synchronize and self.device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(self.device)
+        began = time.perf_counter()
+        result = fn(*args)
+        if sync:
+            torch.cuda.synchronize(self.device)
+        return result, time.perf_counter() - began
 
     # Evaluation ----------------------------------------------------------------
 
@@ -331,9 +527,8 @@ class Trainer:
 
     @torch.inference_mode()
     def _eval_step(self, batch, step):
-        x = batch.inputs.to(self.device, torch.float32, non_blocking=True)
+        logits = self._inputs_at(batch, len(self.model))
         y = batch.labels.to(self.device, non_blocking=True)
-        logits = self.model(x, self.config.split)
         loss = nn.functional.cross_entropy(logits, y)
         return loss.item(), (logits.argmax(1) == y).sum().item()
 
@@ -385,6 +580,7 @@ class Trainer:
             traffic.raw_shard_bytes += shard.ref.bytes
             traffic.load_s += shard.load_s
             traffic.storage_compute_s += shard.storage.get("compute_s", 0.0)
+            self.samples_per_split[shard.split] += len(shard.keys)
             if shard.storage:
                 self.storage_devices.add(shard.storage["device"])
                 self.storage_batches.add(shard.storage["batch_used"])
@@ -431,16 +627,19 @@ class Trainer:
     def _report(self, epochs, wall_s, resumed_from):
         config = self.config
         passes = [e.train for e in epochs] + [e.holdout for e in epochs if e.holdout]
+        split = self.selector.split
         return {
             "format": METRICS_FORMAT,
             "dataset": config.container, "model": config.model, "weights": str(config.weights),
-            "mode": config.mode, "split": config.split, "freeze": config.freeze,
+            "mode": "split" if split else "vanilla", "split": split, "freeze": config.freeze,
+            "split_selection": {**self.selector.report(), "samples_per_split": {
+                str(s): n for s, n in sorted(self.samples_per_split.items())}},
             "layers": len(self.model), "batch_size": config.batch_size,
-            "storage_batch": {"requested": config.storage_batch if config.split else None,
+            "storage_batch": {"requested": config.storage_batch if config.split != 0 else None,
                               "used": sorted(self.storage_batches)},
             "prefetch": config.prefetch, "preset": config.preset, "seed": config.seed,
             "devices": {"trainer": str(self.device),
-                        "storage": sorted(self.storage_devices) if config.split else None},
+                        "storage": sorted(self.storage_devices) or None},
             "samples": {"train": self.plan.train_samples, "holdout": self.plan.holdout_samples},
             "bytes_received": sum(p.traffic.bytes_received for p in passes),
             "raw_shard_bytes": sum(p.traffic.raw_shard_bytes for p in passes),

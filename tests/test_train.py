@@ -64,7 +64,7 @@ def train(cluster, *flags, on_step=None):
 @pytest.fixture(scope="module")
 def split_run(cluster):
     """Two epochs in split mode at the freeze index, uninterrupted."""
-    return train(cluster, "--num_epochs", "2")
+    return train(cluster, "--num_epochs", "2", "--manual_split", "--split_idx", "21")
 
 
 def assert_same_epochs(metrics, reference):
@@ -131,7 +131,7 @@ def test_fetching_overlaps_training(cluster, monkeypatch):
     for mode in ("--sequential", "--prefetch=2"):
         most.clear()
         metrics, _ = train(cluster, "--holdout", "0", "--batch_size", str(SHARD_SIZE), mode,
-                           on_step=lambda step: time.sleep(0.2))
+                           "--split_idx", "21", on_step=lambda step: time.sleep(0.2))
         runs[mode] = metrics["epochs"][0]["train"], max(most)
     (sequential, seq_most), (overlapped, ovl_most) = runs.values()
     assert (seq_most, ovl_most) == (1, 2)
@@ -145,6 +145,8 @@ class Crash(Exception):
 
 
 def test_resume_continues_from_the_last_checkpoint(cluster, split_run):
+    """Both runs choose their split automatically (FLAGS fix none): whatever
+    each chooses, they compute what the run at the freeze index computed."""
     checkpoints = ["--num_epochs", "2", "--checkpoint_container", "hapi-train-checkpoints",
                    "--checkpoint_every", "3"]
     steps_per_epoch = -(-TRAIN_SAMPLES // BATCH)

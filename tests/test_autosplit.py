@@ -1,0 +1,173 @@
+"""Automatic split selection in real runs: client/main.py's default with --freeze.
+
+The data set is the first 240 of scikit-learn's digits in 10 shards of 24
+(8 to train on, 2 held out); EfficientNet-Lite0 with its pre-trained
+weights at 32 px, frozen below layer 21. A run starts at the freeze index,
+decides after at most ``MAX_PROFILE_SHARDS`` shards and re-decides when the
+storage tier's speed or the bandwidth drifts. The timings of this shared VM
+are noisy, so the tests assert what the selection must do (decide in time,
+explain itself, follow a drift, compute what a fixed split computes), not
+which split it picks.
+"""
+
+import inspect
+import itertools
+import json
+import re
+
+import pytest
+import torch
+from pytest import approx
+
+from hapi import wire
+from hapi.client import main as cli
+from hapi.client.data import Part, ShardData, ShardRef, Transfer, rebatch
+from hapi.client.profiling import OnlineEstimator
+from hapi.client.split import AutoSplit
+from hapi.client.train import LinkClock
+from hapi.client_setup import datasets
+from hapi.client_setup.load import upload_dataset
+
+CONTAINER = "hapi-autosplit-digits"
+SAMPLES, SHARD_SIZE, FREEZE = 240, 24, 21
+EPOCH_SAMPLES = 2 * SAMPLES  # two epochs: training and held-out shards, each pass
+MAX_PROFILE_SHARDS = inspect.signature(AutoSplit).parameters["max_profile_shards"].default
+FLAGS = ["--dataset", CONTAINER, "--model", "myefficientnet_lite0", "--freeze",
+         "--preset", "resize-32", "--batch_size", "20", "--storage_batch", "7",
+         "--lr", "0.05", "--threads", "1", "--num_epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def cluster(swift_cluster):
+    conn = swift_cluster.connection()
+    source = datasets.digits()
+    upload_dataset(conn, CONTAINER, itertools.islice(source.samples, SAMPLES), source.classes,
+                   SHARD_SIZE)
+    conn.close()
+    return swift_cluster
+
+
+def train(cluster, *flags, on_step=None):
+    """Run client/main.py in this process; return its metrics and its log lines."""
+    user, key = cluster.users["tester"]
+    lines = []
+    args = cli.parse_args([*FLAGS, *flags, "-A", cluster.auth_url, "-U", user, "-K", key])
+    return cli.run(args, on_step=on_step, log=lines.append), lines
+
+
+@pytest.fixture(scope="module")
+def fixed_run(cluster):
+    """The reference: the same job at a fixed split, the freeze index."""
+    metrics, _ = train(cluster, "--manual_split", "--split_idx", str(FREEZE))
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def auto_run(cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("auto")
+    metrics, lines = train(cluster, "--metrics", str(out / "metrics.json"))
+    return metrics, lines, out
+
+
+def assert_same_losses(metrics, reference):
+    for epoch, ref_epoch in zip(metrics["epochs"], reference["epochs"], strict=True):
+        assert epoch["step_loss"] == approx(ref_epoch["step_loss"], rel=1e-4)
+        assert epoch["accuracy"] == ref_epoch["accuracy"]
+
+
+def test_decides_within_the_bound_and_explains_the_decision(auto_run):
+    metrics, lines, out = auto_run
+    selection = metrics["split_selection"]
+    first = selection["history"][0]
+    assert selection["automatic"] and first["from"] == FREEZE
+    assert first["shard"] <= MAX_PROFILE_SHARDS
+    assert selection["samples_per_split"][str(FREEZE)] > 0  # profiled at the freeze index
+    assert sum(selection["samples_per_split"].values()) == EPOCH_SAMPLES
+    decision = selection["decision"]
+    assert metrics["split"] == selection["split"] == decision["split"] == \
+        selection["history"][-1]["to"]
+    assert [row["split"] for row in decision["rows"]] == list(range(FREEZE + 1))
+    assert all(row["iteration_s"] > 0 for row in decision["rows"])
+    table = selection["table"].splitlines()
+    assert [int(line[1:4]) for line in table[1:FREEZE + 2]] == list(range(FREEZE + 1))
+    assert table[1 + decision["split"]].startswith("*")
+    assert any(table[0] in line for line in lines)  # each decision's table is logged
+    assert selection["profile"]["trainer_step_s"] > 0
+    assert selection["profiling"]["probe_bytes"] > 0
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    plot = out / "metrics-split.png"
+    assert selection["plot"] == str(plot)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_automatic_selection_computes_what_a_fixed_split_computes(auto_run, fixed_run):
+    metrics, _, _ = auto_run
+    assert_same_losses(metrics, fixed_run)
+    assert fixed_run["split_selection"] == {"automatic": False, "split": FREEZE,
+                                            "samples_per_split": {str(FREEZE): EPOCH_SAMPLES}}
+
+
+def test_a_drift_of_the_storage_speed_re_decides(cluster, fixed_run, monkeypatch):
+    """The storage tier's frames report 50 times faster than they ran, then,
+    after the first decision, 50 times slower: the selection sees the drift,
+    re-decides towards the trainer, and the batches that straddle the change
+    of split still train exactly as at the fixed split."""
+    speed = {"factor": 1 / 50}
+    timings = wire.Frame.timings.fget
+
+    def scaled(frame):
+        measured = timings(frame)
+        return {**measured, "decode_s": measured["decode_s"] * speed["factor"],
+                "layers_s": [seconds * speed["factor"] for seconds in measured["layers_s"]]}
+
+    def slow_down(step):
+        if step.global_step == 6:
+            speed["factor"] = 50.0
+
+    monkeypatch.setattr(wire.Frame, "timings", property(scaled))
+    metrics, _ = train(cluster, on_step=slow_down)
+    history = metrics["split_selection"]["history"]
+    first = history[0]
+    assert first["shard"] <= MAX_PROFILE_SHARDS and first["to"] > 0
+    drifts = [step for step in history[1:] if re.search(r"storage \+\d{3,}%", step["why"])]
+    assert drifts, history
+    assert drifts[0]["to"] < drifts[0]["from"]
+    assert len(metrics["split_selection"]["samples_per_split"]) >= 2
+    assert_same_losses(metrics, fixed_run)
+
+
+# Pieces, without Swift ---------------------------------------------------------------
+
+
+def shard(name, split, keys, width):
+    ref = ShardRef(name, len(keys), 1000, 0, len(keys))
+    return ShardData(ref=ref, split=split, inputs=torch.full((len(keys), width), float(split)),
+                     labels=torch.zeros(len(keys), dtype=torch.int64), keys=keys,
+                     transfer=Transfer(1000, 0.0, 0.0, 0.0), load_s=0.0)
+
+
+def test_a_batch_keeps_the_split_of_each_part():
+    shards = [shard("a", 5, ["a0", "a1", "a2"], 3), shard("b", 5, ["b0", "b1"], 3),
+              shard("c", 0, ["c0", "c1", "c2", "c3"], 8)]
+    batches = list(rebatch(shards, 4, skip=1))
+    assert [batch.keys for batch in batches] == [["a1", "a2", "b0", "b1"], ["c0", "c1", "c2", "c3"]]
+    assert [[(p.split, tuple(p.inputs.shape)) for p in batch.parts] for batch in batches] == \
+        [[(5, (4, 3))], [(0, (4, 8))]]
+    mixed = next(rebatch(shards, 6))
+    assert [(p.split, len(p.inputs)) for p in mixed.parts] == [(5, 5), (0, 1)]
+    assert isinstance(mixed.parts[0], Part) and len(mixed) == 6
+
+
+def test_link_clock_counts_paced_transfers_over_their_union():
+    estimator = OnlineEstimator()
+    link = LinkClock(estimator)
+    # Two raw bodies share the link: 2 MB over the 2 s of their union.
+    link.observe(Transfer(10**6, sent_at=-0.1, answered_at=0.0, done_at=1.0))
+    link.observe(Transfer(10**6, sent_at=0.4, answered_at=0.5, done_at=2.0))
+    assert estimator.bandwidth == approx(1e6)
+    # Features whose body took no longer than their storage compute: the
+    # transfer hid behind the compute and says nothing about the link.
+    link.observe(Transfer(10**6, sent_at=2.0, answered_at=2.2, done_at=2.6, storage_s=0.5,
+                          storage_early_s=0.1))
+    assert estimator.transfers == 2
+    assert estimator.request_latency_s == approx(0.1)  # waits less the first frame: .1 .1 .1

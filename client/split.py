@@ -32,7 +32,7 @@ work ``H`` (decoding, deserialising, copying) and the compute ``C`` share the
 cores, so the trainer's stage is ``H + C``; on a GPU they are two stages.
 
 What does not overlap is the path of one request. The loader
-(``hapi.client.data.Prefetcher``) keeps ``d`` requests in flight
+(``hapi.client.data.ShardLoader``) keeps ``d`` requests in flight
 (``prefetch_depth``) and sends the next one when the trainer takes a shard;
 within a request nothing overlaps: it waits ``Lat`` (``request_latency_s``)
 for its first byte, the storage tier computes a frame and only then writes

@@ -9,7 +9,8 @@
 3. runs ``client/main.py``'s training in this process: EfficientNet-Lite0 with
    its real ImageNet weights, frozen below its default freeze index, those
    layers run in the Swift proxy next to the data, the classifier head
-   trained here on the features it sends;
+   trained here on the features it sends (`--auto_split`: the trainer picks
+   the split instead);
 4. prints the held-out accuracy, and the bytes received against the raw
    shards that vanilla training would have moved for the same passes.
 
@@ -21,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from hapi import zoo
 from hapi.client import main as client_main
 from hapi.client_setup import datasets
 from hapi.client_setup.load import LoadError, load_manifest, upload_dataset
@@ -43,6 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the trainer, which only trains the head")
+    parser.add_argument("--auto_split", action="store_true",
+                        help="let the trainer choose the split (default: split = freeze index, "
+                        "the whole frozen feature extractor in Swift)")
     return parser.parse_args(argv)
 
 
@@ -81,6 +86,8 @@ def main(argv=None):
         "--threads", str(args.threads), "--metrics", str(metrics_path),
         "--checkpoint_dir", str(root / "checkpoints"),
     ]
+    if not args.auto_split:
+        job += ["--manual_split", "--split_idx", str(zoo.MODELS[MODEL].default_freeze)]
     print(f"training: python client/main.py {' '.join(job)} (as {user} on {cluster.auth_url})")
     try:
         metrics = client_main.run(client_main.parse_args(

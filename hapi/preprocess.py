@@ -41,30 +41,58 @@ def preset_size(name):
     return int(name.rpartition("-")[2])
 
 
-def check_image(data, max_pixels):
+def resized_size(preset, width, height):
+    """(width, height) of a ``width`` x ``height`` image after the preset's
+    resize, before any crop (torchvision's rule: the shorter side to the
+    preset's resize target, the longer side in proportion, truncated)."""
+    size = preset_size(preset)
+    if preset.startswith("resize-"):
+        return size, size
+    short_target = round(size * 256 / 224)
+    short, long = sorted((width, height))
+    long_target = int(short_target * long / short)
+    return (short_target, long_target) if width <= height else (long_target, short_target)
+
+
+# The decoders of the shard format's image types (hapi.shards.IMAGE_EXTENSIONS);
+# no other PIL plugin ever sees member bytes, whatever the member's extension.
+DECODERS = ("JPEG", "PNG", "WEBP", "BMP", "PPM")
+
+
+def check_image(data, max_pixels, preset=None):
     """Open encoded image bytes far enough to read the format and size, and
-    refuse images above ``max_pixels`` before any pixel is decoded
-    (decompression bombs). Returns the lazily-decoding PIL image."""
+    refuse before any pixel is decoded (decompression bombs) an image above
+    ``max_pixels``, or one that the resize of ``preset`` (when given) would
+    make larger than that: a 2 x 2,000,000 image is small, but resizing its
+    shorter side to 256 px would make it a billion pixels. Returns the
+    lazily-decoding PIL image."""
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=DECODERS)
     except Image.DecompressionBombError:
         raise DecodeError(f"image is above the {max_pixels}-pixel limit") from None
     except UnidentifiedImageError:
-        raise DecodeError("not a decodable image: no known image format") from None
-    except (OSError, ValueError) as err:
+        raise DecodeError("not a decodable image: not a JPEG, PNG, WebP, BMP or PPM "
+                          "image") from None
+    except Exception as err:  # untrusted bytes: whatever fails, they are no image
         raise DecodeError(f"not a decodable image: {err}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise DecodeError(f"image is {width}x{height}, above the {max_pixels}-pixel limit")
+    if preset is not None:
+        resized = resized_size(preset, width, height)
+        if resized[0] * resized[1] > max_pixels:
+            raise DecodeError(f"image is {width}x{height}: preset {preset} would resize it "
+                              f"to {resized[0]}x{resized[1]}, above the {max_pixels}-pixel "
+                              "limit")
     return image
 
 
-def open_image(data, max_pixels):
+def open_image(data, max_pixels, preset=None):
     """Decode encoded image bytes into an RGB PIL image (see :func:`check_image`)."""
-    image = check_image(data, max_pixels)
+    image = check_image(data, max_pixels, preset)
     try:
         return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except Exception as err:  # untrusted bytes: whatever fails, they do not decode
         raise DecodeError(f"image does not decode: {err}") from None
 
 
@@ -80,7 +108,7 @@ def preprocess(images, preset, model, max_pixels=40_000_000):
     tensors = []
     for index, data in enumerate(images):
         try:
-            tensors.append(transform(open_image(data, max_pixels)))
+            tensors.append(transform(open_image(data, max_pixels, preset)))
         except DecodeError as err:
             err.index = index
             raise

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "hapi-webdataset/1"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
+# Labels are int64 on the wire (and in torch): at most 19 ASCII digits.
+MAX_LABEL = 2**63 - 1
 
 
 class ShardError(ValueError):
@@ -77,9 +79,16 @@ def write_shard(samples):
 def read_shard(data):
     """Parse tar bytes into a list of :class:`Sample`, in key order.
 
+    The tar is read in memory only: member names are dictionary keys, never
+    paths, so ``../x.jpg`` or ``/etc/x.jpg`` name a sample and nothing is
+    ever written to disk. Directories are skipped.
+
     Raises :class:`ShardError` for anything that is not a well-formed shard:
-    not a tar, truncated, a key without an image or without a label, or a
-    label that is not a non-negative integer.
+    not a tar, truncated or broken (even between members), a member that is
+    not a regular file (a symbolic or hard link, a device, a sparse file,
+    whose content would not be the bytes stored in the tar), a key without
+    an image or without a label, no sample at all, or a label that is not an
+    integer in [0, :data:`MAX_LABEL`].
     """
     images, labels = {}, {}
     name = None
@@ -87,8 +96,11 @@ def read_shard(data):
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
                 name = member.name
-                if not member.isfile():
+                if member.isdir():
                     continue
+                refused = _not_regular(member)
+                if refused:
+                    raise ShardError(refused, name)
                 key, _, ext = name.rpartition(".")
                 ext = ext.lower()
                 if not key:
@@ -98,20 +110,49 @@ def read_shard(data):
                     labels[key] = (name, payload)
                 elif ext in IMAGE_EXTENSIONS:
                     images[key] = (ext, payload)
+            # tarfile takes a cut or broken header after the first member for
+            # the end of the archive: samples would silently go missing. A
+            # whole tar ends with a zero block where the next header would be.
+            if data[tar.offset:tar.offset + tarfile.BLOCKSIZE] != bytes(tarfile.BLOCKSIZE):
+                raise tarfile.ReadError("no end-of-archive block after the last member")
     except (tarfile.TarError, EOFError) as err:
         if name is None:
             raise ShardError(f"not a valid tar shard: {err}") from None
         raise ShardError(f"shard is truncated or corrupt: {err}", name) from None
     if not images:
-        raise ShardError("shard holds no samples")
+        orphan = next(iter(labels.values()), (None,))[0]
+        raise ShardError("shard holds no samples (no image member"
+                         + (f"; {orphan} has no image)" if orphan else ")"), orphan)
     samples = []
     for key in sorted(images):
         ext, image = images[key]
         if key not in labels:
             raise ShardError("sample has no .cls label", f"{key}.{ext}")
         name, raw = labels[key]
-        text = raw.decode("ascii", "replace").strip()
-        if not text.isdigit():
-            raise ShardError(f"label {text[:20]!r} is not a non-negative integer", name)
-        samples.append(Sample(key=key, image=image, ext=ext, label=int(text)))
+        samples.append(Sample(key=key, image=image, ext=ext, label=parse_label(raw, name)))
     return samples
+
+
+def parse_label(raw, member):
+    """The class index in a ``.cls`` member: ASCII digits, at most :data:`MAX_LABEL`."""
+    text = raw.decode("ascii", "replace").strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(MAX_LABEL)) \
+            or int(text) > MAX_LABEL:
+        raise ShardError(f"label {text[:20]!r} is not an integer between 0 and {MAX_LABEL}",
+                         member)
+    return int(text)
+
+
+def _not_regular(member):
+    """Why ``member`` cannot be a sample's file, or None if it is a regular file."""
+    if member.issym():
+        return f"member is a symbolic link (to {member.linkname[:60]!r}); shards hold " \
+               "regular files only"
+    if member.islnk():
+        return f"member is a hard link (to {member.linkname[:60]!r}); shards hold " \
+               "regular files only"
+    if member.issparse():
+        return "member is a sparse file; shards hold regular files only"
+    if not member.isfile():
+        return "member is a device or fifo; shards hold regular files only"
+    return None

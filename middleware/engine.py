@@ -23,6 +23,7 @@ import json
 import os
 import re
 import time
+import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -414,14 +415,15 @@ class FeatureEngine:
             protocol.MODEL: feature_req.model,
         }
 
-    def open_shard(self, data):
-        """Parse a shard and check every image's header (format and pixel
-        count) before any work starts, so most bad input fails before the
-        response status is sent. Raises ShardError naming the member."""
+    def open_shard(self, data, preset=None):
+        """Parse a shard and check every image's header (format, pixel count,
+        and with ``preset`` the size the preset would resize it to) before
+        any work starts, so most bad input fails before the response status
+        is sent. Raises ShardError naming the member."""
         samples = read_shard(data)
         for sample in samples:
             try:
-                check_image(sample.image, self.max_image_pixels)
+                check_image(sample.image, self.max_image_pixels, preset)
             except DecodeError as err:
                 raise ShardError(str(err), f"{sample.key}.{sample.ext}") from None
         return samples
@@ -468,6 +470,26 @@ def model_key(feature_req, swift_path=None, swift_etag=None):
     if feature_req.weights.kind == "swift":
         return feature_req.model, f"{swift_path}@{swift_etag}"
     return feature_req.model, str(feature_req.weights)
+
+
+def summary_line(path, request, asked, samples, bytes_in, bytes_out, seconds, outcome):
+    """The log line of a feature request that was answered with a stream, the
+    same in the filter's and the server's logs. ``path`` is quoted, so an
+    object name cannot forge log lines."""
+    return (f"{quote(path)} model={request.model} split={request.split} "
+            f"batch={request.batch} (asked {asked}) samples={samples} bytes_in={bytes_in} "
+            f"bytes_out={bytes_out} seconds={seconds:.3f} outcome={outcome}")
+
+
+def refusal_line(path, status, body):
+    """The log line of a feature request refused with ``status`` and the JSON
+    ``body`` (or Swift's own refusal), the same in the filter and the server."""
+    return f"{quote(path)} refused {status}: {body}"
+
+
+def quote(path):
+    """``path`` (a native string) %-encoded for a log line."""
+    return urllib.parse.quote(path.encode("utf-8", "surrogateescape"), safe="/")
 
 
 def split_batches(samples, batch):
@@ -519,6 +541,14 @@ class RequestError(Exception):
     @classmethod
     def too_large(cls, path, length, max_shard_bytes):
         return cls(413, f"{path} is {length} bytes, above max_shard_bytes {max_shard_bytes}")
+
+    @classmethod
+    def weights_refused(cls, path, status, status_line):
+        """Swift refused the caller's own read of a ``swift:`` weights object
+        (401 or 403): Swift's status, with a body that names the parameter
+        (the refusal of a HEAD has no body of its own to pass on)."""
+        return cls(status, f"weights object {path} is not readable by this caller: "
+                   f"{status_line}", parameter=protocol.WEIGHTS)
 
     @classmethod
     def weights_unreadable(cls, path, status_line):

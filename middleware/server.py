@@ -11,15 +11,19 @@ URL's scheme, host and port::
 
 It reads the shard (and a ``swift:`` weights object) from Swift's proxy with
 the caller's own token and holds no credentials of its own: Swift's 401, 403
-and 404 come back unchanged, and a caller sees through the server exactly
-what Swift lets it see. Only the token headers are forwarded, never the
-``X-Hapi-*`` ones, so a proxy that also runs the filter just serves the
-object. A GET without ``X-Hapi-Model`` is a 400 naming that header: this is
-not a general Swift proxy, plain object traffic goes to Swift itself (other
-methods get 405). Status codes, JSON error bodies, response headers and
-frames are the filter's: the shared engine (``hapi.middleware.engine``)
-builds all of them. One status is the server's own: 502 with a JSON body
-when Swift cannot be reached or does not answer in time.
+and 404 of the shard come back unchanged (of a weights object: Swift's 401
+or 403 with the filter's JSON body naming ``X-Hapi-Weights``), and a caller
+sees through the server exactly what Swift lets it see. Only the token
+headers are forwarded, never the ``X-Hapi-*`` ones, so a proxy that also
+runs the filter just serves the object; nor is the query string, so temp
+URLs do not work through the server (Swift would check a temp URL's address
+range against the server's address, not the caller's). A GET without
+``X-Hapi-Model`` is a 400 naming that header: this is not a general Swift
+proxy, plain object traffic goes to Swift itself (other methods get 405).
+Status codes, JSON error bodies, response headers and frames are the
+filter's: the shared engine (``hapi.middleware.engine``) builds all of them.
+One status is the server's own: 502 with a JSON body when Swift cannot be
+reached or does not answer in time.
 ``GET /healthcheck`` answers ``OK``.
 
 Torch work runs in a thread pool, off the event loop. Each stream computes at
@@ -35,6 +39,15 @@ Retry-After; each decision that is not a plain grant is logged.
 On SIGTERM or SIGINT the server stops accepting connections; in-flight
 streams get ``shutdown_grace`` seconds to finish, then end with an error frame
 of status 503 at their next frame boundary.
+
+Logs (standard logging, to stderr): the events the filter logs and counts
+in statsd, in the filter's words: one line per feature request as it ends
+(model, split, batch used and asked, samples, bytes in and out, seconds,
+outcome), one per refusal (status and JSON body, Swift's refusals
+included), each batch reduction, wait in the memory queue and 503; and an
+access log line per HTTP request (``aiohttp.access``: client, method,
+path, status, bytes, seconds, user agent). No line holds a token or a
+query string (where temp URL signatures travel).
 
 Configuration: an INI file (``--config``) with a ``[server]`` section and a
 ``[hapi]`` section taking the filter's options (see server.conf.example);
@@ -73,8 +86,11 @@ from hapi.middleware.engine import (
     end_frame,
     error_frame,
     model_key,
+    quote,
+    refusal_line,
     split_batches,
     stream_error_frame,
+    summary_line,
 )
 from hapi.shards import ShardError
 
@@ -149,14 +165,36 @@ def error_response(err):
                         content_type="application/json")
 
 
+def refuse(request, err):
+    """Log a refused feature request (the filter's line) and answer it."""
+    log.info("%s", refusal_line(request.path, err.status, err.body.decode()))
+    return error_response(err)
+
+
 @contextlib.contextmanager
 def swift_answers(path):
-    """Failing to reach Swift, or Swift not answering in time, is a 502."""
+    """Failing to reach Swift, or Swift not answering in time, is a 502.
+
+    The log line names the error without its repr: a ClientResponseError's
+    repr holds the request's headers, the caller's token among them."""
     try:
         yield
     except (aiohttp.ClientError, asyncio.TimeoutError) as err:
-        log.warning("%s: no answer from Swift: %r", path, err)
+        detail = err.message if isinstance(err, aiohttp.ClientResponseError) else str(err)
+        log.warning("%s: no answer from Swift: %s: %s", quote(path), type(err).__name__,
+                    " ".join(str(detail).split()))
         raise RequestError(502, f"no answer from Swift: {type(err).__name__}") from err
+
+
+class AccessLogger(web.AbstractAccessLogger):
+    """One line per HTTP request, as aiohttp's but with the path in place of
+    the request line: the query string, where a temp URL signature travels,
+    is never logged, and no header but the User-Agent is."""
+
+    def log(self, request, response, time):
+        self.logger.info('%s "%s %s" %d %d %.3f "%s"', request.remote, request.method,
+                         quote(request.path), response.status, response.body_length, time,
+                         request.headers.get("User-Agent", "-"))
 
 
 async def relayed(resp):
@@ -241,20 +279,22 @@ class HapiServer:
         """A feature request: the filter's answers, statuses and frames."""
         try:
             account_path, feature_req = self.parse(request)
+            if len(self.streams) >= self.settings.max_concurrent:
+                raise RequestError.at_capacity(self.settings.max_concurrent)
         except RequestError as err:
-            return error_response(err)
-        if len(self.streams) >= self.settings.max_concurrent:
-            return error_response(RequestError.at_capacity(self.settings.max_concurrent))
+            return refuse(request, err)
         task = asyncio.current_task()
         self.streams.add(task)
         try:
             return await self.serve(request, account_path, feature_req)
         except SwiftRefused as err:
+            log.info("%s", refusal_line(request.path, err.response.status,
+                                        '{"error": "refused by Swift"}'))
             return err.response
         except RequestError as err:
-            return error_response(err)
+            return refuse(request, err)
         except REQUEST_FAILURES as err:
-            return error_response(RequestError.from_exception(err))
+            return refuse(request, RequestError.from_exception(err))
         finally:
             self.streams.discard(task)
 
@@ -280,7 +320,7 @@ class HapiServer:
         auth = {h: request.headers[h] for h in TOKEN_HEADERS if h in request.headers}
         data = await self.read_object(request.path, auth)
         model = await self.model_for(account_path, feature_req, auth)
-        samples = await self.run(self.engine.open_shard, data)
+        samples = await self.run(self.engine.open_shard, data, feature_req.preset)
         ticket = await self.reserve(request.path, model, feature_req, len(samples))
         asked = feature_req.batch
         try:
@@ -295,10 +335,8 @@ class HapiServer:
             sent, outcome = await self.stream(resp, model, batches, feature_req, first, started)
         finally:
             self.budget.release(ticket)
-        log.info("%s model=%s split=%d batch=%d (asked %d) samples=%d bytes_in=%d "
-                 "bytes_out=%d seconds=%.3f outcome=%s", request.path, feature_req.model,
-                 feature_req.split, feature_req.batch, asked, len(samples), len(data), sent,
-                 time.monotonic() - started, outcome)
+        log.info("%s", summary_line(request.path, feature_req, asked, len(samples), len(data),
+                                    sent, time.monotonic() - started, outcome))
         return resp
 
     async def reserve(self, path, model, feature_req, samples):
@@ -315,16 +353,16 @@ class HapiServer:
             ticket = self.budget.admit(cost, min(feature_req.batch, samples), wake)
             if not ticket.granted:
                 log.info("%s queued for memory: %d bytes at batch %d, %d request(s) waiting",
-                         path, cost.at(ticket.wanted), ticket.wanted, self.budget.queued)
+                         quote(path), cost.at(ticket.wanted), ticket.wanted, self.budget.queued)
                 await self.wait_in_queue(ticket, granted)
             ticket = self.budget.settle(ticket)
         except OverBudget as err:
             log.warning("%s refused for memory (503, Retry-After %d): %s",
-                        path, err.retry_after, err)
+                        quote(path), err.retry_after, err)
             raise
         if ticket.reduced:
             log.info("%s batch reduced from %d to %d to fit the memory budget",
-                     path, ticket.wanted, ticket.batch)
+                     quote(path), ticket.wanted, ticket.batch)
         return ticket
 
     async def wait_in_queue(self, ticket, granted):
@@ -362,7 +400,8 @@ class HapiServer:
             async with self.session.head(self.swift_url(path), headers=auth,
                                          allow_redirects=False) as resp:
                 if resp.status in (401, 403):
-                    raise SwiftRefused(await relayed(resp))
+                    raise RequestError.weights_refused(path, resp.status,
+                                                       f"{resp.status} {resp.reason}")
                 if not 200 <= resp.status < 300:
                     raise RequestError.weights_unreadable(path, f"{resp.status} {resp.reason}")
                 return resp.headers.get("Etag", "").strip('"')
@@ -371,10 +410,11 @@ class HapiServer:
         try:
             return await self.read_object(path, auth)
         except SwiftRefused as err:
+            status_line = f"{err.response.status} {err.response.reason}"
             if err.response.status in (401, 403):
-                raise
-            raise RequestError.weights_unreadable(
-                path, f"{err.response.status} {err.response.reason}") from None
+                raise RequestError.weights_refused(path, err.response.status,
+                                                   status_line) from None
+            raise RequestError.weights_unreadable(path, status_line) from None
 
     async def model_for(self, account_path, feature_req, auth):
         """The cached model for this request, built in a worker thread on first
@@ -527,6 +567,7 @@ def main(argv=None):
     try:
         web.run_app(app, host=config.bind_ip, port=config.bind_port, print=log.info,
                     access_log=logging.getLogger("aiohttp.access"),
+                    access_log_class=AccessLogger,
                     shutdown_timeout=FINAL_FRAME_S)
     except OSError as err:
         log.error("cannot listen on %s:%d: %s", config.bind_ip, config.bind_port, err)

@@ -3,7 +3,7 @@
 Everything lives in one folder chosen by the user (nothing is written to
 /etc)::
 
-    ROOT/cluster.json   ports, devices folder, tempauth fernet key
+    ROOT/cluster.json   bind address, ports, devices folder, tempauth fernet key
     ROOT/etc/           swift.conf (hash path prefix/suffix), server confs, rings
     ROOT/srv/d1/        the single storage device (unless ``devices`` is given)
     ROOT/log/NAME.log   each server's output (there is no syslog here)
@@ -29,7 +29,8 @@ Known limits, all from Swift itself:
 
 CLI (``hapi-swift`` or ``python -m hapi.server_setup.cluster``)::
 
-    hapi-swift start DIR [--proxy-port N] [--devices D] [--without-hapi]
+    hapi-swift start DIR [--proxy-port N] [--host ADDR] [--devices D] [--without-hapi]
+                         [--hapi-option KEY=VALUE ...]
     hapi-swift stop DIR
     hapi-swift status DIR
     hapi-swift env DIR
@@ -106,7 +107,7 @@ class ClusterError(RuntimeError):
 
 
 class Cluster:
-    """A one-node Swift on 127.0.0.1 kept in the folder ``root``.
+    """A one-node Swift on ``host`` (default 127.0.0.1) kept in the folder ``root``.
 
     ``proxy_port`` fixes the proxy's port; otherwise the port stored in the
     folder is reused when free, or a free one is chosen. ``with_hapi=False``
@@ -114,16 +115,21 @@ class Cluster:
     ``hapi_conf`` adds options to its ``[filter:hapi]`` section. ``devices``
     is the folder holding the storage device (default ``ROOT/srv``); its file
     system must support user xattrs, and large object metadata needs more than
-    ext4's 4 KiB per file (tmpfs, e.g. /dev/shm, has room).
+    ext4's 4 KiB per file (tmpfs, e.g. /dev/shm, has room). ``host`` is the
+    address every server binds and the rings name (default: the folder's,
+    else 127.0.0.1); it must be local to the network namespace that starts
+    the cluster, e.g. a veth address inside a namespace of its own, where
+    the cluster is then started (see benchmarks/shaped.py).
     """
 
     def __init__(self, root, *, proxy_port=None, with_hapi=True, hapi_conf=None,
-                 devices=None):
+                 devices=None, host=None):
         self.root = Path(root).absolute()
         self.with_hapi = with_hapi
         self.hapi_conf = dict(hapi_conf or {})
         self._requested_proxy_port = proxy_port
         self._requested_devices = devices
+        self._requested_host = host
         self.state = self._load_state()
         self.users = {name: (user, key) for name, (user, key, _) in _TEMPAUTH_USERS.items()}
 
@@ -154,8 +160,12 @@ class Cluster:
         return self.state.get("ports", {})
 
     @property
+    def host(self):
+        return self._requested_host or self.state.get("host") or HOST
+
+    @property
     def proxy_url(self):
-        return f"http://{HOST}:{self._port('proxy')}"
+        return f"http://{self.host}:{self._port('proxy')}"
 
     @property
     def auth_url(self):
@@ -273,6 +283,7 @@ class Cluster:
         )
         (self.devices / DEVICE).mkdir(parents=True, exist_ok=True)
         _check_xattrs(self.devices / DEVICE)
+        self.state["host"] = self.host
         self.state["ports"] = self._choose_ports()
         self.state.setdefault("fernet_key", _new_fernet_key())
         _write_private(self.state_file, json.dumps(self.state, indent=2) + "\n")
@@ -290,12 +301,12 @@ class Cluster:
             stored = self.ports.get(server)
             if server == "proxy" and self._requested_proxy_port:
                 port = int(self._requested_proxy_port)
-                if not _port_free(port):
+                if not _port_free(self.host, port):
                     raise ClusterError(f"proxy port {port} is already in use")
-            elif stored and _port_free(stored):
+            elif stored and _port_free(self.host, stored):
                 port = stored
             else:
-                port = _free_port(exclude=ports.values())
+                port = _free_port(self.host, exclude=ports.values())
             ports[server] = port
         return ports
 
@@ -328,7 +339,7 @@ class Cluster:
         for server in BACKENDS:
             builder = RingBuilder(PART_POWER, 1, 1)
             builder.add_dev({
-                "id": 0, "region": 1, "zone": 1, "ip": HOST, "port": self.ports[server],
+                "id": 0, "region": 1, "zone": 1, "ip": self.host, "port": self.ports[server],
                 "device": DEVICE, "weight": 100, "meta": "",
             })
             builder.rebalance()
@@ -337,7 +348,7 @@ class Cluster:
     def _server_conf(self, server):
         default = {
             "swift_dir": self.etc_dir,
-            "bind_ip": HOST,
+            "bind_ip": self.host,
             "bind_port": self.ports[server],
             "workers": 0,
             "log_name": f"{server}-server",
@@ -393,7 +404,7 @@ class Cluster:
 
     def _wait_until_ready(self, deadline):
         """Backends accept connections, /healthcheck answers, tempauth logs in."""
-        checks = [(f"{b}-server port {self.ports[b]}", _port_check(self.ports[b]))
+        checks = [(f"{b}-server port {self.ports[b]}", _port_check(self.host, self.ports[b]))
                   for b in BACKENDS]
         checks.append(("proxy /healthcheck", _http_check(f"{self.proxy_url}/healthcheck")))
         user, key = self.users["tester"]
@@ -418,7 +429,7 @@ class Cluster:
         for account in sorted({u.split(":")[0] for u, _ in self.users.values()}):
             name = f"AUTH_{account}"
             part = _partition(prefix, suffix, name)
-            conn = http.client.HTTPConnection(HOST, self.ports["account"], timeout=10)
+            conn = http.client.HTTPConnection(self.host, self.ports["account"], timeout=10)
             try:
                 conn.request("PUT", f"/{DEVICE}/{part}/{name}",
                              headers={"X-Timestamp": Timestamp.now().internal})
@@ -502,30 +513,30 @@ def _server_binary(server):
     return path
 
 
-def _port_free(port):
+def _port_free(host, port):
     """Whether a server could bind the port (as Swift does, with SO_REUSEADDR)."""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((HOST, port))
+            sock.bind((host, port))
         except OSError:
             return False
     return True
 
 
-def _free_port(exclude=()):
+def _free_port(host, exclude=()):
     while True:
         with socket.socket() as sock:
-            sock.bind((HOST, 0))
+            sock.bind((host, 0))
             port = sock.getsockname()[1]
         if port not in exclude:
             return port
 
 
-def _port_check(port):
+def _port_check(host, port):
     def check():
         try:
-            socket.create_connection((HOST, port), timeout=1).close()
+            socket.create_connection((host, port), timeout=1).close()
         except OSError:
             return False
         return True
@@ -610,15 +621,27 @@ def _parse_args(argv):
     start.add_argument("dir", help="folder for the cluster's confs, data, logs")
     start.add_argument("--proxy-port", type=int,
                        help=f"proxy port (default: the folder's, else {CLI_PROXY_PORT})")
+    start.add_argument("--host", help=f"address the servers bind (default: the folder's, "
+                       f"else {HOST})")
     start.add_argument("--devices", help="folder for the storage device "
                        "(default DIR/srv; needs user xattrs)")
     start.add_argument("--without-hapi", action="store_true",
                        help="leave the HAPI filter out of the proxy pipeline")
+    start.add_argument("--hapi-option", action="append", default=[], type=_option,
+                       metavar="KEY=VALUE", help="an option of the filter's [filter:hapi] "
+                       "section, e.g. threads=1 (repeatable)")
     start.add_argument("--timeout", type=float, default=60, help="seconds to wait for start")
     for name, text in (("stop", "stop all servers"), ("status", "show servers"),
                        ("env", "print ST_AUTH/ST_USER/ST_KEY exports")):
         commands.add_parser(name, help=text).add_argument("dir")
     return parser.parse_args(argv)
+
+
+def _option(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
 
 
 def _print_status(cluster):
@@ -633,8 +656,8 @@ def _start(args):
     port = args.proxy_port
     if port is None and not Cluster(args.dir).is_set_up():
         port = CLI_PROXY_PORT
-    cluster = Cluster(args.dir, proxy_port=port, devices=args.devices,
-                      with_hapi=not args.without_hapi)
+    cluster = Cluster(args.dir, proxy_port=port, devices=args.devices, host=args.host,
+                      with_hapi=not args.without_hapi, hapi_conf=dict(args.hapi_option))
     cluster.start(timeout=args.timeout)
 
 

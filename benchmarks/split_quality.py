@@ -1,0 +1,281 @@
+"""Split quality (issue 5): is the automatic split the best one, or within 5% of it?
+
+As the HAPI paper measured it: for every model x bandwidth x training batch
+size, on the shaped two-tier set-up of ``benchmarks/shaped.py``,
+
+1. the automatic selection runs (``client/main.py --freeze``) over a fixed
+   number of iterations, and its choice (the split it settled on) is read
+   from its metrics;
+2. every split ``s`` in ``[0, f]`` runs over the same iterations
+   (``--manual_split --split_idx s``), and its training-pass time is
+   measured (the median of ``--repeats`` runs); a run that takes over
+   ``--cutoff`` (2) times the shortest one so far is stopped, as it can be
+   neither the best nor close to it.
+
+A case is a hit when the measured time at the chosen split is within the
+tolerance (5%) of the fastest split's; the report gives the share of hits
+and of exact best choices. Results go to ``OUT/split_quality.json``, a table
+to stdout, and ``OUT/split_quality.png`` draws, per case, the measured time
+of every split beside the time the cost model predicted for it.
+
+    python benchmarks/split_quality.py --quick
+    python benchmarks/split_quality.py --models alexnet resnet18 resnet50 \\
+        --bandwidths 5 25 125 --batch_sizes 16 32
+"""
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shaped import NETWORKS, CommandFailed, TwoTier
+from tl_benchmark import (
+    TRAINER,
+    load_dataset,
+    python,
+    run_measured,
+    say,
+    warm_up,
+    write_json,
+)
+
+from hapi import zoo
+
+FORMAT = "hapi-split-quality/1"
+RESULTS = "split_quality.json"
+PRESETS = {
+    "quick": {"models": ["resnet18"], "bandwidths": [25], "batch_sizes": [8, 16],
+              "iterations": 4, "shard_size": 4},
+    "full": {"models": ["alexnet", "resnet18", "resnet50"], "bandwidths": [5, 25, 125],
+             "batch_sizes": [16, 32], "iterations": 8, "shard_size": 16},
+}
+
+
+def run_flags(settings, model, batch):
+    """client/main.py's flags for ``iterations`` steps of ``batch`` (no split, no --metrics)."""
+    return ["--dataset", settings["container"], "--model", model, "--weights", "seed:0",
+            "--batch_size", batch, "--num_epochs", 1, "--holdout", 0,
+            "--end", settings["iterations"] * batch, "--threads", settings["threads"],
+            "--cpuonly", "--no-progress", "--freeze"]
+
+
+def train_time(metrics):
+    return metrics["epochs"][-1]["train"]["time_s"]
+
+
+def predicted_epoch_s(metrics):
+    """{split: the cost model's predicted time of this run} from the decision, if any."""
+    decision = (metrics.get("split_selection") or {}).get("decision")
+    if not decision:
+        return None
+    return {row["split"]: row["epoch_s"] for row in decision["rows"] if row["feasible"]}
+
+
+def sweep(tiers, settings, flags, tag, order, out_dir):
+    """{split: median training-pass time, or None for a split stopped early}.
+
+    A run that goes on past ``cutoff`` times the shortest complete run so far
+    (wall times, start-up included) is stopped: with start-ups alike, its
+    training pass is then over ``cutoff`` times the best one's, so it can be
+    neither the best nor within the tolerance, and a slow split at a low
+    bandwidth (megabytes per image) no longer costs minutes.
+    """
+    times, shortest = {}, None
+    for split in order:
+        limit = settings["cutoff"] * shortest if shortest and settings["cutoff"] else None
+        command = tiers.trainer_command(python(TRAINER, *flags, "--manual_split",
+                                               "--split_idx", split))
+        try:
+            runs = [run_measured(tiers, command, f"{tag}-s{split}-r{repeat}", out_dir, limit)
+                    for repeat in range(settings["repeats"])]
+        except subprocess.TimeoutExpired:
+            times[split] = None
+            continue
+        times[split] = statistics.median(train_time(m.metrics) for m in runs)
+        wall = min(m.run_s for m in runs)
+        shortest = wall if shortest is None else min(shortest, wall)
+    return dict(sorted(times.items()))
+
+
+def run_case(tiers, settings, model, rate, batch, out_dir):
+    """The automatic choice and every split's measured time for one case.
+
+    The chosen split is timed first and the rest from the freeze index
+    down (small features first), so that the cutoff has a good reference
+    early and never stops the chosen split.
+    """
+    freeze = zoo.MODELS[model].default_freeze
+    flags = run_flags(settings, model, batch)
+    tag = f"{model}-{rate}mbit-b{batch}"
+    auto = run_measured(tiers, tiers.trainer_command(python(TRAINER, *flags)),
+                        f"{tag}-auto", out_dir).metrics
+    chosen = auto["split"]
+    order = [chosen, *(s for s in range(freeze, -1, -1) if s != chosen)]
+    times = sweep(tiers, settings, flags, tag, order, out_dir)
+    done = {s: t for s, t in times.items() if t is not None}
+    best = min(done, key=done.get)
+    ratio = times[chosen] / times[best]
+    return {"model": model, "bandwidth_mbit": rate, "batch_size": batch,
+            "iterations": settings["iterations"], "freeze": freeze, "times_s": times,
+            "stopped": [s for s, t in times.items() if t is None],
+            "chosen_split": chosen, "chosen_s": times[chosen], "best_split": best,
+            "best_s": times[best], "ratio": ratio,
+            "hit": ratio <= 1 + settings["tolerance"], "is_best": chosen == best,
+            "decided": predicted_epoch_s(auto) is not None,
+            "predicted_s": predicted_epoch_s(auto), "auto_run_s": train_time(auto)}
+
+
+def run_all(settings, out_dir, log=say):
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    doc = {"format": FORMAT, "settings": settings, "setup": None, "cases": [],
+           "summary": None}
+    with TwoTier(out_dir, settings["bandwidths"][-1], network=settings["network"],
+                 threads=settings["threads"], log=log) as tiers:
+        doc["setup"] = tiers.describe()
+        load_dataset(tiers, settings)
+        for model in settings["models"]:
+            warm_up(tiers, settings["container"], model, settings["threads"], out_dir)
+            for rate in settings["bandwidths"]:
+                tiers.set_rate(rate)
+                for batch in settings["batch_sizes"]:
+                    case = run_case(tiers, settings, model, rate, batch, out_dir)
+                    doc["cases"].append(case)
+                    log(f"{model} {rate} Mbit/s batch {batch}: chose {case['chosen_split']}, "
+                        f"best {case['best_split']}, {case['ratio']:.3f}x the best")
+                    write_json(doc, out_dir / RESULTS)
+    doc["summary"] = summarise(doc["cases"], settings["tolerance"])
+    write_json(doc, out_dir / RESULTS)
+    return doc
+
+
+def summarise(cases, tolerance):
+    hits = sum(case["hit"] for case in cases)
+    best = sum(case["is_best"] for case in cases)
+    return {"cases": len(cases), "hits": hits, "best": best,
+            "hit_share": hits / len(cases) if cases else None,
+            "best_share": best / len(cases) if cases else None, "tolerance": tolerance,
+            "undecided": sum(not case["decided"] for case in cases)}
+
+
+def format_table(doc):
+    head = (f"{'model':<19}{'Mbit/s':>7}{'batch':>6}{'chosen':>7}{'best':>5}{'chosen s':>10}"
+            f"{'best s':>8}{'ratio':>7}{'stopped':>8}  hit")
+    lines = [head, "-" * len(head)]
+    for c in doc["cases"]:
+        lines.append(f"{c['model']:<19}{c['bandwidth_mbit']:>7}{c['batch_size']:>6}"
+                     f"{c['chosen_split']:>7}{c['best_split']:>5}{c['chosen_s']:>10.2f}"
+                     f"{c['best_s']:>8.2f}{c['ratio']:>7.3f}{len(c['stopped']):>8}"
+                     f"  {'yes' if c['hit'] else 'NO'}"
+                     + ("" if c["decided"] else "  (no decision: the split stayed at f)"))
+    s = doc["summary"]
+    lines.append(f"\nchosen split best or within {s['tolerance']:.0%} of it: {s['hits']} of "
+                 f"{s['cases']} cases ({s['hit_share']:.1%}); exactly the best: "
+                 f"{s['best']} ({s['best_share']:.1%})")
+    if not doc["setup"]["shaped"]:
+        lines.append(f"UNSHAPED run on loopback ({doc['setup']['note']}): bandwidths were "
+                     "not applied")
+    return "\n".join(lines)
+
+
+def plot(doc, path):
+    """Measured time per split (bars) and the cost model's prediction (line), per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    cases = doc["cases"]
+    cols = min(len(cases), 4)
+    rows = -(-len(cases) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
+    for ax, case in zip(axes.flat, cases, strict=False):
+        measured = {s: t for s, t in case["times_s"].items() if t is not None}
+        ax.bar(list(measured), list(measured.values()), color="lightsteelblue",
+               label="measured")
+        for split in case["stopped"]:
+            ax.annotate("stopped", (split, 0), rotation=90, ha="center", va="bottom",
+                        fontsize="x-small", color="grey")
+        if case["predicted_s"]:
+            predicted = sorted(case["predicted_s"].items())
+            ax.plot(*zip(*predicted, strict=True), "k.-", label="predicted")
+        ax.axvline(case["chosen_split"], color="tab:red", label="chosen")
+        ax.set_title(f"{case['model']}, {case['bandwidth_mbit']} Mbit/s, "
+                     f"batch {case['batch_size']}", fontsize="small")
+        ax.set_xlabel("split")
+        ax.set_ylabel("s per run")
+    for ax in axes.flat[len(cases):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a few minutes: {PRESETS['quick']} (flags given win)")
+    parser.add_argument("--models", nargs="+", choices=sorted(zoo.MODELS),
+                        help=f"default: {PRESETS['full']['models']}")
+    parser.add_argument("--bandwidths", nargs="+", type=int, metavar="MBIT",
+                        help=f"link rates in Mbit/s (default: {PRESETS['full']['bandwidths']})")
+    parser.add_argument("--batch_sizes", nargs="+", type=int,
+                        help=f"training batch sizes (default: {PRESETS['full']['batch_sizes']})")
+    parser.add_argument("--iterations", type=int, help="training iterations per run")
+    parser.add_argument("--shard_size", type=int, help="images per shard")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per split, the median counts (default: 1)")
+    parser.add_argument("--cutoff", type=float, default=2.0,
+                        help="stop a split's run past this many times the shortest run so "
+                             "far; 0: never (default: 2)")
+    parser.add_argument("--tolerance", type=float, default=0.05,
+                        help="a choice this close to the best is a hit (default: 0.05)")
+    parser.add_argument("--image_size", type=int, default=224, help="JPEG side in pixels")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per tier")
+    parser.add_argument("--network", choices=NETWORKS, default="auto",
+                        help="shaped needs root; auto falls back to loopback (default: auto)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results/split_quality"))
+    args = parser.parse_args(argv)
+    for key, value in PRESETS["quick" if args.quick else "full"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if min(args.bandwidths) <= 0 or min(args.batch_sizes) < 1 or args.iterations < 1 \
+            or args.repeats < 1:
+        parser.error("--bandwidths, --batch_sizes, --iterations and --repeats must be positive")
+    return args
+
+
+def settings_from(args):
+    images = args.iterations * max(args.batch_sizes)
+    return {"models": args.models, "bandwidths": sorted(args.bandwidths),
+            "batch_sizes": args.batch_sizes, "iterations": args.iterations,
+            "repeats": args.repeats, "cutoff": args.cutoff, "tolerance": args.tolerance,
+            "images": images,
+            "shard_size": args.shard_size, "image_size": args.image_size,
+            "quality": args.quality, "classes": 10, "threads": args.threads,
+            "network": args.network, "weights": "seed:0",
+            "container": f"hapi-splits-{args.image_size}px-{images}"}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out_dir = args.out.absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+    try:
+        doc = run_all(settings_from(args), out_dir)
+    except CommandFailed as err:
+        print(f"error: a run failed: {err}", file=sys.stderr)
+        return 1
+    print(format_table(doc))
+    plot(doc, out_dir / "split_quality.png")
+    print(f"wrote {out_dir / RESULTS} and {out_dir / 'split_quality.png'} "
+          f"in {time.monotonic() - began:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,7 +11,10 @@ range, a held-out part chosen by shard) and then, every epoch:
    features of layers [0, s); at s = 0 (vanilla) a plain GET returns the raw
    shard, decoded and preprocessed here. Each loaded shard says its split and
    how its request went (frames' timings, bytes, waits) and the selector
-   learns from it before the next request goes out;
+   learns from it before the next request goes out. A request that fails
+   on the way (503 at capacity, a lost connection, a stream cut short) is
+   retried whole (``hapi.client.retry``): a shard counts as loaded only once
+   its response has been read to its end;
 3. shuffles each shard's samples with a generator seeded from (seed, epoch,
    shard name) and cuts the stream into batches of exactly the user's batch
    size (the epoch's last batch may be smaller), whatever batch the storage
@@ -37,7 +40,7 @@ import torch
 from swiftclient import ClientException
 
 from hapi import protocol
-from hapi.client.features import CHUNK_BYTES, fetch_features
+from hapi.client.features import CHUNK_BYTES, fetch_features, intermediate_connection
 from hapi.preprocess import DecodeError, preprocess
 from hapi.shards import MANIFEST_NAME, Manifest, ShardError, read_shard
 
@@ -238,7 +241,7 @@ class FixedSplit:
     A split selector: ``split`` for the next request, ``observe(shard)``
     after each loaded shard, ``wants_step_times`` (and then
     ``observe_step(seconds)``), ``report()`` for the metrics. The trainer's
-    automatic selection (``hapi.client.train.AutomaticSplit``) is the other.
+    automatic selection (``hapi.client.autosplit.AutomaticSplit``) is the other.
     """
 
     automatic = False
@@ -254,31 +257,69 @@ class FixedSplit:
         return {"automatic": False, "split": self.split}
 
 
+@dataclass
+class Channel:
+    """A loader thread's connections: ``swift`` for raw shards, ``features``
+    for feature requests (``swift`` itself, or a connection with the same
+    token to the standalone HAPI server)."""
+
+    swift: object
+    features: object
+
+    def close(self):
+        """Drop the sockets (after a failure); the next request opens new ones."""
+        self.swift.close()
+        if self.features is not self.swift:
+            self.features.close()
+
+
 class ShardSource:
-    """Loads a shard at a split: at ``split > 0`` the Swift proxy runs layers
+    """Loads a shard at a split: at ``split > 0`` the storage tier runs layers
     [0, split) and sends features (``request`` gives the other HAPI
     parameters; its own split is replaced); at 0 the raw shard crosses the
-    network and is preprocessed here (vanilla)."""
+    network and is preprocessed here (vanilla). Feature requests go to the
+    Swift proxy's filter, or with ``intermediate_url`` to the standalone HAPI
+    server there; raw shards always come from Swift.
 
-    def __init__(self, container, request):
+    ``load`` returns only once the shard's response has been read to its end
+    and checked, and raises what the request raised (``ClientException``,
+    ``wire.FrameError``, connection errors) for the loader to retry.
+    """
+
+    def __init__(self, container, request, intermediate_url=None):
         self.container = container
         self.request = request
+        self.intermediate_url = intermediate_url
 
-    def load(self, conn, ref, split):
+    def open_channel(self, conn):
+        """The :class:`Channel` for a loader thread whose Swift connection is ``conn``."""
+        if self.intermediate_url is None:
+            return Channel(conn, conn)
+        return Channel(conn, intermediate_connection(conn, self.intermediate_url))
+
+    def describe(self, ref, split):
+        """What loading ``ref`` at ``split`` asks for, in a log line."""
         if split == 0:
-            return self._load_raw(conn, ref)
-        return self._load_features(conn, ref, dataclasses.replace(self.request, split=split))
+            return f"raw shard {self.container}/{ref.name}"
+        via = f" from the HAPI server at {self.intermediate_url}" if self.intermediate_url \
+            else ""
+        return f"features of {self.container}/{ref.name}{via}"
+
+    def load(self, channel, ref, split):
+        if split == 0:
+            return self._load_raw(channel.swift, ref)
+        return self._load_features(channel.features, ref,
+                                   dataclasses.replace(self.request, split=split))
 
     def _load_features(self, conn, ref, request):
         began = time.perf_counter()
-        try:
-            stream = fetch_features(conn, self.container, ref.name, request)
-        except ClientException as err:
-            raise storage_error(err, self.container, ref.name) from None
+        stream = fetch_features(conn, self.container, ref.name, request)
         answered = time.perf_counter()
         if protocol.SAMPLES.lower() not in stream.headers:
+            why = f"{self.intermediate_url} is not a HAPI server" if self.intermediate_url \
+                else "the proxy has no hapi filter in its pipeline"
             raise DataError(f"GET {self.container}/{ref.name} returned the object, not "
-                            "features: the proxy has no hapi filter in its pipeline")
+                            f"features: {why}")
         frames = list(stream)
         done = time.perf_counter()
         keys = [key for frame in frames for key in frame.keys]
@@ -321,14 +362,12 @@ def _storage_seconds(timings):
 
 def raw_samples(conn, container, ref):
     """Download the raw shard ``ref`` and read its samples (all of them, in
-    key order); returns (samples, :class:`Transfer`)."""
+    key order); returns (samples, :class:`Transfer`). A failed GET raises
+    swiftclient's ``ClientException`` (see :func:`storage_error`)."""
     began = time.perf_counter()
-    try:
-        _, chunks = conn.get_object(container, ref.name, resp_chunk_size=CHUNK_BYTES)
-        answered = time.perf_counter()
-        body = b"".join(chunks)
-    except ClientException as err:
-        raise storage_error(err, container, ref.name) from None
+    _, chunks = conn.get_object(container, ref.name, resp_chunk_size=CHUNK_BYTES)
+    answered = time.perf_counter()
+    body = b"".join(chunks)
     transfer = Transfer(nbytes=len(body), sent_at=began, answered_at=answered,
                         done_at=time.perf_counter())
     try:
@@ -364,29 +403,49 @@ class ShardLoader:
     ``selector.split`` as it is then, and ``selector.observe(shard)`` hears
     about every loaded shard, in order and in the consumer's thread, before
     the next request goes out (:class:`FixedSplit`, or the trainer's
-    automatic selection). Each worker thread has its own Swift connection
-    (``connect()``; python-swiftclient connections are not thread-safe).
-    ``depth=0`` loads each shard in the caller's thread when it is needed: no
-    overlap (``--sequential``). At most ``depth`` loaded shards wait for the
-    consumer, so memory stays bounded whatever the speed of either side.
+    automatic selection). ``depth=0`` loads each shard in the caller's
+    thread when it is needed: no overlap (``--sequential``). At most
+    ``depth`` loaded shards wait for the consumer, so memory stays bounded
+    whatever the speed of either side.
+
+    Each worker thread has its own connections (``connect()`` gives a Swift
+    one; python-swiftclient connections are not thread-safe). ``retry`` (a
+    :class:`hapi.client.retry.RetryPolicy`) retries a shard's failed request
+    as a whole, after closing the thread's sockets; swiftclient's own
+    retries are turned off on these connections so that a failure is
+    retried once, by that policy, which honours Retry-After. A shard is
+    yielded only once its request completed, so no sample comes twice or
+    from half a shard.
     """
 
-    def __init__(self, source, connect, depth, selector):
+    def __init__(self, source, connect, depth, selector, retry):
         self.source = source
         self.connect = connect
         self.depth = depth
         self.selector = selector
+        self.retry = retry
         self._local = threading.local()
-        self._connections = []
+        self._channels = []
         self._pool = ThreadPoolExecutor(depth, thread_name_prefix="hapi-fetch") \
             if depth > 0 else None
 
+    def _channel(self):
+        channel = getattr(self._local, "channel", None)
+        if channel is None:
+            conn = self.connect()
+            conn.retries = 0
+            channel = self._local.channel = self.source.open_channel(conn)
+            self._channels.append(channel)
+        return channel
+
     def _load(self, ref, split):
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self.connect()
-            self._connections.append(conn)
-        return self.source.load(conn, ref, split)
+        channel = self._channel()
+        try:
+            return self.retry.call(self.source.describe(ref, split),
+                                   lambda: self.source.load(channel, ref, split),
+                                   reset=channel.close)
+        except ClientException as err:
+            raise storage_error(err, self.source.container, ref.name) from None
 
     def _submit(self, ref):
         return self._pool.submit(self._load, ref, self.selector.split)
@@ -414,8 +473,8 @@ class ShardLoader:
     def close(self):
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-        for conn in self._connections:
-            conn.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self):
         return self

@@ -10,6 +10,8 @@ shards cross the network and every layer runs here. Examples::
         --preset resize-112 --num_epochs 5 --metrics metrics.json
     python client/main.py --dataset digits --model resnet18 --weights seed:0 \\
         --freeze --manual_split --split_idx 4 --checkpoint_dir ckpt --resume
+    python client/main.py --dataset digits --model resnet18 --freeze \\
+        --use_intermediate --intermediate_url http://storage-node:8090
 
 The original HAPI client's flags keep their meaning: ``--freeze`` freezes the
 layers below ``--freeze_idx`` (the model's default index when not given;
@@ -21,6 +23,13 @@ index, measures both tiers and the network on its first shards, picks the
 split its cost model predicts fastest (vanilla included), and re-decides
 when the bandwidth or the storage tier's speed drifts. The decision table
 goes to the log and the metrics, its plot next to the metrics (``--plot``).
+
+``--use_intermediate`` sends the feature requests to the standalone HAPI
+server (``hapi-server``, at ``--intermediate_url`` or $HAPI_INTERMEDIATE_URL)
+instead of the proxy's filter, with the same token; the manifest, raw shards
+(vanilla) and checkpoints still come from Swift. A shard request that fails
+on the way (503 at capacity, a lost connection, a stream cut short) is
+retried whole, up to ``--retries`` times (``hapi.client.retry``).
 """
 
 import argparse
@@ -28,6 +37,7 @@ import contextlib
 import json
 import os
 import sys
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -35,8 +45,10 @@ from requests.exceptions import RequestException
 from swiftclient import ClientException, Connection
 
 from hapi import protocol, weights, wire, zoo
+from hapi.client.autosplit import SplitSelectionError
 from hapi.client.checkpoint import CheckpointError, DirectoryStore, SwiftStore
 from hapi.client.data import DataError
+from hapi.client.retry import DEFAULT_RETRIES, RetriesExhausted
 from hapi.client.train import TrainConfig, Trainer, TrainingError
 from hapi.preprocess import PRESETS
 
@@ -47,7 +59,8 @@ class SwiftAuthError(RuntimeError):
 
 # What a run can fail with that is worth a one-line message, not a traceback.
 EXPECTED_ERRORS = (SwiftAuthError, TrainingError, DataError, CheckpointError, ClientException,
-                   weights.WeightsError, wire.FrameError, RequestException)
+                   SplitSelectionError, RetriesExhausted, weights.WeightsError,
+                   wire.FrameError, RequestException)
 
 
 def build_parser():
@@ -73,7 +86,8 @@ def build_parser():
     job.add_argument("--split_idx", type=int,
                      help="split index: layers below it run in Swift; 0 is vanilla")
     job.add_argument("--use_intermediate", action="store_true",
-                     help="use the standalone HAPI server (not available yet)")
+                     help="extract features in the standalone HAPI server instead of the "
+                          "Swift proxy (its URL: --intermediate_url)")
     job.add_argument("--cpuonly", action="store_true", help="train on the CPU even with a GPU")
     job.add_argument("--sequential", action="store_true",
                      help="no overlap: fetch each shard only when the trainer needs it")
@@ -116,8 +130,17 @@ def build_parser():
                          help="dtype of the features on the wire (default: %(default)s)")
     storage.add_argument("--prefetch", type=int, default=2, help="shard requests in flight "
                          "while the trainer computes (default: %(default)s)")
-    storage.add_argument("--retries", type=int, default=5, help="retries of a failed Swift "
-                         "request, 503 at capacity included (default: %(default)s)")
+    storage.add_argument("--intermediate_url", default=env("HAPI_INTERMEDIATE_URL"),
+                         help="the standalone HAPI server, http://HOST:PORT, for "
+                              "--use_intermediate [HAPI_INTERMEDIATE_URL]")
+    storage.add_argument("--timeout", type=float, default=120,
+                         help="seconds without a byte from Swift or the HAPI server before a "
+                              "request counts as failed (and is retried) (default: "
+                              "%(default)s)")
+    storage.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                         help="retries of a failed shard request (after a 503's Retry-After, "
+                              "else with exponential backoff) and of any other failed Swift "
+                              "request (default: %(default)s)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--metrics", help="write the run's metrics to this JSON file")
@@ -159,8 +182,7 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.use_intermediate:
-        parser.error("--use_intermediate: the standalone HAPI server is not available yet; "
-                     "drop the flag to extract features in the Swift proxy")
+        args.intermediate_url = intermediate_url(parser, args.intermediate_url)
     try:
         args.model = zoo.canonical_name(args.model)
     except zoo.UnknownModel as err:
@@ -175,13 +197,29 @@ def parse_args(argv=None):
     for name in ("num_epochs", "batch_size", "storage_batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
-    if min(args.prefetch, args.checkpoint_every, args.threads) < 0:
-        parser.error("--prefetch, --checkpoint_every and --threads cannot be negative")
+    if min(args.prefetch, args.checkpoint_every, args.threads, args.retries) < 0:
+        parser.error("--prefetch, --checkpoint_every, --threads and --retries cannot be "
+                     "negative")
+    if args.timeout <= 0:
+        parser.error("--timeout must be above 0")
     if not 0 <= args.holdout < 1:
         parser.error("--holdout must be in [0, 1)")
     if args.resume and not (args.checkpoint_dir or args.checkpoint_container):
         parser.error("--resume needs --checkpoint_dir or --checkpoint_container")
     return args
+
+
+def intermediate_url(parser, url):
+    """The standalone server's base URL for --use_intermediate, checked."""
+    if not url:
+        parser.error("--use_intermediate needs the standalone HAPI server's URL: "
+                     "--intermediate_url http://HOST:PORT or HAPI_INTERMEDIATE_URL")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or \
+            parts.path.strip("/") or parts.query:
+        parser.error(f"--intermediate_url {url!r}: expected http://HOST:PORT "
+                     "(the standalone HAPI server)")
+    return url.rstrip("/")
 
 
 def train_config(args, log=print):
@@ -214,7 +252,8 @@ def train_config(args, log=print):
         holdout=0.0 if args.testonly else args.holdout, start=args.start, end=args.end,
         prefetch=0 if args.sequential else args.prefetch,
         device="cuda" if torch.cuda.is_available() and not args.cpuonly else "cpu",
-        checkpoint_every=args.checkpoint_every)
+        checkpoint_every=args.checkpoint_every, retries=args.retries,
+        intermediate_url=args.intermediate_url if args.use_intermediate else None)
 
 
 def connection_options(args):
@@ -244,7 +283,7 @@ def connection_options(args):
 def swift_connector(args):
     """Authenticate once; return ``connect()``, which makes a new connection
     with that token (one per thread: connections are not thread-safe)."""
-    options = connection_options(args)
+    options = {**connection_options(args), "timeout": args.timeout}
     where = options.get("authurl") or options["preauthurl"]
     probe = Connection(**options, retries=1)
     try:
@@ -293,8 +332,10 @@ def run(args, on_step=None, log=print):
         trainer = stack.enter_context(Trainer(config, connect, store, on_step=on_step,
                                               progress=args.progress, log=log))
         split = "automatic" if config.split is None else config.split
+        where = f"the HAPI server at {config.intermediate_url}" if config.intermediate_url \
+            else "the Swift proxy"
         log(f"{config.model}: {len(trainer.model)} layers, freeze {config.freeze}, split "
-            f"{split}; {trainer.plan.train_samples} training and "
+            f"{split} (features from {where}); {trainer.plan.train_samples} training and "
             f"{trainer.plan.holdout_samples} held-out samples; trainer on {config.device}")
         metrics = trainer.evaluate() if args.testonly else trainer.train(resume=args.resume)
         plot = plot_path(args)

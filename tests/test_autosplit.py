@@ -21,10 +21,10 @@ from pytest import approx
 
 from hapi import wire
 from hapi.client import main as cli
+from hapi.client.autosplit import LinkClock
 from hapi.client.data import Part, ShardData, ShardRef, Transfer, rebatch
 from hapi.client.profiling import OnlineEstimator
 from hapi.client.split import AutoSplit
-from hapi.client.train import LinkClock
 from hapi.client_setup import datasets
 from hapi.client_setup.load import upload_dataset
 

@@ -90,7 +90,9 @@ def test_the_split_moves_work_not_results(cluster, split_run, split):
 
 def test_optimizer_sees_the_users_batch_whatever_the_storage_batch(split_run):
     metrics, records = split_run
-    assert metrics["storage_batch"] == {"requested": STORAGE_BATCH, "used": [STORAGE_BATCH]}
+    assert metrics["storage_batch"] == {"requested": STORAGE_BATCH, "used": [STORAGE_BATCH],
+                                        "reduced_shards": 0}
+    assert metrics["retries"] == {"total": 0, "by_cause": {}}
     full, last = divmod(TRAIN_SAMPLES, BATCH)
     for epoch in metrics["epochs"]:
         assert epoch["step_batch"] == [BATCH] * full + [last]
@@ -222,13 +224,6 @@ def test_errors_are_one_clear_line(cluster, capsys, flags, message):
     conn.close()
     assert cli.main([*FLAGS, *credentials(cluster), *flags]) == 1
     assert message in capsys.readouterr().err
-
-
-def test_standalone_server_is_not_there_yet(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        cli.parse_args(["--dataset", "d", "--model", "myalexnet", "--use_intermediate"])
-    assert exit_.value.code == 2
-    assert "not available yet" in capsys.readouterr().err
 
 
 def test_main_runs_as_a_script():

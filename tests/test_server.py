@@ -122,12 +122,12 @@ def hapi_headers(conn, req):
 
 def test_config_file_then_flags(tmp_path):
     conf = tmp_path / "server.conf"
-    conf.write_text("[server]\nswift_url = http://10.0.0.1:8080/\nbind_port = 9000\n"
+    conf.write_text("[server]\nswift_url = http://swift-proxy.invalid:8080/\nbind_port = 9000\n"
                     "[hapi]\nmax_batch = 64\nmodels = resnet18, alexnet\n")
     config = load_config(["--config", str(conf), "--bind-port", "9001", "--max-batch", "8",
                           "--default-batch", "4"])
     assert (config.swift_url, config.bind_ip, config.bind_port) == (
-        "http://10.0.0.1:8080", "127.0.0.1", 9001)
+        "http://swift-proxy.invalid:8080", "127.0.0.1", 9001)
     assert config.hapi.limits.max_batch == 8 and config.hapi.limits.default_batch == 4
     assert config.hapi.limits.models == ("resnet18", "alexnet")
     assert config.hapi.max_concurrent == 4 and config.shutdown_grace == 30

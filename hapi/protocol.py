@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from hapi import zoo
 from hapi.preprocess import PRESETS, preset_size
+from hapi.wire import TORCH_DTYPES
 
 # Request headers.
 MODEL = "X-Hapi-Model"
@@ -29,7 +30,7 @@ BATCH_USED = "X-Hapi-Batch-Used"
 SAMPLES = "X-Hapi-Samples"
 CONTENT_TYPE = "application/vnd.hapi.frames"
 
-WIRE_DTYPES = ("float32", "float16", "bfloat16")
+WIRE_DTYPES = tuple(TORCH_DTYPES)
 DEFAULT_PRESET = "imagenet-224"
 DEFAULT_WEIGHTS = "pretrained"
 

@@ -39,6 +39,10 @@ class WeightsError(ValueError):
     """Weights that cannot be read, or that do not fit the model."""
 
 
+class WeightsNotFound(WeightsError):
+    """A weights reference names nothing this server can load."""
+
+
 class WeightsUnavailable(WeightsError):
     """Pre-trained weights that cannot be had on this machine."""
 

@@ -28,6 +28,7 @@ from safetensors.torch import save as st_save
 LENGTH = struct.Struct("<Q")
 DEFAULT_MAX_FRAME_BYTES = 1 << 30
 KINDS = ("batch", "end", "error")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class FrameError(ValueError):

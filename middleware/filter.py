@@ -88,18 +88,17 @@ from swift.common.wsgi import make_subrequest
 
 from hapi import protocol, zoo
 from hapi.middleware.admission import OverBudget
-from hapi.middleware.engine import (
+from hapi.middleware.engine import model_key, split_batches
+from hapi.middleware.responses import (
     REQUEST_FAILURES,
     RequestError,
-    Settings,
     end_frame,
-    model_key,
     quote,
     refusal_line,
-    split_batches,
     stream_error_frame,
     summary_line,
 )
+from hapi.middleware.settings import Settings
 from hapi.preprocess import PRESETS
 from hapi.shards import ShardError
 

@@ -78,20 +78,18 @@ from multidict import CIMultiDict
 
 from hapi import protocol
 from hapi.middleware.admission import OverBudget
-from hapi.middleware.engine import (
-    OPTION_DEFAULTS,
+from hapi.middleware.engine import model_key, split_batches
+from hapi.middleware.responses import (
     REQUEST_FAILURES,
     RequestError,
-    Settings,
     end_frame,
     error_frame,
-    model_key,
     quote,
     refusal_line,
-    split_batches,
     stream_error_frame,
     summary_line,
 )
+from hapi.middleware.settings import OPTION_DEFAULTS, Settings
 from hapi.shards import ShardError
 
 log = logging.getLogger("hapi.server")

@@ -13,13 +13,10 @@ from swiftclient import ClientException
 
 from hapi.client.features import fetch_features, intermediate_connection
 from hapi.middleware.admission import MemoryBudget, MemoryCost, OverBudget
-from hapi.middleware.engine import (
-    FeatureEngine,
-    RequestError,
-    Settings,
-    parse_memory_budget,
-    trace_forward,
-)
+from hapi.middleware.engine import FeatureEngine
+from hapi.middleware.memory import trace_forward
+from hapi.middleware.responses import RequestError
+from hapi.middleware.settings import Settings, parse_memory_budget
 from hapi.shards import write_shard
 
 # The budget's bookkeeping ---------------------------------------------------------

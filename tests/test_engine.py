@@ -9,10 +9,10 @@ import torchvision
 from PIL import Image
 
 from hapi import protocol, wire, zoo
-from hapi.middleware.engine import FeatureEngine, WeightsNotFound
+from hapi.middleware.engine import FeatureEngine
 from hapi.preprocess import preprocess
 from hapi.shards import Sample, ShardError, write_shard
-from hapi.weights import save_state_dict
+from hapi.weights import WeightsNotFound, save_state_dict
 
 
 def jpeg(seed, size=48):

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from hapi import protocol, wire
-from hapi.middleware.engine import FeatureEngine, RequestError
+from hapi.middleware.engine import FeatureEngine
+from hapi.middleware.responses import RequestError
 from hapi.shards import Sample, ShardError, read_shard, write_shard
 
 CONTAINER = "hapi-hostile"

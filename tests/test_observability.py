@@ -21,7 +21,8 @@ import pytest
 from helpers import ServerProcess, feature_request, png, raw_get, samples, tar_without_label
 
 from hapi import protocol, wire
-from hapi.middleware.engine import FeatureEngine, tensor_bytes
+from hapi.middleware.engine import FeatureEngine
+from hapi.middleware.memory import tensor_bytes
 from hapi.shards import Sample, write_shard
 
 CONTAINER = "hapi-observability"

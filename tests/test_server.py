@@ -33,8 +33,8 @@ from swiftclient import ClientException
 
 from hapi import protocol, wire
 from hapi.client.features import fetch_features, intermediate_connection
-from hapi.middleware.engine import OPTION_DEFAULTS
 from hapi.middleware.server import SERVER_DEFAULTS, HapiServer, load_config, main
+from hapi.middleware.settings import OPTION_DEFAULTS
 from hapi.shards import Sample, write_shard
 
 CONTAINER = "hapi-server-tests"

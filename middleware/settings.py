@@ -1,0 +1,117 @@
+"""The operator's options, shared by the filter's ``[filter:hapi]`` section
+and the standalone server's ``[hapi]`` section (same names, same defaults)."""
+
+import re
+from dataclasses import dataclass
+
+from hapi import protocol, zoo
+from hapi.middleware.admission import MemoryBudget
+from hapi.middleware.engine import FeatureEngine
+
+OPTION_DEFAULTS = {
+    "device": "auto",
+    "max_batch": 256,
+    "default_batch": 32,
+    "max_concurrent": 4,
+    "threads": 0,
+    "weights_dir": "",
+    "max_shard_bytes": 1 << 28,
+    "max_image_pixels": 40_000_000,
+    "max_cached_models": 4,
+    "models": "",
+    "memory_budget": "auto",
+    "queue_timeout": 10,
+    "min_batch": 1,
+}
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The operator's options, parsed once for the filter or the server."""
+
+    limits: protocol.Limits
+    max_concurrent: int
+    max_shard_bytes: int
+    device: str
+    threads: int
+    weights_dir: str
+    max_image_pixels: int
+    max_cached_models: int
+    memory_budget: int | None
+    queue_timeout: float
+    min_batch: int
+
+    @classmethod
+    def from_conf(cls, conf):
+        """Parse a mapping of option names to strings; absent options take
+        :data:`OPTION_DEFAULTS`. Raises ValueError naming a bad option."""
+        def get(name):
+            return str(conf.get(name, OPTION_DEFAULTS[name])).strip()
+
+        def integer(name, minimum=1):
+            try:
+                value = int(get(name))
+            except ValueError:
+                value = minimum - 1
+            if value < minimum:
+                raise ValueError(f"option {name} must be an integer >= {minimum}, "
+                                 f"got {get(name)!r}")
+            return value
+
+        try:
+            queue_timeout = float(get("queue_timeout"))
+        except ValueError:
+            queue_timeout = -1.0
+        if not 0 <= queue_timeout < float("inf"):
+            raise ValueError(f"option queue_timeout must be a number of seconds >= 0, "
+                             f"got {get('queue_timeout')!r}")
+        models = tuple(zoo.canonical_name(m.strip()) for m in get("models").split(",")
+                       if m.strip())
+        limits = protocol.Limits(max_batch=integer("max_batch"),
+                                 default_batch=integer("default_batch"),
+                                 models=models or tuple(zoo.MODELS),
+                                 weights_dir_enabled=bool(get("weights_dir")))
+        if limits.default_batch > limits.max_batch:
+            raise ValueError(f"option default_batch ({limits.default_batch}) is above "
+                             f"max_batch ({limits.max_batch})")
+        min_batch = integer("min_batch")
+        if min_batch > limits.max_batch:
+            raise ValueError(f"option min_batch ({min_batch}) is above "
+                             f"max_batch ({limits.max_batch})")
+        return cls(limits=limits, max_concurrent=integer("max_concurrent"),
+                   max_shard_bytes=integer("max_shard_bytes"), device=get("device"),
+                   threads=integer("threads", minimum=0), weights_dir=get("weights_dir"),
+                   max_image_pixels=integer("max_image_pixels"),
+                   max_cached_models=integer("max_cached_models"),
+                   memory_budget=parse_memory_budget(get("memory_budget")),
+                   queue_timeout=queue_timeout, min_batch=min_batch)
+
+    def make_engine(self):
+        return FeatureEngine(device=self.device, threads=self.threads,
+                             max_image_pixels=self.max_image_pixels,
+                             weights_dir=self.weights_dir,
+                             max_cached_models=self.max_cached_models,
+                             memory_budget=self.memory_budget)
+
+    def make_budget(self, engine):
+        """The admission bookkeeping of one front end, over ``engine``'s memory."""
+        return MemoryBudget(engine.memory_capacity, min_batch=self.min_batch,
+                            queue_timeout=self.queue_timeout)
+
+
+def parse_memory_budget(text):
+    """``auto`` (None) or a size in bytes: digits with an optional k, M, G or
+    T suffix (powers of 1024; a trailing B or iB is allowed)."""
+    if text.lower() == "auto":
+        return None
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError(f"option memory_budget must be 'auto' or a size such as 512M or "
+                         f"2G, got {text!r}")
+    number, unit = match.groups()
+    size = int(float(number) * 1024 ** " kmgt".index(unit.lower() or " "))
+    if size <= 0:
+        raise ValueError(f"option memory_budget must be above zero, got {text!r}")
+    return size

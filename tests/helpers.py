@@ -4,6 +4,7 @@ and the standalone server as a subprocess."""
 
 import http.client
 import io
+import itertools
 import signal
 import socket
 import struct
@@ -20,6 +21,8 @@ import numpy as np
 from PIL import Image
 
 from hapi import protocol, zoo
+from hapi.client_setup import datasets
+from hapi.client_setup.load import upload_dataset
 from hapi.shards import Sample, write_shard
 
 # Images and shards -------------------------------------------------------------
@@ -102,6 +105,18 @@ def bad_shard_objects():
         "bomb.tar": write_shard([Sample("000001", huge_png_header(), "png", 1)]),
         "no-label.tar": tar_without_label(),
     }
+
+
+def upload_digits(cluster, container, samples, shard_size):
+    """The first ``samples`` scikit-learn digits, as shards of ``shard_size``
+    in ``container`` of the test account."""
+    conn = cluster.connection()
+    try:
+        source = datasets.digits()
+        upload_dataset(conn, container, itertools.islice(source.samples, samples),
+                       source.classes, shard_size)
+    finally:
+        conn.close()
 
 
 def raw_get(url, headers):

@@ -11,12 +11,12 @@ which split it picks.
 """
 
 import inspect
-import itertools
 import json
 import re
 
 import pytest
 import torch
+from helpers import upload_digits
 from pytest import approx
 
 from hapi import wire
@@ -25,8 +25,6 @@ from hapi.client.autosplit import LinkClock
 from hapi.client.data import Part, ShardData, ShardRef, Transfer, rebatch
 from hapi.client.profiling import OnlineEstimator
 from hapi.client.split import AutoSplit
-from hapi.client_setup import datasets
-from hapi.client_setup.load import upload_dataset
 
 CONTAINER = "hapi-autosplit-digits"
 SAMPLES, SHARD_SIZE, FREEZE = 240, 24, 21
@@ -39,11 +37,7 @@ FLAGS = ["--dataset", CONTAINER, "--model", "myefficientnet_lite0", "--freeze",
 
 @pytest.fixture(scope="module")
 def cluster(swift_cluster):
-    conn = swift_cluster.connection()
-    source = datasets.digits()
-    upload_dataset(conn, CONTAINER, itertools.islice(source.samples, SAMPLES), source.classes,
-                   SHARD_SIZE)
-    conn.close()
+    upload_digits(swift_cluster, CONTAINER, SAMPLES, SHARD_SIZE)
     return swift_cluster
 
 

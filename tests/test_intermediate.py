@@ -6,14 +6,11 @@ cluster. The data set is the first 240 of scikit-learn's digits in 10 shards
 of 24; EfficientNet-Lite0 with its pre-trained weights at 32 px.
 """
 
-import itertools
 
 import pytest
-from helpers import ServerProcess
+from helpers import ServerProcess, upload_digits
 
 from hapi.client import main as cli
-from hapi.client_setup import datasets
-from hapi.client_setup.load import upload_dataset
 
 CONTAINER = "hapi-intermediate-digits"
 SAMPLES, SHARD_SIZE, FREEZE = 240, 24, 21
@@ -24,11 +21,7 @@ FLAGS = ["--dataset", CONTAINER, "--model", "myefficientnet_lite0", "--freeze",
 
 @pytest.fixture(scope="module")
 def cluster(swift_cluster):
-    conn = swift_cluster.connection()
-    source = datasets.digits()
-    upload_dataset(conn, CONTAINER, itertools.islice(source.samples, SAMPLES), source.classes,
-                   SHARD_SIZE)
-    conn.close()
+    upload_digits(swift_cluster, CONTAINER, SAMPLES, SHARD_SIZE)
     return swift_cluster
 
 

@@ -5,7 +5,6 @@ The data set is the first 240 of scikit-learn's digits in 10 shards of 24:
 real pre-trained weights, at 32 px, keeps every run to seconds.
 """
 
-import itertools
 import json
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import upload_digits
 from pytest import approx
 from torch import nn
 
@@ -22,8 +22,6 @@ from hapi import zoo
 from hapi.client import data
 from hapi.client import main as cli
 from hapi.client.checkpoint import LATEST, DirectoryStore, load_checkpoint, save_checkpoint
-from hapi.client_setup import datasets
-from hapi.client_setup.load import upload_dataset
 
 CONTAINER = "hapi-train-digits"
 SAMPLES, SHARD_SIZE, TRAIN_SAMPLES = 240, 24, 192
@@ -35,11 +33,7 @@ FLAGS = ["--dataset", CONTAINER, "--model", "myefficientnet_lite0", "--freeze",
 
 @pytest.fixture(scope="module")
 def cluster(swift_cluster):
-    conn = swift_cluster.connection()
-    source = datasets.digits()
-    upload_dataset(conn, CONTAINER, itertools.islice(source.samples, SAMPLES), source.classes,
-                   SHARD_SIZE)
-    conn.close()
+    upload_digits(swift_cluster, CONTAINER, SAMPLES, SHARD_SIZE)
     return swift_cluster
 
 

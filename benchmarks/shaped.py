@@ -2,7 +2,8 @@
 
 The storage tier (a one-node Swift with the HAPI filter in its proxy) runs in
 a network namespace of its own, the trainer tier in a second one, and a veth
-pair joins them: 10.77.0.1 (storage) <-> 10.77.0.2 (trainer). Each end's
+pair joins them: the first two addresses of the ``link`` subnet (an option,
+:data:`DEFAULT_LINK` by default) go to storage and trainer. Each end's
 egress is shaped with ``tc qdisc ... tbf`` to the same rate, so both
 directions are limited (what matters is storage -> trainer). Nothing is added
 to the host's own namespace: its routes and addresses are untouched, and no
@@ -36,6 +37,8 @@ it from the outside: wall time, bytes across the link, CPU of each tier.
 """
 
 import contextlib
+import ipaddress
+import itertools
 import json
 import os
 import re
@@ -54,9 +57,9 @@ from pathlib import Path
 from hapi.server_setup.cluster import HOST, Cluster, ClusterError
 
 PREFIX = "hapib"
-STORAGE_ADDR = "10.77.0.1"
-TRAINER_ADDR = "10.77.0.2"
-PREFIX_LEN = 24
+# The private subnet of the veth pair; it exists only inside the two
+# namespaces, so it must only not clash with the host's own routes.
+DEFAULT_LINK = "10.77.0.0/24"
 STORAGE_DEV = "hapi-s"
 TRAINER_DEV = "hapi-t"
 NETWORKS = ("auto", "shaped", "loopback")
@@ -126,6 +129,16 @@ def tbf_burst(rate_mbit):
     return max(TBF_MIN_BURST, int(rate_mbit * 1e6 / 8 * TBF_BURST_S))
 
 
+def link_addresses(subnet):
+    """(storage address, trainer address, prefix length) of a private IPv4
+    subnet: its first two host addresses."""
+    network = ipaddress.ip_network(subnet, strict=False)
+    if network.version != 4 or not network.is_private or network.num_addresses < 4:
+        raise ValueError(f"link {subnet!r} must be a private IPv4 subnet of /30 or larger")
+    first, second = list(itertools.islice(network.hosts(), 2))
+    return str(first), str(second), network.prefixlen
+
+
 class TwoTier:
     """The storage tier (Swift) and the trainer tier, joined by a shaped link.
 
@@ -137,9 +150,10 @@ class TwoTier:
     """
 
     def __init__(self, workdir, rate_mbit, *, network="auto", cores=None, threads=1,
-                 log=print):
+                 link=DEFAULT_LINK, log=print):
         if network not in NETWORKS:
             raise ValueError(f"network must be one of {NETWORKS}, not {network!r}")
+        self.link = link_addresses(link)
         self.workdir = Path(workdir).absolute()
         self.rate_mbit = rate_mbit
         self.requested_network = network
@@ -177,8 +191,9 @@ class TwoTier:
         self.shaped = self._want_namespaces() and self._try_link()
         storage_ns, trainer_ns = ((self._netns["storage"], self._netns["trainer"])
                                   if self.shaped else (None, None))
-        self.storage = Tier(self.cores[0], STORAGE_ADDR if self.shaped else HOST, storage_ns)
-        self.trainer = Tier(self.cores[1], TRAINER_ADDR if self.shaped else HOST, trainer_ns)
+        storage_addr, trainer_addr, _ = self.link
+        self.storage = Tier(self.cores[0], storage_addr if self.shaped else HOST, storage_ns)
+        self.trainer = Tier(self.cores[1], trainer_addr if self.shaped else HOST, trainer_ns)
         if self.shaped:
             self.set_rate(self.rate_mbit)
         else:
@@ -236,9 +251,10 @@ class TwoTier:
             _ip("-n", netns, "link", "set", "lo", "up")
         _ip("link", "add", "name", STORAGE_DEV, "netns", storage, "type", "veth",
             "peer", "name", TRAINER_DEV, "netns", trainer)
-        for netns, dev, addr in ((storage, STORAGE_DEV, STORAGE_ADDR),
-                                 (trainer, TRAINER_DEV, TRAINER_ADDR)):
-            _ip("-n", netns, "addr", "add", f"{addr}/{PREFIX_LEN}", "dev", dev)
+        storage_addr, trainer_addr, prefix = self.link
+        for netns, dev, addr in ((storage, STORAGE_DEV, storage_addr),
+                                 (trainer, TRAINER_DEV, trainer_addr)):
+            _ip("-n", netns, "addr", "add", f"{addr}/{prefix}", "dev", dev)
             _ip("-n", netns, "link", "set", dev, "up")
 
     def _delete_link(self):

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from shaped import NETWORKS, CommandFailed, TwoTier
+from shaped import DEFAULT_LINK, NETWORKS, CommandFailed, TwoTier
 from tl_benchmark import (
     TRAINER,
     load_dataset,
@@ -132,7 +132,7 @@ def run_all(settings, out_dir, log=say):
     doc = {"format": FORMAT, "settings": settings, "setup": None, "cases": [],
            "summary": None}
     with TwoTier(out_dir, settings["bandwidths"][-1], network=settings["network"],
-                 threads=settings["threads"], log=log) as tiers:
+                 threads=settings["threads"], link=settings["link"], log=log) as tiers:
         doc["setup"] = tiers.describe()
         load_dataset(tiers, settings)
         for model in settings["models"]:
@@ -237,6 +237,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads per tier")
     parser.add_argument("--network", choices=NETWORKS, default="auto",
                         help="shaped needs root; auto falls back to loopback (default: auto)")
+    parser.add_argument("--link", default=DEFAULT_LINK, metavar="SUBNET",
+                        help=f"private subnet of the shaped link (default: {DEFAULT_LINK})")
     parser.add_argument("--out", type=Path, default=Path("bench-results/split_quality"))
     args = parser.parse_args(argv)
     for key, value in PRESETS["quick" if args.quick else "full"].items():
@@ -256,7 +258,7 @@ def settings_from(args):
             "images": images,
             "shard_size": args.shard_size, "image_size": args.image_size,
             "quality": args.quality, "classes": 10, "threads": args.threads,
-            "network": args.network, "weights": "seed:0",
+            "network": args.network, "link": args.link, "weights": "seed:0",
             "container": f"hapi-splits-{args.image_size}px-{images}"}
 
 

@@ -42,7 +42,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from shaped import NETWORKS, CommandFailed, TwoTier
+from shaped import DEFAULT_LINK, NETWORKS, CommandFailed, TwoTier
 
 from hapi import zoo
 
@@ -253,7 +253,7 @@ def run_all(settings, out_dir, log=say):
     doc = {"format": FORMAT, "settings": settings, "setup": None, "results": [],
            "summary": None}
     with TwoTier(out_dir, settings["bandwidths"][-1], network=settings["network"],
-                 threads=settings["threads"], log=log) as tiers:
+                 threads=settings["threads"], link=settings["link"], log=log) as tiers:
         doc["setup"] = tiers.describe()
         load_dataset(tiers, settings)
         for model in settings["models"]:
@@ -454,6 +454,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads per tier")
     parser.add_argument("--network", choices=NETWORKS, default="auto",
                         help="shaped needs root; auto falls back to loopback (default: auto)")
+    parser.add_argument("--link", default=DEFAULT_LINK, metavar="SUBNET",
+                        help=f"private subnet of the shaped link (default: {DEFAULT_LINK})")
     parser.add_argument("--out", type=Path, default=Path("bench-results/tl"))
     args = parser.parse_args(argv)
     preset = PRESETS["quick" if args.quick else "full"]
@@ -471,7 +473,7 @@ def settings_from(args):
             "batch_size": args.batch_size, "epochs": args.epochs,
             "image_size": args.image_size, "quality": args.quality, "classes": args.classes,
             "holdout": args.holdout, "wire_dtype": args.wire_dtype, "threads": args.threads,
-            "network": args.network, "weights": "seed:0",
+            "network": args.network, "link": args.link, "weights": "seed:0",
             "container": f"hapi-bench-{args.image_size}px-{args.images}"}
 
 

@@ -32,6 +32,7 @@ class SplitSelectionError(RuntimeError):
 
 
 DRIFT_THRESHOLD = 0.25  # relative change of bandwidth or storage speed that re-decides
+DRIFT_SPREAD_FACTOR = 2.0  # ... if also this many times the observations' own scatter
 MARGIN = 0.05  # a new split must be predicted this much faster to replace the one in use
 DRIFT_WINDOW = 8  # drift is judged on up to this many observations since the last decision
 DRIFT_MIN_OBSERVATIONS = 4  # ... once there are at least this many
@@ -133,7 +134,8 @@ class AutomaticSplit:
     def __init__(self, model, config, plan, conn, log=print):
         began = time.perf_counter()
         estimator = OnlineEstimator(min_observations=DRIFT_MIN_OBSERVATIONS,
-                                    drift_window=DRIFT_WINDOW)
+                                    drift_window=DRIFT_WINDOW,
+                                    spread_factor=DRIFT_SPREAD_FACTOR)
         self.link = LinkClock(estimator)
         profile, probe = measure_profile(model, config, plan, conn, self.link)
         self.auto = AutoSplit(profile, estimator=estimator, epoch_samples=plan.train_samples,

@@ -436,20 +436,23 @@ class OnlineEstimator:
 
     :meth:`mark` records the estimates a split choice was made with;
     :meth:`drifted` then says whether the bandwidth or the storage tier's
-    speed has since moved by more than a relative threshold, judged on the
-    last ``drift_window`` observations made since the mark, once there are
-    at least ``min_observations`` of them: a change shows after a few
-    observations, without waiting for the long window to fill with it.
+    speed has since moved by more than a relative threshold and by more than
+    ``spread_factor`` times the observations' own scatter (:meth:`spread`),
+    judged on the last ``drift_window`` observations made since the mark,
+    once there are at least ``min_observations`` of them: a change shows
+    after a few observations, without waiting for the long window to fill
+    with it, and the noise of a shared host is not taken for one.
     After a drift, :meth:`keep_recent` drops what the change made obsolete.
     """
 
     def __init__(self, window: int = 16, min_observations: int = 3,
-                 drift_window: int | None = None):
+                 drift_window: int | None = None, spread_factor: float = 2.0):
         if window < 1 or min_observations < 1:
             raise ValueError("window and min_observations must be >= 1")
         self.window = window
         self.min_observations = min_observations
         self.drift_window = max(drift_window or 4, min_observations)
+        self.spread_factor = spread_factor
         self._layers: dict[int, _Series] = {}
         self._decode = _Series(window)
         self._to_wire = _Series(window)
@@ -605,11 +608,36 @@ class OnlineEstimator:
             result["storage"] = sum(new for _, new in pairs) / sum(old for old, _ in pairs) - 1
         return result
 
+    def spread(self) -> dict:
+        """How much one observation since :meth:`mark` strays from the others:
+        the median absolute deviation over the median (relative) of the
+        per-transfer rates, and of the storage times (decode and each layer,
+        weighted by their medians). 0 until there are two observations."""
+        limit = self.drift_window
+        rates = [b / s for b, s in self._transfers.recent(limit)]
+        weighted = [(statistics.median(values), _relative_spread(values))
+                    for values in (s.recent(limit) for s in (self._decode, *self._layers.values()))
+                    if values]
+        total = sum(median for median, _ in weighted)
+        storage = sum(median * spread for median, spread in weighted) / total if total else 0.0
+        return {"bandwidth": _relative_spread(rates), "storage": storage}
+
     def drifted(self, threshold: float = 0.25) -> bool:
-        """Whether the bandwidth or the storage speed moved by more than
-        ``threshold`` (relative, either way) since :meth:`mark`."""
-        return any(change is not None and abs(change) > threshold
-                   for change in self.drift().values())
+        """Whether the bandwidth or the storage speed moved since :meth:`mark`
+        by more than ``threshold`` (relative, either way) and by more than
+        ``spread_factor`` times its own :meth:`spread`: on a noisy host, a
+        change no larger than the noise is no drift."""
+        spread = self.spread()
+        return any(change is not None
+                   and abs(change) > max(threshold, self.spread_factor * spread[name])
+                   for name, change in self.drift().items())
+
+
+def _relative_spread(values) -> float:
+    if len(values) < 2:
+        return 0.0
+    middle = statistics.median(values)
+    return statistics.median(abs(v - middle) for v in values) / middle if middle > 0 else 0.0
 
 
 def _rate(transfers) -> float | None:

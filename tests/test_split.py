@@ -510,6 +510,35 @@ def test_drift_fires_above_the_threshold_and_not_below():
     assert estimator.drifted(0.2) and not estimator.drifted(1.0)
 
 
+def noisy_fall(spread_factor):
+    """An estimator marked at 10 MB/s, then fed transfers scattered around a
+    median 30% lower (7 MB/s in all)."""
+    estimator = OnlineEstimator(window=8, min_observations=3, drift_window=8,
+                                spread_factor=spread_factor)
+    feed(estimator, 8, bandwidth=10e6)
+    estimator.mark()
+    for rate in (5e6, 12e6, 5.5e6, 12e6, 6e6, 5e6, 13e6, 6.5e6):
+        feed(estimator, 1, bandwidth=rate)
+    return estimator
+
+
+def test_a_change_within_the_noise_is_no_drift():
+    """On a shared host one transfer strays by tens of percent; a change no
+    larger than twice that scatter re-decides nothing, while a real fall of
+    the bandwidth still does."""
+    estimator = noisy_fall(spread_factor=2.0)
+    assert estimator.drift()["bandwidth"] == pytest.approx(-0.30, abs=0.01)
+    assert estimator.spread()["bandwidth"] == pytest.approx(0.2)
+    assert not estimator.drifted(0.25)
+    assert noisy_fall(spread_factor=0.0).drifted(0.25)  # the threshold alone would fire
+
+    estimator.mark()
+    for rate in (2e6, 3e6, 2.2e6, 2.8e6, 2.5e6, 2.4e6, 2.6e6, 2.1e6):  # -65%, scatter ~10%
+        feed(estimator, 1, bandwidth=rate)
+    assert estimator.spread()["bandwidth"] < 0.2
+    assert estimator.drifted(0.25)
+
+
 def test_observe_request_subtracts_storage_compute():
     estimator = OnlineEstimator()
     estimator.observe_request(10**6, elapsed_s=1.3, storage_s=0.2, first_byte_s=0.1)

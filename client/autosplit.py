@@ -15,8 +15,8 @@ import torch
 from swiftclient import ClientException
 
 from hapi.client import data
+from hapi.client.estimator import OnlineEstimator
 from hapi.client.profiling import (
-    OnlineEstimator,
     free_memory_bytes,
     measure_copy_rate,
     measure_decode,

@@ -114,7 +114,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-from hapi.client.profiling import OnlineEstimator, Profile
+from hapi.client.estimator import OnlineEstimator
+from hapi.client.profiling import Profile
 
 __all__ = [
     "DECISION_FORMAT", "AutoSplit", "Decision", "SplitCost", "choose_split", "evaluate_split",

@@ -23,7 +23,7 @@ from hapi import wire
 from hapi.client import main as cli
 from hapi.client.autosplit import LinkClock
 from hapi.client.data import Part, ShardData, ShardRef, Transfer, rebatch
-from hapi.client.profiling import OnlineEstimator
+from hapi.client.estimator import OnlineEstimator
 from hapi.client.split import AutoSplit
 
 CONTAINER = "hapi-autosplit-digits"

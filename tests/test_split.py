@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 
 from hapi import zoo
+from hapi.client.estimator import OnlineEstimator
 from hapi.client.profiling import (
     LayerProfile,
-    OnlineEstimator,
     Profile,
     TrainerTimes,
     measure_copy_rate,

@@ -1,0 +1,258 @@
+"""The trainer's running estimates of the storage tier's speed and the link's.
+
+:class:`OnlineEstimator` folds the ``timings`` of the frames as they arrive
+and the transfers' bytes and durations into per-layer storage-side times and
+the bandwidth, fills them into a :class:`hapi.client.profiling.Profile`, and
+says when either has drifted from the values the current split choice was
+made with (``hapi.client.split.AutoSplit`` re-decides then).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+from hapi.client.profiling import Profile
+
+
+class _Series:
+    """The last ``window`` observations of one quantity, and how many arrived
+    since the last :meth:`OnlineEstimator.mark`."""
+
+    def __init__(self, window):
+        self.values = deque(maxlen=window)
+        self.since_mark = 0
+
+    def add(self, value):
+        self.values.append(value)
+        self.since_mark += 1
+
+    def median(self):
+        return statistics.median(self.values) if self.values else None
+
+    def recent(self, limit=None):
+        """The last ``limit`` observations made since the mark (at most the window)."""
+        count = min(self.since_mark, len(self.values), limit or len(self.values))
+        return list(self.values)[len(self.values) - count:]
+
+
+class OnlineEstimator:
+    """Storage-side times and bandwidth, estimated from the stream as it arrives.
+
+    Feed it every frame (:meth:`observe_frame`) and every transfer
+    (:meth:`observe_transfer`, or :meth:`observe_request`); read the
+    estimates (``bandwidth``, ``storage_layer_s``, ``storage_decode_s``...)
+    or :meth:`apply` them to a :class:`Profile`. Per-sample storage times
+    are medians over the last ``window`` frames (robust to a frame that
+    shared the storage tier with another tenant); the bandwidth is the bytes
+    over the seconds of the last ``window`` transfers.
+
+    :meth:`mark` records the estimates a split choice was made with;
+    :meth:`drifted` then says whether the bandwidth or the storage tier's
+    speed has since moved by more than a relative threshold and by more than
+    ``spread_factor`` times the observations' own scatter (:meth:`spread`),
+    judged on the last ``drift_window`` observations made since the mark,
+    once there are at least ``min_observations`` of them: a change shows
+    after a few observations, without waiting for the long window to fill
+    with it, and the noise of a shared host is not taken for one.
+    After a drift, :meth:`keep_recent` drops what the change made obsolete.
+    """
+
+    def __init__(self, window: int = 16, min_observations: int = 3,
+                 drift_window: int | None = None, spread_factor: float = 2.0):
+        if window < 1 or min_observations < 1:
+            raise ValueError("window and min_observations must be >= 1")
+        self.window = window
+        self.min_observations = min_observations
+        self.drift_window = max(drift_window or 4, min_observations)
+        self.spread_factor = spread_factor
+        self._layers: dict[int, _Series] = {}
+        self._decode = _Series(window)
+        self._to_wire = _Series(window)
+        self._transfers = _Series(window)
+        self._latency = _Series(window)
+        self._baseline: dict | None = None
+        self.frames = 0
+        self.transfers = 0
+
+    # Feeding ---------------------------------------------------------------
+
+    def observe_frame(self, timings: dict, samples: int, feature_bytes: int | None = None):
+        """One frame's ``timings`` (``hapi.wire.Frame.timings``) for ``samples``
+        samples; ``layers_s[i]`` is layer ``i`` (the storage tier runs layers
+        ``[0, split)``). ``feature_bytes``: the frame's feature tensor size,
+        to turn ``to_wire_s`` into a per-byte cost."""
+        if samples < 1:
+            return
+        self.frames += 1
+        if "decode_s" in timings:
+            self._decode.add(float(timings["decode_s"]) / samples)
+        for index, seconds in enumerate(timings.get("layers_s", ())):
+            self._layers.setdefault(index, _Series(self.window)).add(float(seconds) / samples)
+        if feature_bytes and "to_wire_s" in timings:
+            self._to_wire.add(float(timings["to_wire_s"]) / feature_bytes)
+
+    def observe_transfer(self, nbytes: int, seconds: float):
+        """``nbytes`` received in ``seconds`` of receiving: the time the bytes
+        were on the way, not the time the storage tier spent computing them
+        (see :meth:`observe_request`)."""
+        if nbytes > 0 and seconds > 0:
+            self._transfers.add((nbytes, seconds))
+            self.transfers += 1
+
+    def observe_request(self, nbytes: int, elapsed_s: float, storage_s: float = 0.0,
+                        first_byte_s: float = 0.0):
+        """A whole request: ``elapsed_s`` from sending it to its last byte,
+        ``storage_s`` the storage compute its frames report (sum of their
+        decode, layers and to_wire), ``first_byte_s`` the wait for its first
+        byte. The storage tier computes a frame and then writes it, so a
+        request's receiving time is about its elapsed time less the storage
+        compute that did not overlap the first byte's wait and less that wait.
+        Prefer :meth:`observe_transfer` with per-frame arrival times where
+        the reader has them."""
+        receiving = elapsed_s - max(first_byte_s, 0.0) - max(storage_s, 0.0)
+        if first_byte_s > 0:
+            self._latency.add(first_byte_s)
+        # Overlap between the storage compute and the transfer makes the
+        # difference an underestimate; never count less than a tenth of the
+        # elapsed time as receiving time (a bound, not a measurement).
+        self.observe_transfer(nbytes, max(receiving, 0.1 * elapsed_s))
+
+    def observe_latency(self, seconds: float):
+        """A request's time to its first byte beyond the storage compute."""
+        if seconds >= 0:
+            self._latency.add(seconds)
+
+    # Estimates -----------------------------------------------------------
+
+    @property
+    def bandwidth(self) -> float | None:
+        return _rate(self._transfers.values)
+
+    @property
+    def storage_decode_s(self) -> float | None:
+        return self._decode.median()
+
+    @property
+    def storage_to_wire_s_per_byte(self) -> float | None:
+        return self._to_wire.median()
+
+    @property
+    def request_latency_s(self) -> float | None:
+        return self._latency.median()
+
+    def storage_layer_s(self, layers: int) -> list[float | None]:
+        """Per-sample storage time of layers ``[0, layers)``; None where no frame ran it."""
+        return [self._layers[i].median() if i in self._layers else None for i in range(layers)]
+
+    def apply(self, profile: Profile) -> Profile:
+        """``profile`` with the estimates made so far filled in (a copy)."""
+        out = profile.with_measurements()
+        for index, seconds in enumerate(self.storage_layer_s(min(len(out), out.freeze))):
+            if seconds is not None:
+                out.layers[index].storage_s = seconds
+        for name in ("bandwidth", "storage_decode_s", "storage_to_wire_s_per_byte",
+                     "request_latency_s"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(out, name, value)
+        return out
+
+    # Drift -----------------------------------------------------------------
+
+    def mark(self) -> dict:
+        """Record the current estimates as those the current choice was made
+        with; later drift is measured against them. Returns the baseline."""
+        self._baseline = {"bandwidth": self.bandwidth,
+                          "layers": {i: s.median() for i, s in self._layers.items()},
+                          "decode": self._decode.median()}
+        for series in (self._decode, self._to_wire, self._transfers, self._latency,
+                       *self._layers.values()):
+            series.since_mark = 0
+        return self._baseline
+
+    def keep_recent(self) -> None:
+        """After a drift: forget what came before the last mark, for every
+        quantity with at least ``min_observations`` new observations, so that
+        the estimates describe the new conditions only, not a mix of both.
+
+        A layer the storage tier ran before the mark but not since (the split
+        moved below it) keeps its last times, scaled by the storage tier's
+        drift on what it still runs: a storage tier that got twice as slow is
+        twice as slow on every layer."""
+        change = self.drift()["storage"]
+        scale = 1.0 + change if change is not None else 1.0
+        series = [self._decode, self._to_wire, self._transfers, self._latency,
+                  *self._layers.values()]
+        for one in series:
+            if one.since_mark >= self.min_observations:
+                recent = one.recent(self.drift_window)
+                one.values.clear()
+                one.values.extend(recent)
+        if scale != 1.0:
+            for one in self._layers.values():
+                if one.since_mark < self.min_observations and one.values:
+                    # Not run since the mark: rescale by the storage drift (see apply).
+                    values = [v * scale for v in one.values]
+                    one.values.clear()
+                    one.values.extend(values)
+
+    def drift(self) -> dict:
+        """Relative change since :meth:`mark` (``new / old - 1``) of the
+        bandwidth and of the storage time per sample (decode plus the layers
+        measured both then and now), over the last ``drift_window``
+        observations since the mark; each None until ``min_observations`` new
+        observations of it arrived. Without a mark, both are None."""
+        result = {"bandwidth": None, "storage": None}
+        base = self._baseline
+        if base is None:
+            return result
+        limit = self.drift_window
+        recent = self._transfers.recent(limit)
+        if base["bandwidth"] and len(recent) >= self.min_observations:
+            result["bandwidth"] = _rate(recent) / base["bandwidth"] - 1
+        pairs = []  # (value at the mark, value since), for decode and each layer seen in both
+        for old, series in ((base["decode"], self._decode),
+                            *((base["layers"].get(i), s) for i, s in self._layers.items())):
+            values = series.recent(limit)
+            if old and len(values) >= self.min_observations:
+                pairs.append((old, statistics.median(values)))
+        if pairs:
+            result["storage"] = sum(new for _, new in pairs) / sum(old for old, _ in pairs) - 1
+        return result
+
+    def spread(self) -> dict:
+        """How much one observation since :meth:`mark` strays from the others:
+        the median absolute deviation over the median (relative) of the
+        per-transfer rates, and of the storage times (decode and each layer,
+        weighted by their medians). 0 until there are two observations."""
+        limit = self.drift_window
+        rates = [b / s for b, s in self._transfers.recent(limit)]
+        weighted = [(statistics.median(values), _relative_spread(values))
+                    for values in (s.recent(limit) for s in (self._decode, *self._layers.values()))
+                    if values]
+        total = sum(median for median, _ in weighted)
+        storage = sum(median * spread for median, spread in weighted) / total if total else 0.0
+        return {"bandwidth": _relative_spread(rates), "storage": storage}
+
+    def drifted(self, threshold: float = 0.25) -> bool:
+        """Whether the bandwidth or the storage speed moved since :meth:`mark`
+        by more than ``threshold`` (relative, either way) and by more than
+        ``spread_factor`` times its own :meth:`spread`: on a noisy host, a
+        change no larger than the noise is no drift."""
+        spread = self.spread()
+        return any(change is not None
+                   and abs(change) > max(threshold, self.spread_factor * spread[name])
+                   for name, change in self.drift().items())
+
+
+def _relative_spread(values) -> float:
+    if len(values) < 2:
+        return 0.0
+    middle = statistics.median(values)
+    return statistics.median(abs(v - middle) for v in values) / middle if middle > 0 else 0.0
+
+
+def _rate(transfers) -> float | None:
+    seconds = sum(s for _, s in transfers)
+    return sum(b for b, _ in transfers) / seconds if seconds > 0 else None

@@ -20,6 +20,9 @@ Each run records the epoch time, the bytes across the link (the veth's
 counters) and the trainer's own count, the time each tier computed and
 waited, the chosen split, the held-out accuracy, and the bound
 max(storage compute, transfer, trainer compute) of a pipelined HAPI run.
+The transfer counts at the link's goodput, measured at each rate in the same
+run (``benchmarks/link_probe.py``: a timed GET across the link), as a tbf
+link shaped to R carries a little less than R of payload.
 Results go to ``OUT/results.json`` (rewritten after every run), the
 trainers' metrics and logs to ``OUT/runs/``, a table to stdout, and plots to
 ``OUT/epoch_time.png``, ``OUT/bytes.png`` and ``OUT/split.png``.
@@ -50,7 +53,9 @@ FORMAT = "hapi-tl-benchmark/1"
 REPO = Path(__file__).resolve().parents[1]
 TRAINER = REPO / "client" / "main.py"
 ALL_IN_COS = REPO / "benchmarks" / "all_in_cos.py"
+LINK_PROBE = REPO / "benchmarks" / "link_probe.py"
 RESULTS_CONTAINER = "hapi-results"
+PROBE_OBJECT = f"{RESULTS_CONTAINER}/link-probe"
 RESULTS = "results.json"
 
 MODES = ("vanilla", "hapi_auto", "hapi_freeze", "hapi_sequential", "all_in_cos")
@@ -66,7 +71,8 @@ PRESETS = {
 
 # Every record has every field; None where a mode has no such figure.
 FIELDS = (
-    "model", "mode", "bandwidth_mbit", "shaped", "split", "freeze", "epoch_s", "epoch_times_s",
+    "model", "mode", "bandwidth_mbit", "link_goodput_mbit", "shaped", "split", "freeze",
+    "epoch_s", "epoch_times_s",
     "run_s", "link_bytes", "link_bytes_to_trainer", "link_bytes_to_storage", "trainer_bytes",
     "raw_shard_bytes", "trainer_compute_s", "trainer_wait_s", "storage_compute_s",
     "storage_wait_s", "storage_frames_s", "storage_cpu_s", "trainer_cpu_s", "transfer_s",
@@ -108,16 +114,19 @@ def python(script, *args):
 # -- one run per mode ----------------------------------------------------------------------
 
 
-def run_mode(tiers, settings, model, mode, rate, out_dir):
-    """Run ``mode`` once at the link's current rate; return its record."""
+def run_mode(tiers, settings, model, mode, link, out_dir):
+    """Run ``mode`` once at the link's current rate; return its record.
+
+    ``link``: {"rate": the nominal Mbit/s, "goodput": the measured one, or None}."""
+    rate = link["rate"]
     name = f"{model}-{rate}mbit-{mode}"
     freeze = zoo.MODELS[model].default_freeze
     flags = trainer_flags(settings, model)
     if mode == "all_in_cos":
-        return all_in_cos_record(tiers, model, freeze, flags, rate, name, out_dir)
+        return all_in_cos_record(tiers, model, freeze, flags, link, name, out_dir)
     measured = run_measured(tiers, tiers.trainer_command(
         python(TRAINER, *flags, *mode_flags(mode, freeze))), name, out_dir)
-    return trainer_record(measured, model, mode, rate, tiers.shaped, [name])
+    return trainer_record(measured, model, mode, link, tiers.shaped, [name])
 
 
 def storage_busy_s(measured):
@@ -134,18 +143,19 @@ def storage_busy_s(measured):
     return measured.storage_cpu_s * epochs[-1]["train"]["samples"] / served if served else 0.0
 
 
-def trainer_record(measured, model, mode, rate, shaped, runs):
+def trainer_record(measured, model, mode, link, shaped, runs):
     """The record of a trainer run: epoch figures from its last epoch's training pass."""
     metrics = measured.metrics
     train = metrics["epochs"][-1]["train"]
     epoch_s = train["time_s"]
     storage_compute_s = storage_busy_s(measured)
-    transfer_s = _transfer_s(train["traffic"]["bytes_received"], rate, shaped)
+    transfer_s = _transfer_s(train["traffic"]["bytes_received"], link["goodput"])
     split = metrics["split"]
     bound_s = (max(storage_compute_s, transfer_s, train["compute_s"])
                if split and transfer_s is not None else None)
     return _record(
-        measured, model=model, mode=mode, bandwidth_mbit=rate, shaped=shaped, split=split,
+        measured, model=model, mode=mode, bandwidth_mbit=link["rate"],
+        link_goodput_mbit=link["goodput"], shaped=shaped, split=split,
         freeze=metrics["freeze"], epoch_s=epoch_s,
         epoch_times_s=[e["time_s"] for e in metrics["epochs"]],
         trainer_bytes=metrics["bytes_received"], raw_shard_bytes=metrics["raw_shard_bytes"],
@@ -159,7 +169,7 @@ def trainer_record(measured, model, mode, rate, shaped, runs):
         runs=runs)
 
 
-def all_in_cos_record(tiers, model, freeze, flags, rate, name, out_dir):
+def all_in_cos_record(tiers, model, freeze, flags, link, name, out_dir):
     """ALL_IN_COS: the job in the storage tier, then the trained layers to the trainer.
 
     Its epoch time is the storage tier's training epoch plus the download of
@@ -183,14 +193,15 @@ def all_in_cos_record(tiers, model, freeze, flags, rate, name, out_dir):
         storage_cpu_s=job.storage_cpu_s + job.command_cpu_s + fetch.storage_cpu_s,
         command_cpu_s=fetch.command_cpu_s)
     return _record(
-        combined, model=model, mode="all_in_cos", bandwidth_mbit=rate, shaped=tiers.shaped,
+        combined, model=model, mode="all_in_cos", bandwidth_mbit=link["rate"],
+        link_goodput_mbit=link["goodput"], shaped=tiers.shaped,
         split=0, freeze=metrics["freeze"], epoch_s=epoch_s,
         epoch_times_s=[e["time_s"] + got["fetch_s"] / epochs for e in metrics["epochs"]],
         trainer_bytes=got["bytes"], raw_shard_bytes=metrics["raw_shard_bytes"],
         trainer_compute_s=0.0, trainer_wait_s=epoch_s,
         storage_compute_s=train["compute_s"], storage_wait_s=train["wait_s"],
         storage_frames_s=None,
-        transfer_s=_transfer_s(got["bytes"], rate, tiers.shaped), bound_s=None,
+        transfer_s=_transfer_s(got["bytes"], link["goodput"]), bound_s=None,
         bound_ratio=None, accuracy=metrics["accuracy"],
         train_samples=metrics["samples"]["train"], samples_per_split={"0": train["samples"]},
         runs=[f"{name}-job", f"{name}-fetch"])
@@ -217,9 +228,19 @@ def _sum(a, b):
     return None if a is None else a + b
 
 
-def _transfer_s(nbytes, rate, shaped):
-    """Time the link needs for ``nbytes`` at its rate (None when unshaped)."""
-    return nbytes * 8 / (rate * 1e6) if shaped else None
+def _transfer_s(nbytes, goodput_mbit):
+    """Time the link needs for ``nbytes`` at its measured goodput (None when unshaped)."""
+    return nbytes * 8 / (goodput_mbit * 1e6) if goodput_mbit else None
+
+
+def probe_link(tiers, rate, name, out_dir):
+    """{"rate": rate, "goodput": the Mbit/s a GET across the link got now}; no
+    goodput when unshaped (loopback has no rate to measure against)."""
+    if not tiers.shaped:
+        return {"rate": rate, "goodput": None}
+    measured = run_measured(tiers, tiers.trainer_command(python(
+        LINK_PROBE, "get", "--object", PROBE_OBJECT, "--nominal_mbit", rate)), name, out_dir)
+    return {"rate": rate, "goodput": measured.metrics["goodput_mbit"]}
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -233,6 +254,9 @@ def load_dataset(tiers, settings):
         "--size", settings["image_size"], "--quality", settings["quality"],
         "--shard-size", settings["shard_size"], "--classes", settings["classes"]])
     subprocess.run(command, env=tiers.env(), check=True, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run(tiers.storage_command(python(LINK_PROBE, "put", "--object", PROBE_OBJECT)),
+                   env=tiers.env(), check=True, stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL)
 
 
@@ -261,8 +285,9 @@ def run_all(settings, out_dir, log=say):
             warm_up(tiers, settings["container"], model, settings["threads"], out_dir)
             for rate in settings["bandwidths"]:
                 tiers.set_rate(rate)
+                link = probe_link(tiers, rate, f"{model}-{rate}mbit-link", out_dir)
                 for mode in settings["modes"]:
-                    record = run_mode(tiers, settings, model, mode, rate, out_dir)
+                    record = run_mode(tiers, settings, model, mode, link, out_dir)
                     doc["results"].append(record)
                     log(_progress_line(record))
                     write_json(doc, out_dir / RESULTS)

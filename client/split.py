@@ -432,8 +432,11 @@ class AutoSplit:
     and ``estimator.min_observations`` transfers have arrived, and at the
     latest after ``max_profile_shards`` shards. After it, a drift of the
     bandwidth or the storage speed beyond ``drift_threshold`` re-evaluates
-    the choice, which moves only when the new best is more than ``margin``
-    faster than the split in use.
+    the choice. Every decision, the first one too (the split in use is then
+    the start), moves the split only when the new best is predicted more
+    than ``margin`` faster: predictions a few percent apart are within the
+    noise of the measurements they come from, and the start, ``f``, is the
+    split the user's freeze index names.
     """
 
     def __init__(self, profile: Profile, *, start: int | None = None, profile_frames: int = 4,
@@ -471,18 +474,19 @@ class AutoSplit:
                 est.transfers >= est.min_observations
             if measured or self.shards >= self.max_profile_shards:
                 self._decide("profiled" if measured else
-                             f"profiling bound reached ({self.shards} shards)", current=None)
+                             f"profiling bound reached ({self.shards} shards)")
         elif est.drifted(self.drift_threshold):
             change = est.drift()
             est.keep_recent()
             self._decide("drift: " + ", ".join(f"{name} {value:+.0%}"
                                                for name, value in change.items()
-                                               if value is not None), current=self.split)
+                                               if value is not None))
         return self.split
 
-    def _decide(self, why: str, current: int | None) -> Decision:
+    def _decide(self, why: str) -> Decision:
+        """Choose again, with the split in use as the incumbent."""
         decision = choose_split(self.current_profile(), epoch_samples=self.epoch_samples,
-                                current=current, margin=self.margin)
+                                current=self.split, margin=self.margin)
         self.estimator.mark()
         self.decisions.append(decision)
         self.history.append({"shard": self.shards, "why": why, "from": self.split,

@@ -1,4 +1,5 @@
-"""benchmarks/tl_benchmark.py end to end, with tiny settings, as its real command.
+"""benchmarks/tl_benchmark.py and split_quality.py end to end, with tiny
+settings, as their real commands.
 
 As root the storage tier runs in a shaped network namespace; elsewhere the
 benchmark falls back to loopback, and these tests say so (a warning) and
@@ -18,6 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARK = REPO / "benchmarks" / "tl_benchmark.py"
+SPLIT_QUALITY = REPO / "benchmarks" / "split_quality.py"
 MODES = ["vanilla", "hapi_auto", "hapi_freeze", "hapi_sequential", "all_in_cos"]
 PLOTS = ("epoch_time.png", "bytes.png", "split.png")
 # What issue 6 asks of every run (each record has more).
@@ -32,11 +34,11 @@ TINY = ["--models", "mobilenet_v3_small", "--bandwidths", "200", "--images", "24
 pytestmark = [pytest.mark.swift, pytest.mark.timeout(900)]
 
 
-def start_benchmark(out):
+def start_benchmark(out, script=BENCHMARK, flags=TINY):
     if not SHAPED:
         warnings.warn("network namespaces need root: the benchmark runs unshaped on "
                       "loopback here (no rate limit, no link byte counters)", stacklevel=2)
-    return subprocess.Popen([sys.executable, str(BENCHMARK), *TINY, "--out", str(out)],
+    return subprocess.Popen([sys.executable, str(script), *flags, "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=REPO)
 
@@ -90,8 +92,11 @@ def test_smoke_run_writes_every_mode_field_and_plot(tmp_path):
         assert vanilla["trainer_bytes"] <= vanilla["link_bytes_to_trainer"] \
             <= 1.3 * vanilla["trainer_bytes"]
         assert by_mode["hapi_freeze"]["bound_ratio"] is not None
+        # The measured payload rate: below the shaped rate, yet most of it.
+        for record in records:
+            assert 0.5 < record["link_goodput_mbit"] / record["bandwidth_mbit"] < 1.05, record
     else:
-        assert all(r["link_bytes"] is None for r in records)
+        assert all(r["link_bytes"] is None and r["link_goodput_mbit"] is None for r in records)
         assert "UNSHAPED" in stdout
     assert "HAPI auto vs vanilla" in stdout
     for name in PLOTS:
@@ -119,4 +124,33 @@ def test_sigterm_stops_swift_and_removes_the_namespaces(tmp_path):
     while any(running(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(running(pid) for pid in pids)
+    assert not namespaces_of(proc.pid)
+
+
+def test_split_quality_times_every_split_and_judges_the_choice(tmp_path):
+    """One case, no cutoff: every split s <= f has a measured time, the
+    contenders a second run, and the verdict follows from those times."""
+    out = tmp_path / "splits"
+    proc = start_benchmark(out, SPLIT_QUALITY, [
+        "--models", "resnet18", "--bandwidths", "200", "--batch_sizes", "2",
+        "--iterations", "4", "--shard_size", "2", "--repeats", "2", "--cutoff", "0"])
+    stdout, _ = proc.communicate(timeout=850)
+    assert proc.returncode == 0, stdout[-4000:]
+
+    doc = json.loads((out / "split_quality.json").read_text())
+    [case] = doc["cases"]
+    freeze = case["freeze"]
+    assert sorted(map(int, case["times_s"])) == list(range(freeze + 1))
+    assert all(seconds > 0 for seconds in case["times_s"].values())
+    assert 0 <= case["chosen_split"] <= freeze and case["decided"]
+    assert case["chosen_split"] in case["contenders"]
+    for split in case["contenders"]:
+        assert len(case["runs_s"][str(split)]) == 2
+    times = {int(s): t for s, t in case["times_s"].items()}
+    assert case["best_s"] == min(times.values()) == times[case["best_split"]]
+    assert case["ratio"] == pytest.approx(times[case["chosen_split"]] / case["best_s"])
+    assert case["hit"] is (case["ratio"] <= 1.05)
+    assert doc["summary"]["cases"] == 1 and doc["summary"]["hits"] == int(case["hit"])
+    assert "chosen split best or within 5% of it: " in stdout
+    assert (out / "split_quality.png").read_bytes().startswith(b"\x89PNG")
     assert not namespaces_of(proc.pid)

@@ -16,7 +16,6 @@ with :mod:`hapi.middleware.responses`.
 """
 
 import os
-import time
 from collections import OrderedDict
 
 import torch
@@ -32,6 +31,7 @@ from hapi.middleware.memory import (
     tensor_bytes,
     trace_forward,
 )
+from hapi.middleware.shareclock import ShareClock
 from hapi.preprocess import DecodeError, check_image, preprocess, preset_size
 from hapi.shards import ShardError, read_shard
 from hapi.weights import WeightsNotFound
@@ -48,6 +48,15 @@ def resolve_device(name):
     return device
 
 
+def device_capacity(device):
+    """How many computations ``device`` runs at once at full speed: one on a
+    GPU; on the CPU, the cores this process may use over torch's threads per
+    computation (one torch thread on each of 4 cores: 4)."""
+    if device.type != "cpu":
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) // torch.get_num_threads())
+
+
 class FeatureEngine:
     """``memory_budget``: bytes that cached models and requests may hold
     together; None (``auto``) means the free device memory less a margin on a
@@ -58,6 +67,7 @@ class FeatureEngine:
         self.device = resolve_device(device)
         if threads > 0:
             torch.set_num_threads(threads)
+        self.clock = ShareClock(device_capacity(self.device))  # what the frames' timings read
         self.max_image_pixels = max_image_pixels
         self.weights_dir = weights_dir
         self.max_cached_models = max_cached_models
@@ -208,39 +218,45 @@ class FeatureEngine:
         and with ``preset`` the size the preset would resize it to) before
         any work starts, so most bad input fails before the response status
         is sent. Raises ShardError naming the member."""
-        samples = read_shard(data)
-        for sample in samples:
-            try:
-                check_image(sample.image, self.max_image_pixels, preset)
-            except DecodeError as err:
-                raise ShardError(str(err), f"{sample.key}.{sample.ext}") from None
+        with self.clock.computing():
+            samples = read_shard(data)
+            for sample in samples:
+                try:
+                    check_image(sample.image, self.max_image_pixels, preset)
+                except DecodeError as err:
+                    raise ShardError(str(err), f"{sample.key}.{sample.ext}") from None
         return samples
 
     def extract(self, model, samples, request, index):
-        """Run one storage batch: decode, preprocess, layers [0, split); return a frame."""
-        start = time.perf_counter()
-        try:
-            x = preprocess([s.image for s in samples], request.preset, request.model,
-                           self.max_image_pixels)
-        except DecodeError as err:
-            bad = samples[err.index]
-            raise ShardError(str(err), f"{bad.key}.{bad.ext}") from None
-        # No other reference to the input: the first layer's output replaces it,
-        # as in trace_forward.
-        x = x.to(self.device, non_blocking=True)
-        decoded = time.perf_counter()
-        layer_times = []
-        with torch.inference_mode():
-            for layer in model.layers[:request.split]:
-                t0 = time.perf_counter()
-                x = layer(x)
-                if x.is_cuda:
-                    torch.cuda.synchronize(x.device)
-                layer_times.append(time.perf_counter() - t0)
-            computed = time.perf_counter()
-            features = x.to(TORCH_DTYPES[request.dtype]).cpu()
-        timings = {"decode_s": decoded - start, "layers_s": layer_times,
-                   "to_wire_s": time.perf_counter() - computed}
+        """Run one storage batch: decode, preprocess, layers [0, split); return a frame.
+
+        Its timings are read on :attr:`clock`: each is this request's share
+        of the device, whatever else computed at the same time."""
+        clock = self.clock
+        with clock.computing():
+            start = clock.now()
+            try:
+                x = preprocess([s.image for s in samples], request.preset, request.model,
+                               self.max_image_pixels)
+            except DecodeError as err:
+                bad = samples[err.index]
+                raise ShardError(str(err), f"{bad.key}.{bad.ext}") from None
+            # No other reference to the input: the first layer's output replaces it,
+            # as in trace_forward.
+            x = x.to(self.device, non_blocking=True)
+            decoded = clock.now()
+            layer_times = []
+            with torch.inference_mode():
+                for layer in model.layers[:request.split]:
+                    t0 = clock.now()
+                    x = layer(x)
+                    if x.is_cuda:
+                        torch.cuda.synchronize(x.device)
+                    layer_times.append(clock.now() - t0)
+                computed = clock.now()
+                features = x.to(TORCH_DTYPES[request.dtype]).cpu()
+            timings = {"decode_s": decoded - start, "layers_s": layer_times,
+                       "to_wire_s": clock.now() - computed}
         return wire.encode_frame(
             "batch",
             {"index": str(index), "keys": [s.key for s in samples], "timings": timings},

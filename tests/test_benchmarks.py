@@ -150,7 +150,11 @@ def test_split_quality_times_every_split_and_judges_the_choice(tmp_path):
     assert case["best_s"] == min(times.values()) == times[case["best_split"]]
     assert case["ratio"] == pytest.approx(times[case["chosen_split"]] / case["best_s"])
     assert case["hit"] is (case["ratio"] <= 1.05)
+    chosen_runs, best_runs = (case["runs_s"][str(case[key])] for key in ("chosen_split",
+                                                                         "best_split"))
+    assert case["miss_within_noise"] is (not case["hit"] and min(chosen_runs) <= max(best_runs))
     assert doc["summary"]["cases"] == 1 and doc["summary"]["hits"] == int(case["hit"])
+    assert doc["summary"]["misses_within_noise"] == int(case["miss_within_noise"])
     assert "chosen split best or within 5% of it: " in stdout
     assert (out / "split_quality.png").read_bytes().startswith(b"\x89PNG")
     assert not namespaces_of(proc.pid)

@@ -4,6 +4,13 @@ A shard is a tar of ``<key>.<ext>`` members grouped by key: ``000123.jpg``
 holds the encoded image and ``000123.cls`` its class index as ASCII digits.
 The manifest (``manifest.json`` in the same container) lists the shards, the
 sample count and the class names.
+
+Member names follow WebDataset's rule: the key is the name up to the first
+dot of its last path component, the extension everything after it
+(``a.b.jpg`` is key ``a``, extension ``b.jpg``; ``dir/a.jpg`` is key
+``dir/a``). A sample is the image member (an extension of
+:data:`IMAGE_EXTENSIONS`) and the ``cls`` member of one key; members with
+other extensions are carried along and ignored.
 """
 
 import io
@@ -62,11 +69,28 @@ class Manifest:
         return cls(classes=list(doc["classes"]), shards=list(doc["shards"]))
 
 
+def split_member_name(name):
+    """``(key, extension)`` of a member name by WebDataset's rule: the key ends
+    at the first dot of the last path component; the extension is lower-cased.
+    The extension is empty when the name has no dot there."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
 def write_shard(samples):
-    """Pack ``samples`` (an iterable of :class:`Sample`) into tar bytes."""
+    """Pack ``samples`` (an iterable of :class:`Sample`) into tar bytes.
+
+    Raises :class:`ShardError` for a sample whose members would not read back
+    as its own: a key with a dot in its last path component (WebDataset would
+    end the key there), an extension that is not an image's, or a key used
+    twice.
+    """
     buf = io.BytesIO()
+    seen = set()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in samples:
+            _check_writable(sample, seen)
             for name, payload in ((f"{sample.key}.{sample.ext}", sample.image),
                                   (f"{sample.key}.cls", str(sample.label).encode())):
                 info = tarfile.TarInfo(name)
@@ -74,6 +98,19 @@ def write_shard(samples):
                 info.mode = 0o644
                 tar.addfile(info, io.BytesIO(payload))
     return buf.getvalue()
+
+
+def _check_writable(sample, seen):
+    name = f"{sample.key}.{sample.ext}"
+    if split_member_name(name) != (sample.key, sample.ext.lower()) or not sample.key:
+        raise ShardError(f"sample key {sample.key!r} would not read back: a key has no dot "
+                         "after its last '/' (WebDataset ends the key at the first dot)", name)
+    if sample.ext.lower() not in IMAGE_EXTENSIONS:
+        raise ShardError(f"image extension {sample.ext!r} is not one of "
+                         f"{', '.join(IMAGE_EXTENSIONS)}", name)
+    if sample.key in seen:
+        raise ShardError(f"sample key {sample.key!r} is used twice in one shard", name)
+    seen.add(sample.key)
 
 
 def read_shard(data):
@@ -86,11 +123,12 @@ def read_shard(data):
     Raises :class:`ShardError` for anything that is not a well-formed shard:
     not a tar, truncated or broken (even between members), a member that is
     not a regular file (a symbolic or hard link, a device, a sparse file,
-    whose content would not be the bytes stored in the tar), a key without
-    an image or without a label, no sample at all, or a label that is not an
-    integer in [0, :data:`MAX_LABEL`].
+    whose content would not be the bytes stored in the tar), a name with no
+    extension, two members of one sample with the same extension, or two
+    images in one sample, a key without an image or without a label, no
+    sample at all, or a label that is not an integer in [0, :data:`MAX_LABEL`].
     """
-    images, labels = {}, {}
+    images, labels, members = {}, {}, set()
     name = None
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
@@ -101,15 +139,22 @@ def read_shard(data):
                 refused = _not_regular(member)
                 if refused:
                     raise ShardError(refused, name)
-                key, _, ext = name.rpartition(".")
-                ext = ext.lower()
-                if not key:
-                    raise ShardError("member name has no extension", name)
+                key, ext = split_member_name(name)
+                if not key or not ext:
+                    raise ShardError("member name has no key or no extension (a sample's "
+                                     "members are named <key>.<extension>)", name)
+                if (key, ext) in members:
+                    raise ShardError(f"sample {key!r} has two members with extension "
+                                     f"{ext!r}", name)
+                members.add((key, ext))
                 payload = tar.extractfile(member).read()
                 if ext == "cls":
                     labels[key] = (name, payload)
                 elif ext in IMAGE_EXTENSIONS:
-                    images[key] = (ext, payload)
+                    if key in images:
+                        raise ShardError(f"sample {key!r} has two images "
+                                         f"({images[key][2]} and this one)", name)
+                    images[key] = (ext, payload, name)
             # tarfile takes a cut or broken header after the first member for
             # the end of the archive: samples would silently go missing. A
             # whole tar ends with a zero block where the next header would be.
@@ -125,9 +170,9 @@ def read_shard(data):
                          + (f"; {orphan} has no image)" if orphan else ")"), orphan)
     samples = []
     for key in sorted(images):
-        ext, image = images[key]
+        ext, image, image_name = images[key]
         if key not in labels:
-            raise ShardError("sample has no .cls label", f"{key}.{ext}")
+            raise ShardError("sample has no .cls label", image_name)
         name, raw = labels[key]
         samples.append(Sample(key=key, image=image, ext=ext, label=parse_label(raw, name)))
     return samples

@@ -10,19 +10,23 @@ A checkpoint is two objects in a store:
 
 ``latest.json`` is written after the tensors it names and the previous
 tensors are deleted last, so a run killed at any point leaves a complete
-checkpoint behind.
+checkpoint behind. The store is a folder or a Swift container
+(:mod:`hapi.stores`).
 """
 
 import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from swiftclient import ClientException
+
+from hapi.stores import DirectoryStore, SwiftStore
+
+# The stores are hapi.stores'; the trainer imports them from here with the checkpoints.
+__all__ = ["Checkpoint", "CheckpointError", "DirectoryStore", "SwiftStore", "load_checkpoint",
+           "save_checkpoint"]
 
 LATEST = "latest.json"
 FORMAT = "hapi-checkpoint/1"
@@ -30,64 +34,6 @@ FORMAT = "hapi-checkpoint/1"
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be read, or does not belong to this run."""
-
-
-class DirectoryStore:
-    """Checkpoint objects as files in a local folder."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-
-    def __str__(self):
-        return str(self.path)
-
-    def put(self, name, data):
-        self.path.mkdir(parents=True, exist_ok=True)
-        partial = self.path / f".{name}.partial"
-        partial.write_bytes(data)
-        os.replace(partial, self.path / name)
-
-    def get(self, name):
-        try:
-            return (self.path / name).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def delete(self, name):
-        (self.path / name).unlink(missing_ok=True)
-
-
-class SwiftStore:
-    """Checkpoint objects in a Swift container (created on the first save)."""
-
-    def __init__(self, conn, container):
-        self.conn = conn
-        self.container = container
-        self._created = False
-
-    def __str__(self):
-        return f"swift:{self.container}"
-
-    def put(self, name, data):
-        if not self._created:
-            self.conn.put_container(self.container)
-            self._created = True
-        self.conn.put_object(self.container, name, data)
-
-    def get(self, name):
-        try:
-            return self.conn.get_object(self.container, name)[1]
-        except ClientException as err:
-            if err.http_status == 404:
-                return None
-            raise
-
-    def delete(self, name):
-        try:
-            self.conn.delete_object(self.container, name)
-        except ClientException as err:
-            if err.http_status != 404:
-                raise
 
 
 @dataclass

@@ -44,7 +44,9 @@ def image_folder(path, seed=0):
 
     Files keep their encoded bytes and extension. Files whose extension is not
     an image's are skipped (with a logged warning giving their count). The
-    samples are shuffled with ``seed`` so that shards mix the classes.
+    samples are shuffled with ``seed`` so that shards mix the classes. Each
+    file is decoded as it is read: one that does not decode stops the
+    iteration with a :class:`SourceError` naming it.
     """
     root = Path(path)
     if not root.is_dir():
@@ -82,8 +84,22 @@ def _extension(file):
 
 def _read_files(files):
     for index, (file, label) in enumerate(files):
-        yield Sample(key=sample_key(index, len(files)), image=file.read_bytes(),
-                     ext=_extension(file), label=label)
+        image = file.read_bytes()
+        _check_decodes(file, image)
+        yield Sample(key=sample_key(index, len(files)), image=image, ext=_extension(file),
+                     label=label)
+
+
+def _check_decodes(file, image):
+    """Refuse, naming ``file``, an image that the storage tier would refuse
+    (with its default pixel limit) under the member name it gets in a shard."""
+    from hapi.middleware.settings import OPTION_DEFAULTS
+    from hapi.preprocess import DecodeError, open_image
+
+    try:
+        open_image(image, OPTION_DEFAULTS["max_image_pixels"])
+    except DecodeError as err:
+        raise SourceError(f"{file}: {err}; remove or replace the file and load again") from None
 
 
 def digits():

@@ -7,21 +7,21 @@ Command ``hapi-load`` (or ``python -m hapi.client_setup.load``)::
     hapi-load folder --path ~/flowers --container flowers --shard-size 128
     hapi-load synthetic --count 5000 --size 224 --classes 10 --out /tmp/synthetic
 
-Shards are named ``shard-000000.tar``, ``shard-000001.tar``, ... Writing a data
+Shards are named ``shard-000000.tar``, ``shard-000001.tar``, ... Without
+``--shard-size``, a shard holds at most 256 samples and few enough for 10
+shards: the trainer holds out whole shards. Writing a data
 set again to the same container or folder replaces it: the old manifest is
 removed first, the new shards and manifest are written, and shards left over
 from a bigger earlier data set are deleted.
 """
 
 import argparse
-import hashlib
 import itertools
 import logging
-import os
+import math
 import re
 import sys
 import time
-from pathlib import Path
 
 from requests.exceptions import RequestException
 from swiftclient.client import ClientException, Connection
@@ -29,11 +29,17 @@ from tqdm import tqdm
 
 from hapi.client_setup import datasets
 from hapi.shards import MANIFEST_NAME, Manifest, ShardError, write_shard
+from hapi.stores import DirectoryStore, SwiftStore
+from hapi.swiftauth import CredentialsError, connection_options
 
 SHARD_PREFIX = "shard-"
 SHARD_PATTERN = re.compile(rf"{SHARD_PREFIX}\d{{6,}}\.tar")
 SHARD_CONTENT_TYPE = "application/x-tar"
 MANIFEST_CONTENT_TYPE = "application/json"
+# The trainer holds out whole shards (20% by default): hapi-load aims at this
+# many shards so that the hold-out is one shard in five, not all or nothing.
+TARGET_SHARDS = 10
+DEFAULT_SHARD_SIZE = 256
 
 
 class LoadError(RuntimeError):
@@ -56,54 +62,26 @@ def pack(samples, shard_size=256):
         yield shard_name(index), write_shard(batch), len(batch)
 
 
-class SwiftStore:
-    """Objects in a Swift container (created if missing)."""
+def choose_shard_size(count, requested=None):
+    """``(samples per shard, a note for the user or None)`` for ``count`` samples.
 
-    def __init__(self, conn, container):
-        self.conn = conn
-        self.container = container
-
-    def prepare(self):
-        self.conn.put_container(self.container)
-
-    def put(self, name, data, content_type):
-        etag = hashlib.md5(data, usedforsecurity=False).hexdigest()
-        self.conn.put_object(self.container, name, data, content_type=content_type, etag=etag)
-
-    def delete(self, name):
-        try:
-            self.conn.delete_object(self.container, name)
-        except ClientException as err:
-            if err.http_status != 404:
-                raise
-
-    def names(self, prefix):
-        _, objects = self.conn.get_container(self.container, prefix=prefix, full_listing=True)
-        return [obj["name"] for obj in objects]
+    Without ``requested``: at most :data:`DEFAULT_SHARD_SIZE`, small enough
+    for :data:`TARGET_SHARDS` shards when there are that many samples. A
+    requested size is kept; the note says when it makes fewer shards than that.
+    """
+    fitting = max(1, math.ceil(count / TARGET_SHARDS))
+    if requested is None:
+        return min(DEFAULT_SHARD_SIZE, fitting), None
+    shards = math.ceil(count / requested)
+    if shards >= min(TARGET_SHARDS, count):
+        return requested, None
+    return requested, (f"{count} samples in shards of {requested} make {shards}; the trainer "
+                       "holds out whole shards (20% by default) and needs at least 2, so few "
+                       f"shards make a coarse hold-out: --shard-size {fitting} makes "
+                       f"{math.ceil(count / fitting)}")
 
 
-class FolderStore:
-    """Files in a local folder (created if missing)."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-
-    def prepare(self):
-        self.path.mkdir(parents=True, exist_ok=True)
-
-    def put(self, name, data, content_type):
-        partial = self.path / f".{name}.partial"
-        partial.write_bytes(data)
-        partial.replace(self.path / name)
-
-    def delete(self, name):
-        (self.path / name).unlink(missing_ok=True)
-
-    def names(self, prefix):
-        return [p.name for p in self.path.glob(f"{prefix}*")]
-
-
-def store_dataset(store, samples, class_names, shard_size=256, on_shard=None):
+def store_dataset(store, samples, class_names, shard_size=DEFAULT_SHARD_SIZE, on_shard=None):
     """Write ``samples`` as shards plus a manifest to ``store``; return the :class:`Manifest`.
 
     ``on_shard(name, n_samples, n_bytes)`` is called after each shard is written.
@@ -113,7 +91,6 @@ def store_dataset(store, samples, class_names, shard_size=256, on_shard=None):
     first = next(shards, None)
     if first is None:
         raise LoadError("the source holds no samples")
-    store.prepare()
     store.delete(MANIFEST_NAME)
     manifest = Manifest(classes=list(class_names))
     for name, data, count in itertools.chain([first], shards):
@@ -132,7 +109,8 @@ def _remove_stale_shards(store, keep):
             store.delete(name)
 
 
-def upload_dataset(conn, container, samples, class_names, shard_size=256, on_shard=None):
+def upload_dataset(conn, container, samples, class_names, shard_size=DEFAULT_SHARD_SIZE,
+                   on_shard=None):
     """Upload ``samples`` to ``container`` over swiftclient's ``conn``: :func:`store_dataset`."""
     return store_dataset(SwiftStore(conn, container), samples, class_names, shard_size, on_shard)
 
@@ -153,25 +131,20 @@ def load_manifest(conn, container):
 
 
 def connect(auth=None, user=None, key=None, storage_url=None, token=None, retries=5):
-    """A swiftclient :class:`Connection`; each value falls back to the environment.
+    """A swiftclient :class:`Connection` from these values and the environment.
 
-    Needs a storage URL and a token (``OS_STORAGE_URL``, ``OS_AUTH_TOKEN``), or
-    an auth URL, user and key (``ST_AUTH``, ``ST_USER``, ``ST_KEY``; auth version
-    ``ST_AUTH_VERSION``, default 1.0). As with the ``swift`` command, a token is
-    used first when there is one, and the key then renews it when it expires.
+    Each value falls back as in :mod:`hapi.swiftauth` (python-swiftclient's
+    order: the value given, then ``ST_*``, then ``OS_*``). As with the
+    ``swift`` command, a storage URL and token are used first when there are
+    both, and the key then renews the token when it expires.
     """
-    env = os.environ
-    storage_url = storage_url or env.get("OS_STORAGE_URL")
-    token = token or env.get("OS_AUTH_TOKEN")
-    auth = auth or env.get("ST_AUTH")
-    user = user or env.get("ST_USER")
-    key = key or env.get("ST_KEY")
-    if not (storage_url and token) and not (auth and user and key):
-        raise LoadError("no Swift credentials: give --auth, --user and --key (or ST_AUTH, "
-                        "ST_USER, ST_KEY), or --os-storage-url and --os-auth-token "
-                        "(or OS_STORAGE_URL, OS_AUTH_TOKEN), or --out DIR to write locally")
-    return Connection(auth, user, key, retries=retries, preauthurl=storage_url,
-                      preauthtoken=token, auth_version=env.get("ST_AUTH_VERSION", "1.0"))
+    try:
+        options = connection_options(auth=auth, user=user, key=key, storage_url=storage_url,
+                                     token=token)
+    except CredentialsError as err:
+        raise LoadError(f"{err}; as flags: --auth, --user, --key, or --os-storage-url and "
+                        "--os-auth-token (or --out DIR to write locally)") from None
+    return Connection(retries=retries, **options)
 
 
 def open_source(args):
@@ -190,13 +163,14 @@ def build_parser():
     target.add_argument("--container", help="Swift container to upload to (created if missing)")
     target.add_argument("--out", metavar="DIR", help="write shards and manifest to DIR instead")
     opts = common.add_argument_group("packing")
-    opts.add_argument("--shard-size", type=_positive, default=256, metavar="N",
-                      help="samples per shard (default 256)")
+    opts.add_argument("--shard-size", type=_positive, metavar="N",
+                      help=f"samples per shard (default: at most {DEFAULT_SHARD_SIZE}, few "
+                      f"enough for {TARGET_SHARDS} shards)")
     opts.add_argument("--limit", type=_positive, metavar="N", help="only the first N samples")
     creds = common.add_argument_group("Swift credentials (default: the environment)")
-    creds.add_argument("--auth", help="auth URL (ST_AUTH)")
-    creds.add_argument("--user", help="user name (ST_USER)")
-    creds.add_argument("--key", help="key (ST_KEY)")
+    creds.add_argument("--auth", help="auth URL (ST_AUTH, else OS_AUTH_URL)")
+    creds.add_argument("--user", help="user name (ST_USER, else OS_USERNAME)")
+    creds.add_argument("--key", help="key (ST_KEY, else OS_PASSWORD)")
     creds.add_argument("--os-storage-url", help="storage URL (OS_STORAGE_URL); with a token")
     creds.add_argument("--os-auth-token", help="auth token (OS_AUTH_TOKEN)")
     creds.add_argument("--retries", type=int, default=5, help="retries per request (default 5)")
@@ -233,13 +207,16 @@ def run(args):
     """Carry out the parsed command line; return the :class:`Manifest` written."""
     source = open_source(args)
     if args.out:
-        store = FolderStore(args.out)
+        store = DirectoryStore(args.out)
     else:
         conn = connect(args.auth, args.user, args.key, args.os_storage_url, args.os_auth_token,
                        args.retries)
         store = SwiftStore(conn, args.container)
     samples = itertools.islice(source.samples, args.limit)
     total = min(source.count, args.limit or source.count)
+    shard_size, note = choose_shard_size(total, args.shard_size)
+    if note:
+        print(f"hapi-load: note: {note}", file=sys.stderr, flush=True)
     with tqdm(total=total, unit="img", disable=None) as bar:
         written = 0
 
@@ -249,7 +226,7 @@ def run(args):
             bar.set_postfix_str(f"{name}, {written / 1e6:.1f} MB", refresh=False)
             bar.update(count)
 
-        return store_dataset(store, samples, source.classes, args.shard_size, on_shard)
+        return store_dataset(store, samples, source.classes, shard_size, on_shard)
 
 
 def main(argv=None):

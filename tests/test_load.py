@@ -13,8 +13,8 @@ from sklearn.datasets import load_digits
 
 from hapi.client_setup import datasets
 from hapi.client_setup.load import (
-    FolderStore,
     LoadError,
+    choose_shard_size,
     connect,
     load_manifest,
     main,
@@ -24,6 +24,7 @@ from hapi.client_setup.load import (
     upload_dataset,
 )
 from hapi.shards import MANIFEST_NAME, Manifest, Sample, read_shard
+from hapi.stores import DirectoryStore
 
 
 def make_samples(count, classes=3):
@@ -155,7 +156,7 @@ def stored_manifest(path):
 
 def test_store_writes_shards_and_manifest_and_reports_progress(tmp_path):
     progress = []
-    manifest = store_dataset(FolderStore(tmp_path), make_samples(10), ["a", "b", "c"],
+    manifest = store_dataset(DirectoryStore(tmp_path), make_samples(10), ["a", "b", "c"],
                              shard_size=4, on_shard=lambda *args: progress.append(args))
     assert manifest == stored_manifest(tmp_path)
     assert manifest.classes == ["a", "b", "c"] and manifest.samples == 10
@@ -170,9 +171,9 @@ def test_store_writes_shards_and_manifest_and_reports_progress(tmp_path):
 
 
 def test_rewriting_removes_stale_shards_only(tmp_path):
-    store_dataset(FolderStore(tmp_path), make_samples(10), ["a", "b", "c"], shard_size=3)
+    store_dataset(DirectoryStore(tmp_path), make_samples(10), ["a", "b", "c"], shard_size=3)
     (tmp_path / "notes.txt").write_text("kept")
-    manifest = store_dataset(FolderStore(tmp_path), make_samples(5), ["a", "b", "c"],
+    manifest = store_dataset(DirectoryStore(tmp_path), make_samples(5), ["a", "b", "c"],
                              shard_size=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         MANIFEST_NAME, "notes.txt", shard_name(0), shard_name(1)]
@@ -180,9 +181,50 @@ def test_rewriting_removes_stale_shards_only(tmp_path):
     assert read_shard((tmp_path / shard_name(1)).read_bytes()) == make_samples(5)[3:]
 
 
+@pytest.mark.parametrize(("count", "requested", "size", "noted"), [
+    (1797, None, 180, False),   # 10 shards, not 8 of 256
+    (100_000, None, 256, False),
+    (37, None, 4, False),
+    (5, None, 1, False),        # as many shards as samples
+    (30, 16, 16, True),         # 2 shards: said, with the size that makes 10
+    (30, 3, 3, False),
+    (5, 1, 1, False),
+])
+def test_shard_size_makes_several_shards(count, requested, size, noted):
+    chosen, note = choose_shard_size(count, requested)
+    assert chosen == size and (note is not None) == noted
+    if noted:
+        assert "--shard-size 3 makes 10" in note
+
+
+def test_cli_chooses_shard_size_and_says_when_given_one_makes_few(tmp_path, capsys):
+    main(["digits", "--out", str(tmp_path / "auto"), "--limit", "300"])
+    out, err = capsys.readouterr()
+    assert "wrote 300 samples in 10 shards" in out and err == ""
+    main(["digits", "--out", str(tmp_path / "big"), "--limit", "300", "--shard-size", "256"])
+    out, err = capsys.readouterr()
+    assert "wrote 300 samples in 2 shards" in out
+    assert err.strip() == ("hapi-load: note: 300 samples in shards of 256 make 2; the trainer "
+                           "holds out whole shards (20% by default) and needs at least 2, so few "
+                           "shards make a coarse hold-out: --shard-size 30 makes 10")
+
+
+def test_a_file_that_does_not_decode_is_refused_naming_it(tmp_path):
+    for index in range(3):
+        write_image(tmp_path / "src" / "cat" / f"{index}.png", "PNG", "red")
+    broken = tmp_path / "src" / "cat" / "broken.jpg"
+    broken.write_bytes(b"not a jpeg at all")
+    with pytest.raises(SystemExit) as err:
+        main(["folder", "--path", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
+    assert str(err.value) == (f"hapi-load: error: {broken}: not a decodable image: not a "
+                              "JPEG, PNG, WebP, BMP or PPM image; remove or replace the file "
+                              "and load again")
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+
+
 def test_empty_source_fails_before_writing(tmp_path):
     with pytest.raises(LoadError, match="no samples"):
-        store_dataset(FolderStore(tmp_path / "out"), [], ["a"])
+        store_dataset(DirectoryStore(tmp_path / "out"), [], ["a"])
     assert not (tmp_path / "out").exists()
 
 
@@ -230,17 +272,20 @@ def test_cli_needs_one_target(capsys):
     assert "one of the arguments --container --out is required" in capsys.readouterr().err
 
 
-def test_connect_takes_flags_then_environment(clean_env):
+def test_connect_uses_a_token_first_and_keeps_the_key_to_renew_it(clean_env):
     clean_env.setenv("OS_STORAGE_URL", "http://swift.example/v1/AUTH_x")
     clean_env.setenv("OS_AUTH_TOKEN", "tok")
-    conn = connect(token="flag-tok")
-    assert (conn.url, conn.token) == ("http://swift.example/v1/AUTH_x", "flag-tok")
-    clean_env.delenv("OS_AUTH_TOKEN")
     clean_env.setenv("ST_AUTH", "http://swift.example/auth/v1.0")
-    conn = connect(user="acct:me", key="secret")
-    assert conn.token is None
+    conn = connect(user="acct:me", key="secret", token="flag-tok")
+    assert (conn.url, conn.token) == ("http://swift.example/v1/AUTH_x", "flag-tok")
     assert (conn.authurl, conn.user, conn.key) == ("http://swift.example/auth/v1.0", "acct:me",
                                                    "secret")
+
+
+def test_connect_without_credentials_names_the_flags(clean_env):
+    clean_env.setenv("ST_USER", "acct:me")
+    with pytest.raises(LoadError, match=r"missing the auth URL .*, the key .*--os-auth-token"):
+        connect()
 
 
 # -- against a real Swift -----------------------------------------------------

@@ -43,6 +43,7 @@ import http.client
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import struct
@@ -195,13 +196,19 @@ class Cluster:
         """Set up the folder if needed, start all servers, wait until usable.
 
         Safe to call again: a running cluster is left alone (options given
-        now apply at its next start), a stopped one is restarted on its data.
-        On failure the servers it started are stopped and ClusterError
-        carries the tails of their logs.
+        now apply at its next start; a proxy port other than its own is
+        refused), a stopped one is restarted on its data. On failure the
+        servers it started are stopped and ClusterError carries the tails of
+        their logs.
         """
         began = time.monotonic()
         alive = [name for name, info in self.status().items() if info["alive"]]
         if len(alive) == len(SERVERS):
+            running = self.ports["proxy"]
+            if self._requested_proxy_port and int(self._requested_proxy_port) != running:
+                raise ClusterError(
+                    f"cluster in {self.root} is already running with its proxy on port "
+                    f"{running}, not {self._requested_proxy_port}; stop it first to move it")
             print(f"already running: {self.auth_url}", flush=True)
             return
         if alive:
@@ -273,8 +280,22 @@ class Cluster:
         """Write the folder (state, swift.conf, rings, confs); start() calls it.
 
         Data, the hash path settings and the fernet key are kept if present.
+        The ports are checked before anything is written; a first set-up
+        that fails removes the folder again when it made it.
         """
         new = not self.is_set_up()
+        ports = self._choose_ports()
+        made_root = not self.root.exists()
+        try:
+            self._write_folder(ports)
+        except BaseException:
+            if new and made_root:
+                shutil.rmtree(self.root, ignore_errors=True)
+            raise
+        print(f"{'set up' if new else 'reusing'} {self.root} (devices {self.devices})",
+              flush=True)
+
+    def _write_folder(self, ports):
         for folder in (self.etc_dir, self.log_dir, self.run_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.state["devices"] = str(
@@ -284,15 +305,13 @@ class Cluster:
         (self.devices / DEVICE).mkdir(parents=True, exist_ok=True)
         _check_xattrs(self.devices / DEVICE)
         self.state["host"] = self.host
-        self.state["ports"] = self._choose_ports()
+        self.state["ports"] = ports
         self.state.setdefault("fernet_key", _new_fernet_key())
         _write_private(self.state_file, json.dumps(self.state, indent=2) + "\n")
         self._write_swift_conf()
         self._write_rings()
         for server in SERVERS:
             _write_private(self.conf_path(server), self._server_conf(server))
-        print(f"{'set up' if new else 'reusing'} {self.root} (devices {self.devices})",
-              flush=True)
 
     def _choose_ports(self):
         """Requested proxy port, else stored ports still free, else new free ones."""
@@ -645,6 +664,8 @@ def _option(text):
 
 
 def _print_status(cluster):
+    if not cluster.is_set_up():
+        raise ClusterError(f"{cluster.root} is not set up: run start first")
     for server, info in cluster.status().items():
         state = "alive" if info["alive"] else "dead"
         print(f"{server + '-server':<17} pid {info['pid'] or '-':<8} {state:<6} "

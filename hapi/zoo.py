@@ -181,9 +181,9 @@ def _mobilenet_v3_layers(model: tvm.MobileNetV3) -> NamedLayers:
 
 
 def _efficientnet_lite0() -> nn.Module:
-    """timm's EfficientNet-Lite0; timm is imported here, on first use, because
-    importing it costs seconds that every other model (and a proxy's start)
-    would pay for nothing."""
+    """timm's EfficientNet-Lite0; timm is imported here, on first use (as in
+    ``hapi.weights``), because importing it costs seconds that every other
+    model, a proxy's start and the trainer's ``--help`` would pay for nothing."""
     import timm
 
     # drop_rate 0.2: the dropout in front of the classifier that timm trains
@@ -346,7 +346,10 @@ class LayeredModel(nn.Module):
 
     def boundary_bytes(self, input_shape: Sequence[int],
                        dtype: torch.dtype = torch.float32) -> list[int]:
-        """Per-sample size in bytes of the tensor at every boundary."""
+        """Per-sample size in bytes of the tensor at every boundary, in
+        ``dtype``: float32 as the activations sit in memory, or the wire dtype
+        (``hapi.wire.TORCH_DTYPES``) as features cross the network. The split
+        cost model takes its boundary sizes from here."""
         return [math.prod(shape) * dtype.itemsize for shape in self.boundary_shapes(input_shape)]
 
     def replace_head(self, num_classes: int) -> nn.Linear:

@@ -21,15 +21,14 @@ from pytest import approx
 
 from hapi import wire
 from hapi.client import main as cli
-from hapi.client.autosplit import LinkClock
+from hapi.client.autosplit import AutomaticSplit
+from hapi.client.autosplit.estimator import LinkClock, OnlineEstimator
 from hapi.client.data import Part, ShardData, ShardRef, Transfer, rebatch
-from hapi.client.estimator import OnlineEstimator
-from hapi.client.split import AutoSplit
 
 CONTAINER = "hapi-autosplit-digits"
 SAMPLES, SHARD_SIZE, FREEZE = 240, 24, 21
 EPOCH_SAMPLES = 2 * SAMPLES  # two epochs: training and held-out shards, each pass
-MAX_PROFILE_SHARDS = inspect.signature(AutoSplit).parameters["max_profile_shards"].default
+MAX_PROFILE_SHARDS = inspect.signature(AutomaticSplit).parameters["max_profile_shards"].default
 FLAGS = ["--dataset", CONTAINER, "--model", "myefficientnet_lite0", "--freeze",
          "--preset", "resize-32", "--batch_size", "20", "--storage_batch", "7",
          "--lr", "0.05", "--threads", "1", "--num_epochs", "2"]
@@ -85,7 +84,13 @@ def test_decides_within_the_bound_and_explains_the_decision(auto_run):
     table = selection["table"].splitlines()
     assert [int(line[1:4]) for line in table[1:FREEZE + 2]] == list(range(FREEZE + 1))
     assert table[1 + decision["split"]].startswith("*")
-    assert any(table[0] in line for line in lines)  # each decision's table is logged
+    # The first decision's table is logged once, each line on its own; each
+    # re-decision in one line, its table in the metrics.
+    assert sum(line == table[0] for line in lines) == 1
+    assert all(line in lines for line in first["table"].splitlines())
+    assert sum(line.startswith("split selection after") for line in lines) == \
+        len(selection["history"])
+    assert selection["history"][-1]["table"] == selection["table"]
     assert selection["profile"]["trainer_step_s"] > 0
     assert selection["profiling"]["probe_bytes"] > 0
     assert json.loads((out / "metrics.json").read_text()) == metrics

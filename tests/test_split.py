@@ -1,6 +1,7 @@
-"""Automatic split selection: the cost model, the choice, the profiler, drift.
+"""Automatic split selection: the cost model, the choice, the profiler, drift, the selector.
 
-Pure functions, no Swift: profiles are recorded (``tests/data/*.json``,
+No Swift: profiles are written out by hand (a three-layer model whose every
+prediction is computed in the test), recorded (``tests/data/*.json``,
 measured on this project's machines; ``python tests/test_split.py`` records
 them again) or built from a real zoo model's boundary sizes. A small
 discrete-event simulator of the real loading loop (requests of shards,
@@ -13,16 +14,26 @@ import heapq
 import io
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from hapi import zoo
-from hapi.client.estimator import OnlineEstimator
-from hapi.client.profiling import (
+from hapi.client.autosplit import AutomaticSplit
+from hapi.client.autosplit.costmodel import (
+    Decision,
+    choose_split,
+    evaluate_split,
+    storage_layer_times,
+)
+from hapi.client.autosplit.estimator import OnlineEstimator
+from hapi.client.autosplit.plot import plot_decision
+from hapi.client.autosplit.profiling import (
     LayerProfile,
     Profile,
     TrainerTimes,
@@ -31,14 +42,7 @@ from hapi.client.profiling import (
     measure_trainer_layers,
     profile_from_model,
 )
-from hapi.client.split import (
-    AutoSplit,
-    Decision,
-    choose_split,
-    evaluate_split,
-    plot_decision,
-    storage_layer_times,
-)
+from hapi.client.data import FrameStats, ShardData, ShardRef, Transfer
 
 DATA = Path(__file__).parent / "data"
 RECORDED = ("alexnet-224.json", "resnet18-112.json")
@@ -185,25 +189,96 @@ def simulated_best(profile, storage_true, shards=24):
 # The choice ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", RECORDED)
-@pytest.mark.parametrize("mbit", [10_000, 1000, 300, 100, 30, 10, 3, 1])
-def test_choice_is_exhaustive_best_on_recorded_profiles(name, mbit):
-    profile = recorded(name).with_measurements(bandwidth=mbit * MBIT)
+def tiny(**changes):
+    """A three-layer model frozen below layer 2 (splits 0, 1, 2), per sample:
+
+    - boundaries 3000, 2000, 500, 10 bytes (float32 on the wire and in
+      memory), raw samples of 1000 bytes;
+    - trainer forward 1, 2, 1 ms; layer 2 trains in 3 ms (forward + backward);
+    - storage tier: layers 0 and 1 measured at 2 and 4 ms, decode 1 ms;
+    - vanilla decodes on the trainer in 4 ms; copies, serving, steps,
+      frame overhead and latency cost nothing;
+    - 1 MB/s, batches of 2, one request in flight per 2-sample shard.
+    """
+    layers = [LayerProfile("a", 1e-3, storage_s=2e-3), LayerProfile("b", 2e-3, storage_s=4e-3),
+              LayerProfile("c", 1e-3, trainer_train_s=3e-3)]
+    profile = Profile(model="tiny", input_shape=(3, 1, 1), batch_size=2, freeze=2,
+                      layers=layers, boundary_bytes=[3000, 2000, 500, 10],
+                      activation_bytes=[3000, 2000, 500, 10], raw_bytes=1000, bandwidth=1e6,
+                      storage_decode_s=1e-3, trainer_decode_s=4e-3, samples_per_request=2,
+                      storage_batch=64, prefetch_depth=1)
+    return profile.with_measurements(**changes)
+
+
+def iterations(decision):
+    return [row.iteration_s for row in decision.rows]
+
+
+def test_hand_computed_choice_the_middle_split_wins():
+    # Per sample, CPU trainer (trainer stage = host H + compute C), one
+    # request in flight (Q = S + N + H):
+    #   s=0: S 0, N 1000/1e6 = 1 ms, H 4 ms, C 1 + 2 + 3 = 6 ms
+    #        -> trainer 10 ms, Q 5 ms: cycle 10 ms (trainer)
+    #   s=1: S 1 + 2 = 3 ms, N 2000/1e6 = 2 ms, H 0, C 2 + 3 = 5 ms
+    #        -> trainer 5 ms, Q 3 + 2 = 5 ms: cycle 5 ms (trainer, first of the equal stages)
+    #   s=2: S 1 + 2 + 4 = 7 ms, N 500/1e6 = 0.5 ms, H 0, C 3 ms
+    #        -> Q 7.5 ms: cycle 7.5 ms (requests)
+    # An iteration is 2 samples.
+    decision = choose_split(tiny())
+    assert iterations(decision) == pytest.approx([2 * 10e-3, 2 * 5e-3, 2 * 7.5e-3])
+    assert [row.bottleneck for row in decision.rows] == ["trainer", "trainer", "requests"]
+    assert decision.split == 1
+    assert decision.chosen.iteration_s == pytest.approx(10e-3)
+
+
+def test_hand_computed_choice_a_slow_link_takes_the_fewest_bytes():
+    # At 100 kB/s, one request in flight:
+    #   s=0: N 10 ms; Q 0 + 10 + 4 = 14 ms > trainer 10 ms: cycle 14 ms (requests)
+    #   s=1: N 20 ms; Q 3 + 20 = 23 ms: cycle 23 ms (requests)
+    #   s=2: N 5 ms; Q 7 + 5 = 12 ms: cycle 12 ms (requests)
+    decision = choose_split(tiny(bandwidth=1e5))
+    assert iterations(decision) == pytest.approx([2 * 14e-3, 2 * 23e-3, 2 * 12e-3])
+    assert decision.split == 2 and decision.chosen.iteration_s == pytest.approx(24e-3)
+    # Two requests in flight halve Q:
+    #   s=0: Q (10 + 4) / 2 = 7 ms; network 10 ms, trainer 10 ms: cycle 10 ms (network, first)
+    #   s=1: network 20 ms: cycle 20 ms
+    #   s=2: storage 7 ms, network 5 ms, trainer 3 ms, Q (7 + 5) / 2 = 6 ms: cycle 7 ms (storage)
+    deeper = choose_split(tiny(bandwidth=1e5, prefetch_depth=2))
+    assert iterations(deeper) == pytest.approx([2 * 10e-3, 2 * 20e-3, 2 * 7e-3])
+    assert [row.bottleneck for row in deeper.rows] == ["network", "network", "storage"]
+    assert deeper.split == 2 and deeper.chosen.iteration_s == pytest.approx(14e-3)
+
+
+def test_hand_computed_choice_skips_a_split_that_does_not_fit_the_storage_budget():
+    # Storage memory per sample: the largest pair of consecutive activations
+    # below the split plus the wire copy:
+    #   s=1: (3000 + 2000) + 2000 = 7000 bytes; s=2: max(5000, 2000 + 500) + 500 = 5500 bytes.
+    # A 6000-byte budget fits no sample at s=1 and one at s=2; the best split
+    # (s=1, 10 ms) is out and the next, s=2 (15 ms), is chosen over s=0 (20 ms).
+    decision = choose_split(tiny(storage_budget_bytes=6000))
+    rows = decision.rows
+    assert not rows[1].feasible
+    assert rows[1].reason.startswith("storage: one sample needs")
+    assert rows[2].feasible and rows[2].storage_batch == 1
+    assert rows[2].storage_memory_bytes == 5500
+    assert decision.split == 2 and decision.chosen.iteration_s == pytest.approx(15e-3)
+
+
+def test_hand_computed_choice_breaks_a_tie_by_less_work():
+    # Boundaries 1 and 2 both 2000 bytes, raw samples of 4000 bytes, 10 kB/s,
+    # two requests in flight: the link dominates.
+    #   s=0: N 400 ms: cycle 400 ms
+    #   s=1: N 200 ms; Q (3 + 200) / 2 = 101.5 ms: cycle 200 ms
+    #   s=2: N 200 ms; Q (7 + 200) / 2 = 103.5 ms: cycle 200 ms
+    # Equal iterations; the work S + N + H + C decides:
+    #   s=1: 3 + 200 + 0 + 5 = 208 ms, s=2: 7 + 200 + 0 + 3 = 210 ms.
+    profile = tiny(boundary_bytes=[3000, 2000, 2000, 10], raw_bytes=4000, bandwidth=1e4,
+                   prefetch_depth=2)
     decision = choose_split(profile)
-    best, rows = exhaustive_best(profile)
-    assert decision.split in best
-    assert [row.iteration_s for row in decision.rows] == [row.iteration_s for row in rows]
-
-
-def test_choice_is_exhaustive_best_on_constructed_profiles(alexnet_bytes):
-    model, sizes = alexnet_bytes
-    for ratio in (0.1, 1.0, 4.0):
-        for depth in (0, 1, 2, 4):
-            for mbit in (5000, 500, 50, 5):
-                profile = constructed(model, sizes, bandwidth=mbit * MBIT,
-                                      storage_ratio=ratio, prefetch_depth=depth)
-                best, _ = exhaustive_best(profile)
-                assert choose_split(profile).split in best, (ratio, depth, mbit)
+    assert iterations(decision) == pytest.approx([2 * 0.4, 2 * 0.2, 2 * 0.2])
+    assert decision.rows[1].iteration_s == decision.rows[2].iteration_s
+    assert [row.work_s for row in decision.rows[1:]] == pytest.approx([2 * 0.208, 2 * 0.210])
+    assert decision.split == 1 and decision.chosen.iteration_s == pytest.approx(0.4)
 
 
 def test_choice_is_the_simulated_best(alexnet_bytes):
@@ -350,7 +425,8 @@ def test_current_split_kept_within_margin(alexnet_bytes):
     gap = runner_up.iteration_s / decision.chosen.iteration_s - 1
     kept = choose_split(profile, current=runner_up.split, margin=gap + 0.01)
     assert kept.split == runner_up.split and "kept" in kept.reason
-    assert kept.best_predicted.split == decision.split
+    best = min((row for row in kept.rows if row.feasible), key=lambda row: row.iteration_s)
+    assert best.split == decision.split
     moved = choose_split(profile, current=runner_up.split, margin=gap / 2)
     assert moved.split == decision.split
 
@@ -539,73 +615,157 @@ def test_a_change_within_the_noise_is_no_drift():
     assert estimator.drifted(0.25)
 
 
-def test_observe_request_subtracts_storage_compute():
-    estimator = OnlineEstimator()
-    estimator.observe_request(10**6, elapsed_s=1.3, storage_s=0.2, first_byte_s=0.1)
-    assert estimator.bandwidth == pytest.approx(1e6)
-    assert estimator.request_latency_s == pytest.approx(0.1)
-
-
 # The choice over a run ------------------------------------------------------------------
 
 
-def run_shards(auto, truth, bandwidth, shards, frames_per_shard=4, samples=64):
-    """Feed ``auto`` the frames and transfers of ``shards`` shards at its
-    current split, as the storage tier with per-sample layer times ``truth``
-    would report them; return the split after each shard."""
-    p = auto.profile
-    splits = []
-    for _ in range(shards):
-        split = auto.split
-        nbytes = samples * (p.boundary_bytes[split] if split else p.raw_bytes)
-        for _ in range(frames_per_shard):
-            if split:
-                auto.estimator.observe_frame(
-                    {"decode_s": samples * p.storage_decode_s,
-                     "layers_s": [samples * t for t in truth[:split]], "to_wire_s": 0.0},
-                    samples, feature_bytes=nbytes)
-            auto.estimator.observe_transfer(nbytes, nbytes / bandwidth)
-        splits.append(auto.update())
-    return splits
+class StorageTier:
+    """Loaded shards as the storage tier with per-sample layer times ``truth``
+    and a link of ``bandwidth`` bytes/s would deliver them, one after the
+    other, to a selector's :meth:`AutomaticSplit.observe`: each shard of
+    ``frames`` frames of ``samples`` samples, each frame's timings and
+    features, the request's latency and the profile's frame overhead."""
+
+    def __init__(self, profile, truth, frames=4, samples=64):
+        self.profile, self.truth = profile, truth
+        self.frames, self.samples = frames, samples
+        self.clock = 0.0
+
+    def shard(self, split, bandwidth):
+        p, n = self.profile, self.frames * self.samples
+        if split:
+            feature_bytes = self.samples * p.boundary_bytes[split]
+            timings = {"decode_s": self.samples * p.storage_decode_s,
+                       "layers_s": [self.samples * t for t in self.truth[:split]],
+                       "to_wire_s": 0.0}
+            frames = [FrameStats(timings, self.samples, feature_bytes)] * self.frames
+            nbytes = n * (p.boundary_bytes[split] + p.frame_overhead_bytes)
+        else:
+            frames, nbytes = [], n * p.raw_bytes
+        sent = self.clock
+        answered = sent + p.request_latency_s
+        self.clock = answered + nbytes / bandwidth
+        return ShardData(ref=ShardRef(f"shard-{sent}", n, int(nbytes), 0, n), split=split,
+                         inputs=torch.zeros(n, 1), labels=torch.zeros(n, dtype=torch.int64),
+                         keys=[str(i) for i in range(n)], frames=frames, load_s=0.0,
+                         transfer=Transfer(int(nbytes), sent, answered, self.clock))
+
+    def run(self, selector, bandwidth, shards):
+        """Feed ``shards`` shards at the selector's split; return the split after each."""
+        splits = []
+        for _ in range(shards):
+            selector.observe(self.shard(selector.split, bandwidth))
+            splits.append(selector.split)
+        return splits
 
 
-def test_auto_split_decides_within_the_bound_and_follows_drift():
+def drifting_run():
+    """The recorded AlexNet profile as the trainer knows it before its first
+    request (no storage time, a placeholder bandwidth), run by a selector
+    with the trainer's settings: 4 shards at 1 Gbit/s, then 8 at 10 Mbit/s,
+    then 8 at 11 Mbit/s. Returns the selector, its log lines, and the splits
+    the cost model chooses on the full profile at 1 Gbit/s and at 10 Mbit/s."""
     recorded_profile = recorded("alexnet-224.json")
     truth, _, _, _ = storage_layer_times(recorded_profile)
-    # What the trainer knows before the first request: no storage time, a
-    # placeholder bandwidth.
     blind = recorded_profile.with_measurements(bandwidth=1.0)
     for layer in blind.layers:
         layer.storage_s = None
-    auto = AutoSplit(blind, profile_frames=4, max_profile_shards=3, drift_threshold=0.3)
-    assert auto.split == blind.freeze  # profiling at the freeze index measures every layer
-
-    fast = 1000 * MBIT
-    splits = run_shards(auto, truth, fast, 3)
-    assert len(auto.decisions) == 1 and auto.history[0]["shard"] == 1
+    lines = []
+    auto = AutomaticSplit(blind, log=lines.append)
+    tier = StorageTier(recorded_profile, truth)
+    fast, slow = 1000 * MBIT, 10 * MBIT
+    phases = {"start": auto.split, "fast": tier.run(auto, fast, 4),
+              "decisions_fast": len(auto.decisions), "slow": tier.run(auto, slow, 8),
+              "decisions_slow": len(auto.decisions), "steady": tier.run(auto, slow * 1.1, 8)}
     expected = choose_split(recorded_profile.with_measurements(bandwidth=fast)).split
-    assert splits == [expected] * 3
-    assert auto.decision.storage_ratio_source.startswith("measured")
-
-    slow = 10 * MBIT  # the link degrades: the choice moves to fewer bytes
-    splits = run_shards(auto, truth, slow, 6)
-    assert len(auto.decisions) == 2 and auto.history[1]["why"].startswith("drift")
     expected_slow = choose_split(recorded_profile.with_measurements(bandwidth=slow)).split
-    assert splits[-1] == expected_slow
+    return auto, lines, phases, (recorded_profile, expected, expected_slow)
+
+
+def test_auto_split_decides_within_the_bound_and_follows_drift():
+    auto, _, phases, (recorded_profile, expected, expected_slow) = drifting_run()
+    assert phases["start"] == recorded_profile.freeze  # profiling at f measures every layer
+    # The first decision once 4 shards' frames and transfers arrived (the bound is 4 too).
+    assert phases["decisions_fast"] == 1 and auto.history[0]["shard"] == 4
+    assert auto.history[0]["why"] == "profiled"
+    assert phases["fast"] == [recorded_profile.freeze] * 3 + [expected]
+    assert auto.decisions[0].storage_ratio_source.startswith("measured")
+
+    # The link degrades: the choice moves to fewer bytes once 4 slow transfers show it.
+    assert phases["decisions_slow"] == 2 and auto.history[1]["why"].startswith("drift")
+    assert auto.history[1]["shard"] == 4 + 4
+    assert phases["slow"][-1] == expected_slow
     assert recorded_profile.boundary_bytes[expected_slow] < \
         recorded_profile.boundary_bytes[expected]
-
-    steady = len(auto.decisions)
-    run_shards(auto, truth, slow * 1.1, 6)  # within the threshold: no new decision
-    assert len(auto.decisions) == steady
+    assert len(auto.decisions) == 2  # 10% more bandwidth is within the threshold
 
 
 def test_auto_split_decides_at_the_bound_without_frames():
     profile = recorded("resnet18-112.json")
-    auto = AutoSplit(profile, start=0, max_profile_shards=2)
-    assert auto.update() == 0 and auto.decision is None
-    auto.update()
+    tier = StorageTier(profile, [])
+    auto = AutomaticSplit(profile, start=0, max_profile_shards=2, log=[].append)
+    assert tier.run(auto, 1e6, 1) == [0] and auto.decision is None
+    tier.run(auto, 1e6, 1)
     assert auto.decision is not None and "bound" in auto.history[0]["why"]
+
+
+def test_step_times_and_frame_overhead_reach_the_profile():
+    profile = recorded("resnet18-112.json").with_measurements(frame_overhead_bytes=0.0)
+    truth, _, _, _ = storage_layer_times(profile)
+    auto = AutomaticSplit(profile, log=[].append)
+    for seconds in (0.3, 0.1, 0.2):
+        assert auto.wants_step_times
+        auto.observe_step(seconds)
+    auto.observe(StorageTier(recorded("resnet18-112.json"), truth).shard(auto.split, 1e6))
+    measured = auto.current_profile()
+    assert measured.trainer_step_s == pytest.approx(0.2)
+    assert measured.frame_overhead_bytes == pytest.approx(40.0)
+    assert profile.trainer_step_s == 0 and profile.frame_overhead_bytes == 0  # not touched
+    assert auto.report()["profile"]["trainer_step_s"] == pytest.approx(0.2)
+
+
+def test_decisions_are_logged_the_table_once_then_one_line_each():
+    auto, lines, _, _ = drifting_run()
+    first, second = auto.history
+    table = first["table"].splitlines()
+    header = table[0]
+    # Every log call is one line; the first decision's headline, then its
+    # table, each line on its own, and nothing else.
+    assert all("\n" not in line for line in lines)
+    assert lines[0] == "split selection after 4 shard(s), profiled: split " \
+        f"{first['from']} -> {first['to']}"
+    assert lines[1:1 + len(table)] == table
+    assert sum(line == header for line in lines) == 1
+    # With units: seconds per iteration, megabytes per iteration, Mbit/s.
+    for unit in ("wire MB", "storage s", "network s", "trainer s", "iter s", "epoch s"):
+        assert unit in header
+    assert "Mbit/s" in table[-1] and f"per iteration of {auto.decision.batch_size}" in table[-1]
+    # The re-decision: one line, with its units; its table is in the metrics.
+    assert len(lines) == 1 + len(table) + 1
+    redecision = lines[-1]
+    assert redecision.startswith(f"split selection after {second['shard']} shard(s), drift: ")
+    assert f"split {second['from']} -> {second['to']}" in redecision
+    assert " s per iteration" in redecision and "Mbit/s" in redecision
+    assert auto.report()["history"][1]["table"] == auto.decision.format_table()
+
+
+def test_decision_lines_do_not_start_on_a_progress_bar(capsys):
+    """Printed while a tqdm bar is on the terminal, every line of the table
+    shows on its own line: the bar is cleared first and redrawn after."""
+    profile = recorded("resnet18-112.json")
+    truth, _, _, _ = storage_layer_times(profile)
+    auto = AutomaticSplit(profile, log=print)
+    tier = StorageTier(profile, truth)
+    with tqdm(total=100, file=sys.stdout, disable=False, desc="epoch 1") as bar:
+        bar.update(30)
+        tier.run(auto, 1e7, 4)
+        bar.update(10)
+    assert len(auto.decisions) == 1
+    # What a terminal shows: of each line, what follows its last carriage return.
+    shown = [line.rsplit("\r", 1)[-1] for line in capsys.readouterr().out.split("\n")]
+    table = auto.history[0]["table"].splitlines()
+    start = shown.index(table[0])
+    assert shown[start - 1].startswith("split selection after 4 shard(s)")
+    assert shown[start:start + len(table)] == table
 
 
 def test_stale_storage_layers_follow_the_storage_drift():
@@ -667,6 +827,17 @@ def test_decode_and_copy_measurements():
     assert 0 < measure_copy_rate(1 << 16) < 1e-6
 
 
+def test_the_trainer_starts_without_timm_or_matplotlib():
+    """The trainer's command line (``--help`` too) imports neither: timm is
+    imported when EfficientNet-Lite0 is built or its weights are read,
+    matplotlib when a decision is plotted."""
+    check = ("import sys, hapi.client.main, hapi.client.autosplit, hapi.weights; "
+             "print(sorted({'timm', 'matplotlib'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
 # Recording the profiles in tests/data ------------------------------------------------------
 
 
@@ -699,8 +870,7 @@ def record(name, model_name, size, batch_size, bandwidth_mbit=100, storage_batch
         trainer_decode_s=decode_s, trainer_copy_s_per_byte=measure_copy_rate(),
         frame_overhead_bytes=40.0, request_latency_s=0.01, samples_per_request=256,
         storage_batch=storage_batch, prefetch_depth=2, epoch_samples=10_000,
-        trainer_free_bytes=8 << 30, storage_budget_bytes=4 << 30,
-        notes={"recorded": "tests/test_split.py record(), 1 torch thread, 2-core CPU VM"})
+        trainer_free_bytes=8 << 30, storage_budget_bytes=4 << 30)
     profile.save(DATA / name)
     print(choose_split(profile).format_table())
 

@@ -1,12 +1,12 @@
-"""Automatic split selection: a cost model of the overlapped pipeline, and the choice.
+"""The cost model of the overlapped pipeline, and the choice of a split.
 
-Given a :class:`hapi.client.profiling.Profile` (everything measured, per
-sample), :func:`choose_split` predicts the iteration and epoch time of
-every candidate split ``s`` in ``[0, f]`` (``s = 0`` is vanilla: raw
+Given a :class:`hapi.client.autosplit.profiling.Profile` (everything
+measured, per sample), :func:`choose_split` predicts the iteration and epoch
+time of every candidate split ``s`` in ``[0, f]`` (``s = 0`` is vanilla: raw
 shards cross the network and the trainer decodes them) and picks the
 fastest one that fits memory on both tiers. The :class:`Decision` carries
 the whole table (:meth:`Decision.format_table`, :meth:`Decision.to_json`);
-:func:`plot_decision` draws it.
+``hapi.client.autosplit.plot.plot_decision`` draws it.
 
 The cost model
 --------------
@@ -26,8 +26,9 @@ the wire dtype, ``a[s]`` in float32)::
     C(s)     = sum(t_T[s:f]) + sum(t_TB[f:L]) + trainer_step_s / batch
 
 The storage tier, the link and the trainer are three resources that work at
-the same time on different batches (DESIGN.md): once the pipeline is full,
-each sample costs the time of the busiest one. On a CPU trainer the host
+the same time on different batches (docs/DESIGN.md, the overlapped
+pipeline): once the pipeline is full, each sample costs the time of the
+busiest one. On a CPU trainer the host
 work ``H`` (decoding, deserialising, copying) and the compute ``C`` share the
 cores, so the trainer's stage is ``H + C``; on a GPU they are two stages.
 
@@ -100,12 +101,13 @@ convolutions more than small element-wise layers, so profile at ``s = f``
 Over a run
 ----------
 
-:class:`AutoSplit` drives the choice during training: it starts at the
-freeze index (the first frames time every frozen layer on the storage tier),
-decides after a few frames and transfers (at most ``max_profile_shards``
-shards), and re-decides when the bandwidth or the storage speed drifts by
-more than a threshold (``OnlineEstimator.drifted``), keeping the split in
-use unless the new best is more than ``margin`` faster.
+:class:`hapi.client.autosplit.selector.AutomaticSplit` drives the choice
+during training: it starts at the freeze index (the first frames time
+every frozen layer on the storage tier), decides after a few frames and
+transfers (at most ``max_profile_shards`` shards), and re-decides when the
+bandwidth or the storage speed drifts by more than a threshold
+(``OnlineEstimator.drifted``), keeping the split in use unless the new best
+is more than ``margin`` faster.
 """
 
 from __future__ import annotations
@@ -114,12 +116,11 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-from hapi.client.estimator import OnlineEstimator
-from hapi.client.profiling import Profile
+from hapi.client.autosplit.profiling import Profile
 
 __all__ = [
-    "DECISION_FORMAT", "AutoSplit", "Decision", "SplitCost", "choose_split", "evaluate_split",
-    "plot_decision", "storage_layer_times",
+    "DECISION_FORMAT", "Decision", "SplitCost", "choose_split", "evaluate_split",
+    "storage_layer_times",
 ]
 
 DECISION_FORMAT = "hapi-split-decision/1"
@@ -176,15 +177,6 @@ class Decision:
     def chosen(self) -> SplitCost:
         return self.rows[self.split]
 
-    @property
-    def best_predicted(self) -> SplitCost:
-        """The feasible row with the lowest predicted iteration time (the
-        choice, unless the current split was kept within the margin)."""
-        return min((row for row in self.rows if row.feasible), key=_rank)
-
-    def row(self, split: int) -> SplitCost:
-        return self.rows[split]
-
     def to_dict(self) -> dict:
         rows = [asdict(row) for row in self.rows]
         return {"format": DECISION_FORMAT, "split": self.split, "freeze": self.freeze,
@@ -197,10 +189,12 @@ class Decision:
         return json.dumps(self.to_dict(), indent=indent)
 
     def format_table(self) -> str:
-        """The predictions as a text table, the choice marked with ``*``."""
-        header = (f"{'':1}{'s':>3} {'first trainer layer':<20} {'wire KB':>9} {'storage':>9} "
-                  f"{'network':>9} {'trainer':>9} {'requests':>9} {'iter s':>9} "
-                  f"{'bottleneck':<10} {'epoch s':>9}  note")
+        """The predictions as a text table, the choice marked with ``*``: one
+        line per split, then two lines of explanation. Times are seconds per
+        iteration, the wire column megabytes per iteration."""
+        header = (f"{'':1}{'s':>3} {'first trainer layer':<20} {'wire MB':>8} "
+                  f"{'storage s':>10} {'network s':>10} {'trainer s':>10} {'requests s':>10} "
+                  f"{'iter s':>10} {'bottleneck':<12} {'epoch s':>9}  note")
         lines = [header]
         for row in self.rows:
             mark = "*" if row.split == self.split else ""
@@ -215,13 +209,21 @@ class Decision:
                     if row.storage_estimated_layers else "")
             lines.append(
                 f"{mark:1}{row.split:>3} {row.first_trainer_layer[:20]:<20} "
-                f"{row.wire_bytes / 1e3:9.1f} {row.storage_s:9.4f} {row.transfer_s:9.4f} "
-                f"{row.trainer_s:9.4f} {row.pipeline_s:9.4f} {row.iteration_s:9.4f} "
-                f"{row.bottleneck:<10} {epoch:>9}  {note}")
+                f"{row.wire_bytes * self.batch_size / 1e6:8.3f} {row.storage_s:10.4f} "
+                f"{row.transfer_s:10.4f} {row.trainer_s:10.4f} {row.pipeline_s:10.4f} "
+                f"{row.iteration_s:10.4f} {row.bottleneck:<12} {epoch:>9}  {note}")
         lines.append(f"split {self.split}: {self.reason}")
-        lines.append(f"bandwidth {self.bandwidth * 8 / 1e6:.1f} Mbit/s, storage/trainer speed "
-                     f"ratio {self.storage_ratio:.3g} ({self.storage_ratio_source})")
+        lines.append(f"per iteration of {self.batch_size} samples at "
+                     f"{self.bandwidth * 8 / 1e6:.1f} Mbit/s; storage/trainer speed ratio "
+                     f"{self.storage_ratio:.3g} ({self.storage_ratio_source})")
         return "\n".join(lines)
+
+    def summary(self) -> str:
+        """The choice in one line: split, predicted time, bottleneck, bandwidth."""
+        chosen = self.chosen
+        return (f"split {self.split} ({chosen.first_trainer_layer} first on the trainer), "
+                f"{chosen.iteration_s:.4g} s per iteration, bottleneck {chosen.bottleneck}, "
+                f"{self.bandwidth * 8 / 1e6:.1f} Mbit/s")
 
 
 # The cost model ------------------------------------------------------------------
@@ -411,166 +413,3 @@ def _inputs(p: Profile) -> dict:
              "trainer_device", "trainer_free_bytes", "trainer_host_free_bytes",
              "storage_budget_bytes", "epoch_samples")
     return {name: getattr(p, name) for name in names}
-
-
-# The choice over a run --------------------------------------------------------------
-
-
-class AutoSplit:
-    """The automatic split over a training run, for the training loop.
-
-    ``profile`` holds what the trainer measured before the first request
-    (per-layer trainer times, boundary sizes, decode costs, memory; its
-    ``bandwidth`` is a placeholder until transfers are measured). The run
-    starts at ``start`` (default: the freeze index, so that the first frames
-    report the storage time of every frozen layer and nothing is estimated);
-    nothing is thrown away: those iterations train like any other.
-
-    Feed :attr:`estimator` every frame and transfer, and call
-    :meth:`update` after each shard: it returns the split for the requests
-    still to send. The first decision comes once ``profile_frames`` frames
-    and ``estimator.min_observations`` transfers have arrived, and at the
-    latest after ``max_profile_shards`` shards. After it, a drift of the
-    bandwidth or the storage speed beyond ``drift_threshold`` re-evaluates
-    the choice. Every decision, the first one too (the split in use is then
-    the start), moves the split only when the new best is predicted more
-    than ``margin`` faster: predictions a few percent apart are within the
-    noise of the measurements they come from, and the start, ``f``, is the
-    split the user's freeze index names.
-    """
-
-    def __init__(self, profile: Profile, *, start: int | None = None, profile_frames: int = 4,
-                 max_profile_shards: int = 4, drift_threshold: float = 0.25,
-                 margin: float = 0.05, epoch_samples: int | None = None,
-                 estimator: OnlineEstimator | None = None):
-        self.profile = profile
-        self.split = profile.freeze if start is None else start
-        if not 0 <= self.split <= profile.freeze:
-            raise ValueError(f"start split {self.split} outside [0, {profile.freeze}]")
-        self.profile_frames = profile_frames
-        self.max_profile_shards = max_profile_shards
-        self.drift_threshold = drift_threshold
-        self.margin = margin
-        self.epoch_samples = epoch_samples
-        self.estimator = estimator or OnlineEstimator()
-        self.shards = 0
-        self.decisions: list[Decision] = []
-        self.history: list[dict] = []
-
-    @property
-    def decision(self) -> Decision | None:
-        return self.decisions[-1] if self.decisions else None
-
-    def current_profile(self) -> Profile:
-        """The profile with everything the stream has measured so far."""
-        return self.estimator.apply(self.profile)
-
-    def update(self) -> int:
-        """Account one more shard; decide or re-decide when it is time. Returns the split."""
-        self.shards += 1
-        est = self.estimator
-        if self.decision is None:
-            measured = est.frames >= self.profile_frames and \
-                est.transfers >= est.min_observations
-            if measured or self.shards >= self.max_profile_shards:
-                self._decide("profiled" if measured else
-                             f"profiling bound reached ({self.shards} shards)")
-        elif est.drifted(self.drift_threshold):
-            change = est.drift()
-            est.keep_recent()
-            self._decide("drift: " + ", ".join(f"{name} {value:+.0%}"
-                                               for name, value in change.items()
-                                               if value is not None))
-        return self.split
-
-    def _decide(self, why: str) -> Decision:
-        """Choose again, with the split in use as the incumbent."""
-        decision = choose_split(self.current_profile(), epoch_samples=self.epoch_samples,
-                                current=self.split, margin=self.margin)
-        self.estimator.mark()
-        self.decisions.append(decision)
-        self.history.append({"shard": self.shards, "why": why, "from": self.split,
-                             "to": decision.split, "reason": decision.reason})
-        self.split = decision.split
-        return decision
-
-
-# The plot -----------------------------------------------------------------------------
-
-
-def plot_decision(decision: Decision, path, profile: Profile | None = None) -> None:
-    """Draw the decision to ``path`` (PNG by its extension): per-boundary
-    bytes on the wire, per-layer time on each side (with ``profile``),
-    predicted time per split and its components, the choice marked. Uses
-    matplotlib's Agg canvas directly: no display, no global backend change."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = decision.rows
-    splits = [row.split for row in rows]
-    panels = 3 if profile is not None else 2
-    fig = Figure(figsize=(10, 3.2 * panels), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(panels, 1, sharex=True)
-    ax_bytes, ax_pred = axes[0], axes[-1]
-
-    if profile is not None:
-        boundaries = list(range(len(profile.boundary_bytes)))
-        sizes = [profile.raw_bytes, *profile.boundary_bytes[1:]]
-    else:
-        boundaries, sizes = splits, [row.wire_bytes for row in rows]
-    colors = ["tab:orange" if i == 0 else "tab:blue" for i in boundaries]
-    ax_bytes.bar(boundaries, [s / 1e3 for s in sizes], color=colors, width=0.7)
-    ax_bytes.set_yscale("log")
-    ax_bytes.set_ylabel("KB per sample\non the wire")
-    ax_bytes.set_title(f"{decision.model}: split {decision.split} chosen "
-                       f"(freeze {decision.freeze}, batch {decision.batch_size}, "
-                       f"{decision.bandwidth * 8 / 1e6:.1f} Mbit/s)")
-
-    if profile is not None:
-        ax_time = axes[1]
-        storage, _, _, estimated = storage_layer_times(profile)
-        centres = [i + 0.5 for i in range(len(profile.layers))]
-        ax_time.step(centres, [layer.trainer_forward_s * 1e3 for layer in profile.layers],
-                     where="mid", color="tab:green", label="trainer forward")
-        trainable = [i for i, layer in enumerate(profile.layers)
-                     if layer.trainer_train_s is not None]
-        if trainable:
-            ax_time.plot([centres[i] for i in trainable],
-                         [profile.layers[i].trainer_train_s * 1e3 for i in trainable], "s",
-                         color="tab:green", label="trainer forward+backward")
-        for flag, style, label in ((False, "o", "storage measured"),
-                                   (True, "x", "storage estimated")):
-            points = [i for i, t in enumerate(storage) if estimated[i] == flag and t > 0]
-            if points:
-                ax_time.plot([centres[i] for i in points], [storage[i] * 1e3 for i in points],
-                             style, color="tab:red", label=label)
-        ax_time.set_yscale("log")
-        ax_time.set_ylabel("ms per sample\nper layer")
-        ax_time.legend(fontsize="small", loc="best")
-
-    feasible = [row for row in rows if row.feasible]
-    ax_pred.bar([r.split for r in feasible], [r.iteration_s for r in feasible], width=0.7,
-                color="lightgrey", label="predicted iteration")
-    for key, color, label in (("storage_s", "tab:red", "storage"),
-                              ("transfer_s", "tab:blue", "network"),
-                              ("trainer_s", "tab:green", "trainer"),
-                              ("pipeline_s", "tab:purple", "request path")):
-        values = [getattr(r, key) if getattr(r, key) > 0 else math.nan for r in rows]
-        ax_pred.plot(splits, values, ".-", color=color, label=label, linewidth=1)
-    infeasible = [row for row in rows if not row.feasible]
-    if infeasible:
-        top = max(row.iteration_s for row in rows)
-        ax_pred.plot([r.split for r in infeasible], [top] * len(infeasible), "kx",
-                     label="does not fit memory")
-    chosen = decision.chosen
-    ax_pred.axvline(chosen.split, color="black", linestyle="--", linewidth=1)
-    ax_pred.annotate(f"split {chosen.split}\n{chosen.iteration_s:.3g} s", (chosen.split,
-                     chosen.iteration_s), xytext=(5, 10), textcoords="offset points")
-    ax_pred.set_yscale("log")
-    ax_pred.set_ylabel("s per iteration")
-    ax_pred.set_xlabel("boundary / split index (0 = vanilla)")
-    ax_pred.legend(fontsize="small", loc="best")
-    for ax in axes:
-        ax.axvline(decision.freeze, color="grey", linestyle=":", linewidth=1)
-    fig.savefig(path, dpi=80)

@@ -2,17 +2,25 @@
 
 :class:`OnlineEstimator` folds the ``timings`` of the frames as they arrive
 and the transfers' bytes and durations into per-layer storage-side times and
-the bandwidth, fills them into a :class:`hapi.client.profiling.Profile`, and
-says when either has drifted from the values the current split choice was
-made with (``hapi.client.split.AutoSplit`` re-decides then).
+the bandwidth, fills them into a
+:class:`hapi.client.autosplit.profiling.Profile`, and says when either has
+drifted from the values the current split choice was made with (the
+selector, ``hapi.client.autosplit.selector``, re-decides then).
+:class:`LinkClock` turns the requests' transfers into the link time the
+estimator counts.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 
-from hapi.client.profiling import Profile
+from hapi.client.autosplit.profiling import Profile
+
+__all__ = ["PACED", "LinkClock", "OnlineEstimator"]
+
+PACED = 1.25  # link time this much above the request's storage compute: the link paced it
 
 
 class _Series:
@@ -40,7 +48,7 @@ class OnlineEstimator:
     """Storage-side times and bandwidth, estimated from the stream as it arrives.
 
     Feed it every frame (:meth:`observe_frame`) and every transfer
-    (:meth:`observe_transfer`, or :meth:`observe_request`); read the
+    (:meth:`observe_transfer`, through a :class:`LinkClock`); read the
     estimates (``bandwidth``, ``storage_layer_s``, ``storage_decode_s``...)
     or :meth:`apply` them to a :class:`Profile`. Per-sample storage times
     are medians over the last ``window`` frames (robust to a frame that
@@ -95,28 +103,10 @@ class OnlineEstimator:
     def observe_transfer(self, nbytes: int, seconds: float):
         """``nbytes`` received in ``seconds`` of receiving: the time the bytes
         were on the way, not the time the storage tier spent computing them
-        (see :meth:`observe_request`)."""
+        (see :class:`LinkClock`)."""
         if nbytes > 0 and seconds > 0:
             self._transfers.add((nbytes, seconds))
             self.transfers += 1
-
-    def observe_request(self, nbytes: int, elapsed_s: float, storage_s: float = 0.0,
-                        first_byte_s: float = 0.0):
-        """A whole request: ``elapsed_s`` from sending it to its last byte,
-        ``storage_s`` the storage compute its frames report (sum of their
-        decode, layers and to_wire), ``first_byte_s`` the wait for its first
-        byte. The storage tier computes a frame and then writes it, so a
-        request's receiving time is about its elapsed time less the storage
-        compute that did not overlap the first byte's wait and less that wait.
-        Prefer :meth:`observe_transfer` with per-frame arrival times where
-        the reader has them."""
-        receiving = elapsed_s - max(first_byte_s, 0.0) - max(storage_s, 0.0)
-        if first_byte_s > 0:
-            self._latency.add(first_byte_s)
-        # Overlap between the storage compute and the transfer makes the
-        # difference an underestimate; never count less than a tenth of the
-        # elapsed time as receiving time (a bound, not a measurement).
-        self.observe_transfer(nbytes, max(receiving, 0.1 * elapsed_s))
 
     def observe_latency(self, seconds: float):
         """A request's time to its first byte beyond the storage compute."""
@@ -256,3 +246,32 @@ def _relative_spread(values) -> float:
 def _rate(transfers) -> float | None:
     seconds = sum(s for _, s in transfers)
     return sum(b for b, _ in transfers) / seconds if seconds > 0 else None
+
+
+class LinkClock:
+    """Feeds the requests' :class:`hapi.client.data.Transfer` to an estimator,
+    in the order they were sent, as link time.
+
+    A request's latency is its wait for the response headers less the
+    storage compute before them (the first frame). Its link time is the part
+    of its body's interval (headers to last byte) not already covered by the
+    bodies before it: requests in flight together share the link, so their
+    bytes count over the union of their intervals, not over each interval.
+    That time measures the link only when the link paced it, when it was
+    clearly longer than the storage tier's compute for the request;
+    otherwise the transfer hid behind the compute (its time is the storage
+    tier's, and the bandwidth is only known to be higher), and it is not
+    counted.
+    """
+
+    def __init__(self, estimator: OnlineEstimator):
+        self.estimator = estimator
+        self.covered_until = -math.inf
+
+    def observe(self, transfer) -> None:
+        self.estimator.observe_latency(
+            transfer.answered_at - transfer.sent_at - transfer.storage_early_s)
+        link_s = transfer.done_at - max(transfer.answered_at, self.covered_until)
+        self.covered_until = max(self.covered_until, transfer.done_at)
+        if link_s > PACED * transfer.storage_s:
+            self.estimator.observe_transfer(transfer.nbytes, link_s)

@@ -1,8 +1,9 @@
-"""What the trainer measures for automatic split selection (``hapi.client.split``).
+"""What the trainer measures for automatic split selection (``hapi.client.autosplit``).
 
-Everything the cost model uses is measured on the running system; this
-module holds the measurements and the code that takes them before training
-(``hapi.client.estimator`` folds in what the stream measures during it):
+Everything the cost model (``hapi.client.autosplit.costmodel``) uses is
+measured on the running system; this module holds the measurements and the
+code that takes them before training (``hapi.client.autosplit.estimator``
+folds in what the stream measures during it):
 
 - :class:`Profile` (with one :class:`LayerProfile` per layer): plain
   dataclasses that round-trip through JSON. Times are seconds *per sample*,
@@ -13,10 +14,11 @@ module holds the measurements and the code that takes them before training
 - :func:`measure_decode` (vanilla's decode + preprocess on the trainer) and
   :func:`measure_copy_rate` (deserialising and copying received features).
 - :func:`profile_from_model`: a :class:`Profile` from a
-  :class:`hapi.zoo.LayeredModel` (boundary sizes from its shapes) and the
-  measurements above.
-
-Nothing here talks to Swift or the network: the trainer feeds it.
+  :class:`hapi.zoo.LayeredModel` (boundary sizes from
+  ``LayeredModel.boundary_bytes`` in the wire dtype) and the measurements
+  above.
+- :func:`measure_profile`: all of the above for a training run, the only
+  part that talks to Swift (it downloads one raw shard to time its decode).
 """
 
 from __future__ import annotations
@@ -28,18 +30,23 @@ import os
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
+from swiftclient import ClientException
+
+from hapi import wire
+from hapi.client import data
+from hapi.preprocess import DecodeError, preprocess, preset_size
 
 __all__ = [
     "PROFILE_FORMAT", "LayerProfile", "Profile", "TrainerTimes",
-    "free_memory_bytes", "measure_copy_rate", "measure_decode", "measure_trainer_layers",
-    "profile_from_model",
+    "free_memory_bytes", "measure_copy_rate", "measure_decode", "measure_profile",
+    "measure_trainer_layers", "profile_from_model",
 ]
 
 PROFILE_FORMAT = "hapi-profile/1"
-WIRE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+DECODE_PROBE_SAMPLES = 32  # images of the probe shard decoded to time vanilla's decode
 
 
 # The profile -----------------------------------------------------------------------
@@ -125,7 +132,6 @@ class Profile:
     storage_budget_bytes: int | None = None
     storage_speed_ratio: float | None = None
     epoch_samples: int | None = None
-    notes: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.input_shape = tuple(self.input_shape)
@@ -175,8 +181,7 @@ class Profile:
 
     def with_measurements(self, **changes) -> Profile:
         """A copy with some fields replaced (``dataclasses.replace``), layers copied."""
-        copy = replace(self, layers=[replace(layer) for layer in self.layers],
-                       notes=dict(self.notes))
+        copy = replace(self, layers=[replace(layer) for layer in self.layers])
         return replace(copy, **changes) if changes else copy
 
 
@@ -313,8 +318,6 @@ def measure_decode(images: Sequence[bytes], preset: str, model: str,
     """Vanilla's decode + preprocess on the trainer: (seconds per sample,
     encoded bytes per sample) over ``images`` (encoded image bytes, e.g. the
     members of one raw shard)."""
-    from hapi.preprocess import preprocess
-
     if not images:
         raise ValueError("no images to measure")
     times = []
@@ -330,9 +333,7 @@ def measure_copy_rate(nbytes: int = 4 << 20, wire_dtype: str = "float32",
     """Seconds per received byte the trainer spends turning frames into a
     float32 training batch: parse the frame, concatenate, convert. Measured
     on a synthetic frame of ``nbytes`` features (a few milliseconds)."""
-    from hapi import wire
-
-    dtype = getattr(torch, wire_dtype)
+    dtype = wire.TORCH_DTYPES[wire_dtype]
     count = max(nbytes // dtype.itemsize, 1)
     features = torch.zeros(2, count // 2 or 1, dtype=dtype)
     blob = wire.encode_frame("batch", {"index": "0"}, features=features,
@@ -372,16 +373,16 @@ def profile_from_model(model, *, input_shape: Sequence[int], freeze: int, batch_
                        **measurements) -> Profile:
     """A :class:`Profile` for ``model`` (a :class:`hapi.zoo.LayeredModel`).
 
-    Boundary sizes come from the model's shapes at ``input_shape`` (the
+    Boundary sizes come from ``model.boundary_bytes`` at ``input_shape`` (the
     preset's ``(3, N, N)``) in the wire dtype and in float32; the trainer's
     per-layer times from ``trainer``; ``storage_s`` gives the storage-side
     per-layer times measured so far (shorter than the model, or None entries,
     where not measured); any other :class:`Profile` field by keyword.
     """
-    if wire_dtype not in WIRE_ITEMSIZE:
-        raise ValueError(f"unknown wire dtype {wire_dtype!r}")
-    shapes = model.boundary_shapes(tuple(input_shape))
-    elements = [math.prod(shape) for shape in shapes]
+    if wire_dtype not in wire.TORCH_DTYPES:
+        raise ValueError(f"unknown wire dtype {wire_dtype!r}; known: "
+                         f"{', '.join(wire.TORCH_DTYPES)}")
+    input_shape = tuple(input_shape)
     storage = list(storage_s) + [None] * (len(model) - len(storage_s))
     layers = [LayerProfile(name=name, trainer_forward_s=trainer.forward_s[i],
                            trainer_train_s=trainer.train_s[i] if i >= freeze else None,
@@ -389,7 +390,46 @@ def profile_from_model(model, *, input_shape: Sequence[int], freeze: int, batch_
               for i, name in enumerate(model.layer_names)]
     return Profile(model=model.name, input_shape=tuple(input_shape), batch_size=batch_size,
                    freeze=freeze, layers=layers,
-                   boundary_bytes=[e * WIRE_ITEMSIZE[wire_dtype] for e in elements],
-                   activation_bytes=[e * 4 for e in elements], raw_bytes=raw_bytes,
-                   bandwidth=bandwidth, wire_dtype=wire_dtype,
+                   boundary_bytes=model.boundary_bytes(input_shape, wire.TORCH_DTYPES[wire_dtype]),
+                   activation_bytes=model.boundary_bytes(input_shape, torch.float32),
+                   raw_bytes=raw_bytes, bandwidth=bandwidth, wire_dtype=wire_dtype,
                    trainer_device=trainer.device, **measurements)
+
+
+def measure_profile(model, config, plan, conn, link):
+    """What the trainer measures before its first request, as a
+    :class:`Profile`: every layer's time here at the training batch, the
+    boundary sizes, the bytes per raw sample, vanilla's decode time (on a raw
+    shard of median size, downloaded once; its transfer goes to ``link``, a
+    :class:`hapi.client.autosplit.estimator.LinkClock`, and gives the first
+    bandwidth), the cost of copying received features, free memory.
+    Returns (profile, what the probe cost)."""
+    side = preset_size(config.preset)
+    input_shape = (3, side, side)
+    device = torch.device(config.device)
+    inputs = torch.randn(config.batch_size, *input_shape,
+                         generator=torch.Generator().manual_seed(config.seed))
+    trainer = measure_trainer_layers(model, inputs.to(device), config.freeze)
+    refs = plan.train + plan.holdout
+    probe = sorted(refs, key=lambda ref: ref.bytes)[len(refs) // 2]  # a typical shard
+    try:
+        samples, transfer = data.raw_samples(conn, config.container, probe)
+    except ClientException as err:
+        raise data.storage_error(err, config.container, probe.name) from None
+    link.observe(transfer)
+    images = [sample.image for sample in samples[:DECODE_PROBE_SAMPLES]]
+    try:
+        decode_s, _ = measure_decode(images, config.preset, config.model)
+    except DecodeError as err:
+        raise data.decode_error(err, config.container, probe.name, samples) from None
+    profile = profile_from_model(
+        model, input_shape=input_shape, freeze=config.freeze, batch_size=config.batch_size,
+        trainer=trainer, raw_bytes=sum(r.bytes for r in refs) / sum(r.samples for r in refs),
+        bandwidth=link.estimator.bandwidth, wire_dtype=config.wire_dtype, trainer_decode_s=decode_s,
+        trainer_copy_s_per_byte=measure_copy_rate(wire_dtype=config.wire_dtype),
+        samples_per_request=round(sum(r.samples for r in refs) / len(refs)),
+        storage_batch=config.storage_batch, prefetch_depth=config.prefetch,
+        trainer_free_bytes=free_memory_bytes(device),
+        trainer_host_free_bytes=free_memory_bytes("cpu") if device.type == "cuda" else None,
+        epoch_samples=plan.train_samples)
+    return profile, {"probe_shard": probe.name, "probe_bytes": transfer.nbytes}

@@ -1,0 +1,235 @@
+"""The automatic split selector: measurements in, a split out, over a training run.
+
+:class:`AutomaticSplit` is the trainer's split selector when no split is
+fixed (``hapi.client.data.FixedSplit`` is the other). It starts from what
+the trainer measured on its own before the first request
+(:func:`hapi.client.autosplit.profiling.measure_profile`), learns from every
+loaded shard (its frames' timings and its transfer) and from the optimizer
+steps, decides with the cost model (``hapi.client.autosplit.costmodel``)
+and re-decides when the bandwidth or the storage tier's speed drifts.
+"""
+
+import statistics
+import time
+
+from tqdm import tqdm
+
+from hapi.client.autosplit.costmodel import Decision, choose_split
+from hapi.client.autosplit.estimator import LinkClock, OnlineEstimator
+from hapi.client.autosplit.plot import plot_decision
+from hapi.client.autosplit.profiling import Profile, measure_profile
+
+__all__ = ["AutomaticSplit", "SplitSelectionError"]
+
+
+class SplitSelectionError(RuntimeError):
+    """The cost model cannot choose a split for this run."""
+
+
+PROFILE_FRAMES = 4  # frame observations (one per shard) before the first decision ...
+MAX_PROFILE_SHARDS = 4  # ... or at the latest after this many shards
+DRIFT_THRESHOLD = 0.25  # relative change of bandwidth or storage speed that re-decides
+DRIFT_SPREAD_FACTOR = 2.0  # ... if also this many times the observations' own scatter
+MARGIN = 0.05  # a new split must be predicted this much faster to replace the one in use
+DRIFT_WINDOW = 8  # drift is judged on up to this many observations since the last decision
+DRIFT_MIN_OBSERVATIONS = 4  # ... once there are at least this many
+STEP_SAMPLES = 16  # optimizer steps timed for the profile's trainer_step_s
+
+
+def default_estimator() -> OnlineEstimator:
+    """The estimator a run uses: drift judged as the constants above say."""
+    return OnlineEstimator(min_observations=DRIFT_MIN_OBSERVATIONS, drift_window=DRIFT_WINDOW,
+                           spread_factor=DRIFT_SPREAD_FACTOR)
+
+
+class AutomaticSplit:
+    """Chooses the split of each request while the run trains.
+
+    ``profile`` holds what the trainer measured before the first request
+    (per-layer trainer times, boundary sizes, decode costs, memory).
+    ``link`` (a :class:`LinkClock` around the estimator that the
+    measurements before the run already fed) passes to the selector, which
+    feeds it from then on. The run starts at ``start`` (default: the freeze
+    index, so that the first frames report the storage time of every
+    frozen layer and nothing is estimated); nothing is thrown away: those
+    iterations train like any other.
+
+    The public API is what the trainer calls: :attr:`split` (the split for
+    the requests still to send), :meth:`observe` (a loaded shard),
+    :attr:`wants_step_times` and :meth:`observe_step` (an optimizer step's
+    time), :meth:`report` and :meth:`plot`; :attr:`decisions` and
+    :attr:`history` are there to read.
+
+    The first decision comes once ``profile_frames`` shards with frames and
+    the estimator's ``min_observations`` transfers have arrived, and at the
+    latest after ``max_profile_shards`` shards. After it, a drift of the
+    bandwidth or the storage speed beyond ``drift_threshold`` re-evaluates
+    the choice. Every decision, the first one too (the split in use is then
+    the start), moves the split only when the new best is predicted more
+    than ``margin`` faster: predictions a few percent apart are within the
+    noise of the measurements they come from, and the start, ``f``, is the
+    split the user's freeze index names.
+
+    ``log`` gets the decisions, one line per call, written so that they do
+    not mix with tqdm progress bars: the first decision's whole table, a
+    one-line summary for each re-decision (every decision's table is in
+    :meth:`report`).
+    """
+
+    automatic = True
+
+    def __init__(self, profile: Profile, *, link: LinkClock | None = None,
+                 start: int | None = None, profile_frames: int = PROFILE_FRAMES,
+                 max_profile_shards: int = MAX_PROFILE_SHARDS,
+                 drift_threshold: float = DRIFT_THRESHOLD, margin: float = MARGIN,
+                 epoch_samples: int | None = None, profiling: dict | None = None, log=print):
+        self._profile = profile
+        self._split = profile.freeze if start is None else start
+        if not 0 <= self._split <= profile.freeze:
+            raise ValueError(f"start split {self._split} outside [0, {profile.freeze}]")
+        self._link = link or LinkClock(default_estimator())
+        self._estimator = self._link.estimator
+        self._profile_frames = profile_frames
+        self._max_profile_shards = max_profile_shards
+        self._drift_threshold = drift_threshold
+        self._margin = margin
+        self._epoch_samples = epoch_samples
+        self._profiling = profiling or {}
+        self._log = log
+        self._step_times: list[float] = []
+        self._frame_overhead_bytes = profile.frame_overhead_bytes
+        self._shards = 0
+        self._decisions: list[Decision] = []
+        self._history: list[dict] = []
+
+    @classmethod
+    def measured(cls, model, config, plan, conn, log=print) -> "AutomaticSplit":
+        """The selector of a training run: measures the trainer and one probe
+        shard first (:func:`measure_profile`)."""
+        began = time.perf_counter()
+        link = LinkClock(default_estimator())
+        profile, probe = measure_profile(model, config, plan, conn, link)
+        return cls(profile, link=link, epoch_samples=plan.train_samples, log=log,
+                   profiling={**probe, "seconds": time.perf_counter() - began})
+
+    # What the trainer calls ----------------------------------------------------------
+
+    @property
+    def split(self) -> int:
+        """The split for the requests still to send."""
+        return self._split
+
+    @property
+    def wants_step_times(self) -> bool:
+        return len(self._step_times) < STEP_SAMPLES
+
+    def observe_step(self, seconds: float) -> None:
+        """One iteration's loss and optimizer step, besides the layers."""
+        self._step_times.append(seconds)
+
+    def observe(self, shard) -> None:
+        """Learn from a loaded shard (``hapi.client.data.ShardData``), then
+        decide or re-decide when it is time."""
+        if shard.frames:
+            # One observation per shard: per-sample times over all its frames,
+            # so that a small last frame does not weigh like a full one.
+            features = sum(frame.feature_bytes for frame in shard.frames)
+            samples = sum(frame.samples for frame in shard.frames)
+            self._estimator.observe_frame(_summed_timings(shard.frames), samples, features)
+            self._frame_overhead_bytes = (shard.bytes_received - features) / samples
+        self._link.observe(shard.transfer)
+        try:
+            self._update()
+        except ValueError as err:
+            raise SplitSelectionError(f"automatic split selection: {err} (choose a split "
+                                      "with --manual_split --split_idx N)") from None
+
+    def report(self) -> dict:
+        """The decision (its table too), how it came about, and what it was made from."""
+        decision = self.decision
+        return {"automatic": True, "split": self._split,
+                "decision": decision.to_dict() if decision else None,
+                "table": decision.format_table() if decision else None,
+                "history": [dict(step) for step in self._history],
+                "profiling": self._profiling, "profile": self.current_profile().to_dict()}
+
+    def plot(self, path) -> bool:
+        """Draw the last decision to ``path``; False when none was made yet."""
+        if self.decision is None:
+            return False
+        plot_decision(self.decision, path, self.current_profile())
+        return True
+
+    # To read ------------------------------------------------------------------------------
+
+    @property
+    def decision(self) -> Decision | None:
+        return self._decisions[-1] if self._decisions else None
+
+    @property
+    def decisions(self) -> tuple[Decision, ...]:
+        return tuple(self._decisions)
+
+    @property
+    def history(self) -> tuple[dict, ...]:
+        """Per decision: after which shard, why, from and to which split, the
+        reason and the whole table."""
+        return tuple(dict(step) for step in self._history)
+
+    def current_profile(self) -> Profile:
+        """The profile with everything the stream and the steps measured so far."""
+        measured = {"frame_overhead_bytes": self._frame_overhead_bytes}
+        if self._step_times:
+            measured["trainer_step_s"] = statistics.median(self._step_times)
+        return self._estimator.apply(self._profile.with_measurements(**measured))
+
+    # Deciding -------------------------------------------------------------------------
+
+    def _update(self) -> None:
+        """Account one more shard; decide or re-decide when it is time."""
+        self._shards += 1
+        est = self._estimator
+        if self.decision is None:
+            measured = est.frames >= self._profile_frames and \
+                est.transfers >= est.min_observations
+            if measured or self._shards >= self._max_profile_shards:
+                self._decide("profiled" if measured else
+                             f"profiling bound reached ({self._shards} shards)")
+        elif est.drifted(self._drift_threshold):
+            change = est.drift()
+            est.keep_recent()
+            self._decide("drift: " + ", ".join(f"{name} {value:+.0%}"
+                                               for name, value in change.items()
+                                               if value is not None))
+
+    def _decide(self, why: str) -> None:
+        """Choose again, with the split in use as the incumbent, and log it."""
+        decision = choose_split(self.current_profile(), epoch_samples=self._epoch_samples,
+                                current=self._split, margin=self._margin)
+        self._estimator.mark()
+        step = {"shard": self._shards, "why": why, "from": self._split, "to": decision.split,
+                "reason": decision.reason, "table": decision.format_table()}
+        self._decisions.append(decision)
+        self._history.append(step)
+        self._split = decision.split
+        headline = (f"split selection after {step['shard']} shard(s), {why}: "
+                    f"split {step['from']} -> {step['to']}")
+        if len(self._decisions) == 1:
+            self._write([headline, *step["table"].splitlines()])
+        else:
+            self._write([f"{headline}; {decision.summary()} (table in the metrics)"])
+
+    def _write(self, lines: list[str]) -> None:
+        """Each line in its own ``log`` call, with tqdm's bars cleared first and
+        redrawn after, so that no line starts on a progress bar's."""
+        with tqdm.external_write_mode():
+            for line in lines:
+                self._log(line)
+
+
+def _summed_timings(frames) -> dict:
+    """The ``timings`` of frames of one split, added up."""
+    layers = zip(*(frame.timings.get("layers_s", ()) for frame in frames), strict=True)
+    return {"decode_s": sum(frame.timings.get("decode_s", 0.0) for frame in frames),
+            "layers_s": [sum(times) for times in layers],
+            "to_wire_s": sum(frame.timings.get("to_wire_s", 0.0) for frame in frames)}

@@ -26,8 +26,9 @@ retried whole, up to ``--retries`` times (``hapi.client.retry``).
 The flags are checked once, right after parsing and before any network call:
 a combination that cannot work ends the program with one line naming the
 flag and what to do (exit status 2). Until then only the standard library,
-python-swiftclient and the torch-free :mod:`hapi.names` are imported; torch
-and the modules that need it come after, so ``--help`` answers at once.
+python-swiftclient and the torch-free :mod:`hapi.names` and
+:mod:`hapi.client.retry` are imported; torch and the modules that need it
+come after, so ``--help`` answers at once.
 """
 
 import argparse

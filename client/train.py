@@ -172,7 +172,9 @@ class EpochMetrics:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """What ``on_step`` hears after each optimizer step."""
+    """What ``on_step`` hears after each optimizer step. ``epoch`` and
+    ``step`` are indices from 0 (those the seeds are derived from); the
+    console and the metrics number epochs from 1."""
 
     epoch: int
     step: int

@@ -66,6 +66,15 @@ def test_main_returns_its_exit_status(capsys):
     assert cli.main([*JOB, "--num_epochs", "0"]) == 2
 
 
+def test_expected_errors_are_there_for_callers_of_run():
+    from hapi.client.data import DataError
+    from hapi.client.train import TrainingError
+
+    assert {TrainingError, DataError, cli.SwiftAuthError} <= set(cli.EXPECTED_ERRORS)
+    with pytest.raises(AttributeError):
+        cli.NO_SUCH_NAME  # noqa: B018
+
+
 def test_the_torch_free_names_are_those_of_the_zoo_and_protocol():
     assert tuple(zoo.MODELS) == names.MODELS
     assert tuple(preprocess.PRESETS) == names.PRESETS

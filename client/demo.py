@@ -4,8 +4,9 @@
 
 1. starts a one-node Swift with the HAPI filter in its proxy, in ROOT/swift
    (or reuses it when it is already running);
-2. uploads scikit-learn's digits as shards to the container ``digits``
-   unless it already holds a data set;
+2. uploads scikit-learn's digits as shards to the container
+   ``hapi-demo-digits``, unless it already holds exactly those digits in
+   shards of that size (it says what it found and replaces anything else);
 3. runs ``client/main.py``'s training in this process: EfficientNet-Lite0 with
    its real ImageNet weights, frozen below its default freeze index, those
    layers run in the Swift proxy next to the data, the classifier head
@@ -15,21 +16,25 @@
    shards that vanilla training would have moved for the same passes.
 
 The cluster keeps running for the next run; ``hapi-swift stop ROOT/swift``
-stops it.
+stops it. Ctrl-C stops the demo with one line and exit status 130; a cluster
+that was starting is stopped again, a running one keeps running.
 """
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
 from hapi import zoo
 from hapi.client import main as client_main
 from hapi.client_setup import datasets
-from hapi.client_setup.load import LoadError, load_manifest, upload_dataset
+from hapi.client_setup.load import LoadError, load_manifest, positive_int, upload_dataset
 from hapi.server_setup.cluster import Cluster, ClusterError
 
 MODEL = "efficientnet_lite0"
 PRESET = "resize-112"
+DIGITS = 1797
+INTERRUPTED = 130  # the shell's status for a program stopped by SIGINT
 
 
 def parse_args(argv=None):
@@ -37,8 +42,12 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="run", help="folder for the cluster, checkpoints "
                         "and metrics (default: run)")
-    parser.add_argument("--container", default="digits", help="container of the data set")
-    parser.add_argument("--shard_size", type=int, default=64, help="digits per shard")
+    parser.add_argument("--container", default="hapi-demo-digits",
+                        help="container of the demo's digits (default: hapi-demo-digits); "
+                        "anything else in it is replaced")
+    parser.add_argument("--digits", type=_digit_count, default=DIGITS,
+                        help=f"train and hold out the first N digits (default: all {DIGITS})")
+    parser.add_argument("--shard_size", type=positive_int, default=64, help="digits per shard")
     parser.add_argument("--num_epochs", type=int, default=8)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--optimizer", default="adam", choices=("sgd", "adam"))
@@ -51,21 +60,59 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def ensure_digits(conn, container, shard_size):
+def _digit_count(text):
+    value = positive_int(text)
+    if value > DIGITS:
+        raise argparse.ArgumentTypeError(f"there are {DIGITS} digits, not {value}")
+    return value
+
+
+def shard_sizes(count, shard_size):
+    """The sample counts of the shards that ``count`` samples make."""
+    return [min(shard_size, count - first) for first in range(0, count, shard_size)]
+
+
+def ensure_digits(conn, container, count, shard_size):
+    """Upload the first ``count`` digits in shards of ``shard_size`` to
+    ``container`` unless it holds exactly those already; say which."""
     try:
-        manifest = load_manifest(conn, container)
-        print(f"data set: {manifest.samples} samples already in container {container!r}")
+        found = load_manifest(conn, container)
     except LoadError:
-        source = datasets.digits()
-        manifest = upload_dataset(conn, container, source.samples, source.classes, shard_size)
-        print(f"data set: uploaded {manifest.samples} digits as {len(manifest.shards)} "
-              f"shards to container {container!r}")
+        found = None
+    wanted = shard_sizes(count, shard_size)
+    if found is not None:
+        sizes = [shard["samples"] for shard in found.shards]
+        if sizes == wanted and found.classes == [str(d) for d in range(10)]:
+            print(f"data set: reusing the {count} digits in {len(sizes)} shards of "
+                  f"{shard_size} in container {container!r}")
+            return found
+        print(f"data set: container {container!r} holds {found.samples} samples in "
+              f"{len(sizes)} shards of {max(sizes, default=0)}, not the demo's {count} digits "
+              f"in shards of {shard_size}: replacing them")
+    source = datasets.digits()
+    manifest = upload_dataset(conn, container, itertools.islice(source.samples, count),
+                              source.classes, shard_size)
+    print(f"data set: uploaded {manifest.samples} digits as {len(manifest.shards)} shards of "
+          f"{shard_size} to container {container!r}")
+    return manifest
 
 
 def main(argv=None):
     args = parse_args(argv)
     root = Path(args.root).absolute()
     cluster = Cluster(root / "swift")
+    try:
+        return run_demo(args, root, cluster)
+    except KeyboardInterrupt:
+        running = cluster.is_set_up() and all(
+            info["alive"] for info in cluster.status().values())
+        state = f"Swift keeps running: hapi-swift stop {cluster.root}" if running \
+            else "Swift is stopped"
+        print(f"interrupted ({state})", file=sys.stderr, flush=True)
+        return INTERRUPTED
+
+
+def run_demo(args, root, cluster):
     try:
         cluster.start()
     except ClusterError as err:
@@ -74,7 +121,7 @@ def main(argv=None):
     user, key = cluster.users["tester"]
     conn = cluster.connection()
     try:
-        ensure_digits(conn, args.container, args.shard_size)
+        ensure_digits(conn, args.container, args.digits, args.shard_size)
     finally:
         conn.close()
     metrics_path = root / "metrics.json"

@@ -163,10 +163,10 @@ def build_parser():
     target.add_argument("--container", help="Swift container to upload to (created if missing)")
     target.add_argument("--out", metavar="DIR", help="write shards and manifest to DIR instead")
     opts = common.add_argument_group("packing")
-    opts.add_argument("--shard-size", type=_positive, metavar="N",
+    opts.add_argument("--shard-size", type=positive_int, metavar="N",
                       help=f"samples per shard (default: at most {DEFAULT_SHARD_SIZE}, few "
                       f"enough for {TARGET_SHARDS} shards)")
-    opts.add_argument("--limit", type=_positive, metavar="N", help="only the first N samples")
+    opts.add_argument("--limit", type=positive_int, metavar="N", help="only the first N samples")
     creds = common.add_argument_group("Swift credentials (default: the environment)")
     creds.add_argument("--auth", help="auth URL (ST_AUTH, else OS_AUTH_URL)")
     creds.add_argument("--user", help="user name (ST_USER, else OS_USERNAME)")
@@ -187,16 +187,18 @@ def build_parser():
                        help="scikit-learn's 1,797 8x8 digits as PNG")
     synth = sources.add_parser("synthetic", parents=[common], help="synthetic photo-like JPEGs")
     synth = synth.add_argument_group("source")
-    synth.add_argument("--count", type=_positive, default=1000, help="images (default 1000)")
-    synth.add_argument("--size", type=_positive, default=224, help="side in pixels (default 224)")
-    synth.add_argument("--classes", type=_positive, default=10, help="classes (default 10)")
+    synth.add_argument("--count", type=positive_int, default=1000, help="images (default 1000)")
+    synth.add_argument("--size", type=positive_int, default=224,
+                       help="side in pixels (default 224)")
+    synth.add_argument("--classes", type=positive_int, default=10, help="classes (default 10)")
     synth.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     synth.add_argument("--quality", type=int, default=90, choices=range(1, 101),
                        metavar="1..100", help="JPEG quality (default 90)")
     return parser
 
 
-def _positive(text):
+def positive_int(text):
+    """argparse type: an integer of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")

@@ -11,6 +11,7 @@ import pytest
 from paste.deploy import loadfilter
 from swiftclient.client import Connection
 
+from hapi.middleware.settings import OPTION_DEFAULTS
 from hapi.server_setup import cluster as cluster_mod
 from hapi.server_setup.cluster import SERVERS, Cluster, ClusterError, main
 
@@ -125,6 +126,14 @@ def test_conf_snippet_loads_the_filter():
     snippet = Path(cluster_mod.__file__).with_name("proxy-server.hapi.conf")
     make_filter = loadfilter(f"config:{snippet}", name="hapi")
     assert callable(make_filter(lambda env, start_response: []))
+
+
+def test_conf_snippet_lists_every_filter_option_with_its_default():
+    """proxy-server.hapi.conf shows every option of the filter, each with its default."""
+    snippet = Path(cluster_mod.__file__).with_name("proxy-server.hapi.conf")
+    section = dict(read_conf(snippet)["filter:hapi"])
+    assert section.pop("use") == "egg:hapi-tl#hapi"
+    assert section == {name: str(value) for name, value in OPTION_DEFAULTS.items()}
 
 
 def test_busy_proxy_port_is_a_clear_error_and_leaves_nothing_behind(tmp_path, capsys):

@@ -288,12 +288,17 @@ def check_args(args):
         args.intermediate_url = intermediate_url(args.intermediate_url)
 
     from hapi import zoo  # torch: only once the flags parsed
+    from hapi.preprocess import preset_size
 
     try:
         args.model = zoo.canonical_name(args.model)
     except zoo.UnknownModel as err:
         raise ConfigError(f"--model: {err}") from None
     args.weights = trainer_weights(args.weights)
+    info = zoo.MODELS[args.model]
+    if info.fixed_input_size and preset_size(args.preset) != info.input_size:
+        raise ConfigError(f"--preset {args.preset}: {args.model} takes only "
+                          f"{info.input_size} px inputs; use a -{info.input_size} preset")
     _check_layers(args)
 
 

@@ -93,6 +93,8 @@ def test_layer_count_without_building_the_model(model):
     (["--weights", "file:w.safetensors"], "--weights file:w.safetensors: 'file:' names weights "
                                           "in a storage server's own folder"),
     (["--weights", "seed:x"], "--weights: seed must be an integer"),
+    (["--model", "vit_b_16", "--preset", "resize-32"],
+     "--preset resize-32: vit_b_16 takes only 224 px inputs; use a -224 preset"),
     (["--freeze", "--split_idx", "19"],
      "--split_idx 19 must be between 0 and the freeze index 18"),
     (["--split_idx", "3"], "freeze index 0: the storage tier only runs frozen layers (nothing "

@@ -63,7 +63,7 @@ def test_sigint_while_training_leaves_the_cluster_serving(demo_root):
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         for line in proc.stdout:
-            if line.startswith("training:"):
+            if line.startswith(f"{demo.MODEL}: "):  # the trainer's first line: training begins
                 break
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)

@@ -461,8 +461,8 @@ def test_the_trainer_killed_mid_epoch_resumes_to_the_same_model(cluster, tmp_pat
     per_epoch = -(-SAMPLES // BATCH)
     steps = 2 * per_epoch
     assert 0 < killed_at < steps
-    epoch, step = divmod(killed_at, per_epoch)
-    assert resumed["resumed_from"] == {"epoch": epoch, "step": step}
+    epochs_done, step = divmod(killed_at, per_epoch)
+    assert resumed["resumed_from"] == {"epoch": epochs_done + 1, "step": step}  # from 1
     assert records[0].global_step == killed_at + 1 and records[-1].global_step == steps
     train(cluster, *flags, "--checkpoint_dir", str(reference_dir))
     step, tensors = final_checkpoint(killed_dir)

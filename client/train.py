@@ -39,6 +39,7 @@ from hapi.client.autosplit import AutomaticSplit
 from hapi.client.retry import DEFAULT_RETRIES, RetryPolicy
 
 METRICS_FORMAT = "hapi-metrics/1"
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 class TrainingError(RuntimeError):
@@ -293,6 +294,7 @@ class Trainer:
         if config.freeze >= len(self.model):
             raise TrainingError(f"freeze index {config.freeze} leaves none of the "
                                 f"{len(self.model)} layers of {config.model} to train")
+        self._check_last_batch()
         self.optimizer = make_optimizer(self.model, config)
         self._began, self._wall_before = time.perf_counter(), 0.0
         done, current = [], None
@@ -325,6 +327,22 @@ class Trainer:
             self.log(_epoch_line(metrics, config.epochs))
         passes = [e.train for e in done] + [e.holdout for e in done if e.holdout]
         return self._report(passes, done, self._wall_s(), resumed_from)
+
+    def _check_last_batch(self):
+        """Refuse, before any step, an epoch whose last batch would be a single
+        sample when a trained layer holds a BatchNorm: in training mode it
+        cannot normalise one sample, and the epoch would fail at its end."""
+        config = self.config
+        if self.plan.train_samples % config.batch_size != 1:
+            return
+        trained = self.model.layers[config.freeze:]
+        if any(isinstance(module, BATCH_NORMS) for layer in trained
+               for module in layer.modules()):
+            raise TrainingError(
+                f"the last batch of each epoch would hold 1 of the {self.plan.train_samples} "
+                f"training samples, and the trained layers of {config.model} (from "
+                f"{config.freeze}) have BatchNorm, which cannot train on one sample: change "
+                "--batch_size, --start/--end or --holdout, or freeze more layers")
 
     def _train_step(self, batch, step, epoch):
         """One optimizer step; returns (mean loss, correct predictions)."""

@@ -136,6 +136,20 @@ def test_start_and_end_select_the_sample_range(cluster):
     assert metrics["samples"] == {"train": 24, "holdout": 0}
 
 
+def test_a_last_batch_of_one_sample_that_batchnorm_cannot_train_is_one_line(cluster, capsys):
+    """Samples [5, 30) in batches of 8 leave 1 for the last batch, and
+    ResNet-18's trained layer4.1 has BatchNorm: refused before any step."""
+    status = cli.main([*FLAGS, "--freeze", "--split_idx", str(FREEZE), "--start", "5",
+                       "--end", "30", *credentials(cluster)])
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "epoch 1/1" not in captured.out
+    assert captured.err == (
+        "error: the last batch of each epoch would hold 1 of the 25 training samples, and the "
+        f"trained layers of resnet18 (from {FREEZE}) have BatchNorm, which cannot train on one "
+        "sample: change --batch_size, --start/--end or --holdout, or freeze more layers\n")
+
+
 class StallingServer:
     """A storage tier that hangs mid-stream: every GET gets a 200 with a
     feature stream's headers and the first bytes of a frame, then nothing

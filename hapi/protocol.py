@@ -6,7 +6,6 @@ the standalone server both parse requests with :func:`parse_request`, so the
 two answer a bad parameter with the same status and message.
 """
 
-import json
 import re
 from dataclasses import dataclass
 
@@ -34,7 +33,20 @@ WIRE_DTYPES = tuple(TORCH_DTYPES)
 DEFAULT_PRESET = "imagenet-224"
 DEFAULT_WEIGHTS = "pretrained"
 
+# Conditional headers of a feature request apply to the shard it reads: they
+# are sent with that read, and Swift's 304 or 412 is the answer.
+CONDITIONAL_HEADERS = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since")
+# A feature request computes on whole shards: a byte range of one has no features.
+RANGE = "Range"
+
+# Integer headers: at most this many digits (any batch, split or freeze index fits).
+INT_DIGITS = 9
+# torch.manual_seed takes seeds in [0, 2**64).
+MAX_SEED = 2**64 - 1
+SEED_DIGITS = len(str(MAX_SEED))
+
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
+_ASCII_DIGITS = re.compile(r"[0-9]+")
 
 
 class BadParameter(ValueError):
@@ -44,9 +56,6 @@ class BadParameter(ValueError):
         super().__init__(f"{parameter}: {message}")
         self.parameter = parameter
         self.message = message
-
-    def to_json(self):
-        return json.dumps({"error": self.message, "parameter": self.parameter}).encode()
 
 
 @dataclass(frozen=True)
@@ -88,18 +97,27 @@ class FeatureRequest:
     dtype: str
 
 
-def is_feature_request(headers):
-    return MODEL in headers
+def parse_integer(raw, max_digits):
+    """The value of ``raw`` if it is 1 to ``max_digits`` ASCII decimal digits,
+    with optional spaces or tabs around them (HTTP's optional whitespace);
+    else None. Leading zeros are allowed (``0003`` is 3); a sign, an
+    underscore, or a digit of another script (fullwidth, Arabic-Indic...) is not: Python's
+    ``int()`` takes all of those, and the two front ends, which see header
+    bytes through different decoders, must agree on every value."""
+    text = raw.strip(" \t")
+    if not 1 <= len(text) <= max_digits or not _ASCII_DIGITS.fullmatch(text):
+        return None
+    return int(text)
 
 
 def _int_param(headers, name, default):
     raw = headers.get(name)
     if raw is None:
         return default
-    try:
-        return int(raw.strip())
-    except ValueError:
-        raise BadParameter(name, f"must be an integer, got {raw[:40]!r}") from None
+    value = parse_integer(raw, INT_DIGITS)
+    if value is None:
+        raise BadParameter(name, f"must be an integer of ASCII digits, got {raw[:40]!r}")
+    return value
 
 
 def parse_weights(raw, limits):
@@ -107,12 +125,10 @@ def parse_weights(raw, limits):
         return WeightsRef(DEFAULT_WEIGHTS)
     kind, sep, value = raw.partition(":")
     if kind == "seed" and sep:
-        try:
-            seed = int(value)
-        except ValueError:
-            seed = -1
-        if seed < 0:
-            raise BadParameter(WEIGHTS, f"seed must be a non-negative integer, got {value[:40]!r}")
+        seed = parse_integer(value, SEED_DIGITS)
+        if seed is None or seed > MAX_SEED:
+            raise BadParameter(WEIGHTS, f"seed must be an integer of ASCII digits from 0 to "
+                               f"{MAX_SEED}, got {value[:40]!r}")
         return WeightsRef("seed", str(seed))
     if kind == "swift" and sep:
         container, slash, obj = value.partition("/")
@@ -136,6 +152,9 @@ def parse_request(headers, limits, layer_count):
     ``layer_count(model)`` returns the number of layers of a zoo model.
     Raises :class:`BadParameter` naming the first bad header.
     """
+    if RANGE in headers:
+        raise BadParameter(RANGE, "feature requests compute whole shards; a byte range of "
+                           "one has no features: send the request without Range")
     raw_model = headers.get(MODEL, "")
     try:
         model = zoo.canonical_name(raw_model.strip())

@@ -1,4 +1,4 @@
-"""Admission of feature requests against a memory budget (DESIGN.md invariant 4).
+"""Admission of feature requests against a memory budget (docs/DESIGN.md, "bounded memory").
 
 A request that asks for storage batch b holds ``cost.at(b)`` bytes while it
 runs (see :meth:`FeatureEngine.memory_cost`). :class:`MemoryBudget` decides,
@@ -6,7 +6,7 @@ in this order:
 
 1. the asked batch fits what is left of the budget: reserve it;
 2. a smaller batch fits, down to ``min_batch``: reserve the largest that
-   does (batch adaptation; the trainer re-batches, DESIGN.md invariant 2);
+   does (batch adaptation; the trainer re-batches: docs/DESIGN.md, "the user's training batch");
 3. otherwise wait in a FIFO queue, up to ``queue_timeout`` seconds, for
    other requests to release memory;
 4. otherwise :class:`OverBudget`: a 503 with a Retry-After estimated from

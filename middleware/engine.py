@@ -1,88 +1,71 @@
-"""The feature-extraction engine shared by the Swift filter and the standalone server.
+"""The feature-extraction engine: what the storage tier computes.
 
 It owns what is expensive and must happen once per process (models on their
-device, built with their weights and cached) and the per-batch work: decode,
-preprocess, run layers [0, split) in eval mode without gradients, encode a
-frame. Its methods are plain blocking calls: the caller decides where they
-run (``eventlet.tpool`` in the proxy, an executor thread in the server) and
-owns the concurrency around them.
+device, built with their weights and cached: :mod:`hapi.middleware.model_cache`)
+and the per-batch work: decode, preprocess, run layers [0, split) in eval mode
+without gradients, encode a frame, each frame in one of the device's
+first-come-first-served slots (:mod:`hapi.middleware.device`). Its methods
+are plain blocking calls made from worker threads (``eventlet.tpool`` in the
+proxy, an executor in the server). The steps of a feature request around
+them are :mod:`hapi.middleware.pipeline`.
 
 Memory: the engine knows what a request costs (:meth:`FeatureEngine.memory_cost`,
 from :mod:`hapi.middleware.memory`) and how much the requests may hold
-(:meth:`FeatureEngine.memory_capacity`); the front ends admit requests against
-that with :class:`hapi.middleware.admission.MemoryBudget`, parse the
-operator's options with :mod:`hapi.middleware.settings` and answer failures
-with :mod:`hapi.middleware.responses`.
+(:meth:`FeatureEngine.memory_capacity`); requests are admitted against that
+by :class:`hapi.middleware.admission.MemoryBudget`.
 """
 
 import os
-from collections import OrderedDict
+import threading
+import time
 
 import torch
 
 from hapi import protocol, wire, zoo
 from hapi import weights as weights_mod
 from hapi.middleware.admission import MemoryCost
+from hapi.middleware.device import DeviceSlots, device_capacity, resolve_device
 from hapi.middleware.memory import (
     CUDA_MARGIN_SHARE,
     MEASURED_BATCHES,
     auto_cpu_budget,
     cpu_request_peak,
-    tensor_bytes,
     trace_forward,
 )
-from hapi.middleware.shareclock import ShareClock
+from hapi.middleware.model_cache import ModelCache
 from hapi.preprocess import DecodeError, check_image, preprocess, preset_size
 from hapi.shards import ShardError, read_shard
 from hapi.weights import WeightsNotFound
 from hapi.wire import TORCH_DTYPES
 
 
-def resolve_device(name):
-    """``auto`` means the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
-    return device
-
-
-def device_capacity(device):
-    """How many computations ``device`` runs at once at full speed: one on a
-    GPU; on the CPU, the cores this process may use over torch's threads per
-    computation (one torch thread on each of 4 cores: 4)."""
-    if device.type != "cpu":
-        return 1
-    return max(1, len(os.sched_getaffinity(0)) // torch.get_num_threads())
-
-
 class FeatureEngine:
     """``memory_budget``: bytes that cached models and requests may hold
     together; None (``auto``) means the free device memory less a margin on a
-    GPU, and :func:`auto_cpu_budget` on the CPU."""
+    GPU, and :func:`auto_cpu_budget` on the CPU. ``threading_module`` gives
+    the locks of OS threads (eventlet's original ``threading`` in the proxy)."""
 
     def __init__(self, device="auto", threads=0, max_image_pixels=40_000_000,
-                 weights_dir="", max_cached_models=4, memory_budget=None):
+                 weights_dir="", max_cached_models=4, memory_budget=None,
+                 threading_module=threading):
         self.device = resolve_device(device)
         if threads > 0:
             torch.set_num_threads(threads)
-        self.clock = ShareClock(device_capacity(self.device))  # what the frames' timings read
+        self.slots = DeviceSlots(device_capacity(self.device), threading_module)
         self.max_image_pixels = max_image_pixels
         self.weights_dir = weights_dir
-        self.max_cached_models = max_cached_models
         if memory_budget is None and self.device.type == "cpu":
             memory_budget = auto_cpu_budget()
         self.memory_budget = memory_budget
-        self._models = OrderedDict()
-        self._model_bytes = {}
-        # A running total, so that the front end's thread reads it while a
-        # worker thread loads a model.
-        self.resident_bytes = 0
+        self.models = ModelCache(max_cached_models, threading_module)
         self._layer_counts = {}
         self._costs = {}
 
     # Models -------------------------------------------------------------
+
+    @property
+    def resident_bytes(self):
+        return self.models.resident_bytes
 
     def layer_count(self, name):
         """Number of layers of a zoo model, from a weightless build on the meta device."""
@@ -92,35 +75,26 @@ class FeatureEngine:
         return self._layer_counts[name]
 
     def cached_model(self, key):
-        model = self._models.get(key)
-        if model is not None:
-            self._models.move_to_end(key)
-        return model
+        return self.models.get(key)
 
     def load_model(self, key, name, weights_ref, fetched_bytes=None):
-        """Build ``name`` with the weights ``weights_ref`` names, put it on the
-        device, and cache it under ``key`` (the model name plus a weights
-        identity that changes when the weights do).
+        """The model cached under ``key`` (the model name plus a weights
+        identity that changes when the weights do), built with the weights
+        ``weights_ref`` names and put on the device when it is not cached.
 
         ``fetched_bytes`` carries the content of a ``swift:`` reference,
         which the caller read with the requester's own access.
         """
-        model = self.cached_model(key)
-        if model is not None:
-            return model
-        if weights_ref.kind == "seed":
-            model = zoo.build_model(name, seed=int(weights_ref.value))
-        else:
-            model = zoo.build_model(name, state_dict=self._state_dict(name, weights_ref,
-                                                                      fetched_bytes))
-        model = model.to(self.device).eval().requires_grad_(False)
-        self._models[key] = model
-        self._model_bytes[key] = tensor_bytes(model)
-        self.resident_bytes += self._model_bytes[key]
-        while len(self._models) > self.max_cached_models:
-            evicted, _ = self._models.popitem(last=False)
-            self.resident_bytes -= self._model_bytes.pop(evicted)
-        return model
+        def build():
+            if weights_ref.kind == "seed":
+                with self.models.random_lock:
+                    model = zoo.build_model(name, seed=int(weights_ref.value))
+            else:
+                state = self._state_dict(name, weights_ref, fetched_bytes)
+                model = zoo.build_model(name, state_dict=state)
+            return model.to(self.device).eval().requires_grad_(False)
+
+        return self.models.get_or_build(key, build)
 
     def weights_file(self, name):
         """Path of a ``file:`` reference, confined to the operator's weights_dir."""
@@ -202,6 +176,57 @@ class FeatureEngine:
 
     # Shards -------------------------------------------------------------
 
+    def open_shard(self, data, preset=None):
+        """Parse a shard and check every image's header (format, pixel count,
+        and with ``preset`` the size the preset would resize it to) before
+        any work starts, so most bad input fails before the response status
+        is sent. Raises ShardError naming the member."""
+        with self.slots.slot():
+            samples = read_shard(data)
+            for sample in samples:
+                try:
+                    check_image(sample.image, self.max_image_pixels, preset)
+                except DecodeError as err:
+                    raise ShardError(str(err), f"{sample.key}.{sample.ext}") from None
+        return samples
+
+    def extract(self, model, samples, request, index):
+        """Run one storage batch in a device slot: decode, preprocess, layers
+        [0, split), conversion to the wire dtype; return its frame.
+
+        Its timings are this frame's own device time (it holds the slot), and
+        ``slot_wait_s`` how long it waited for the slot."""
+        asked = time.perf_counter()
+        with self.slots.slot():
+            start = time.perf_counter()
+            try:
+                x = preprocess([s.image for s in samples], request.preset, request.model,
+                               self.max_image_pixels)
+            except DecodeError as err:
+                bad = samples[err.index]
+                raise ShardError(str(err), f"{bad.key}.{bad.ext}") from None
+            # No other reference to the input: the first layer's output replaces it,
+            # as in trace_forward.
+            x = x.to(self.device, non_blocking=True)
+            decoded = time.perf_counter()
+            layer_times = []
+            with torch.inference_mode():
+                for layer in model.layers[:request.split]:
+                    t0 = time.perf_counter()
+                    x = layer(x)
+                    if x.is_cuda:
+                        torch.cuda.synchronize(x.device)
+                    layer_times.append(time.perf_counter() - t0)
+                computed = time.perf_counter()
+                features = x.to(TORCH_DTYPES[request.dtype]).cpu()
+            timings = {"slot_wait_s": start - asked, "decode_s": decoded - start,
+                       "layers_s": layer_times, "to_wire_s": time.perf_counter() - computed}
+            return wire.encode_frame(
+                "batch",
+                {"index": str(index), "keys": [s.key for s in samples], "timings": timings},
+                features=features,
+                labels=torch.tensor([s.label for s in samples]))
+
     def response_headers(self, feature_req, samples):
         """The headers of a feature stream's 200 response."""
         return {
@@ -212,56 +237,6 @@ class FeatureEngine:
             protocol.SPLIT: str(feature_req.split),
             protocol.MODEL: feature_req.model,
         }
-
-    def open_shard(self, data, preset=None):
-        """Parse a shard and check every image's header (format, pixel count,
-        and with ``preset`` the size the preset would resize it to) before
-        any work starts, so most bad input fails before the response status
-        is sent. Raises ShardError naming the member."""
-        with self.clock.computing():
-            samples = read_shard(data)
-            for sample in samples:
-                try:
-                    check_image(sample.image, self.max_image_pixels, preset)
-                except DecodeError as err:
-                    raise ShardError(str(err), f"{sample.key}.{sample.ext}") from None
-        return samples
-
-    def extract(self, model, samples, request, index):
-        """Run one storage batch: decode, preprocess, layers [0, split); return a frame.
-
-        Its timings are read on :attr:`clock`: each is this request's share
-        of the device, whatever else computed at the same time."""
-        clock = self.clock
-        with clock.computing():
-            start = clock.now()
-            try:
-                x = preprocess([s.image for s in samples], request.preset, request.model,
-                               self.max_image_pixels)
-            except DecodeError as err:
-                bad = samples[err.index]
-                raise ShardError(str(err), f"{bad.key}.{bad.ext}") from None
-            # No other reference to the input: the first layer's output replaces it,
-            # as in trace_forward.
-            x = x.to(self.device, non_blocking=True)
-            decoded = clock.now()
-            layer_times = []
-            with torch.inference_mode():
-                for layer in model.layers[:request.split]:
-                    t0 = clock.now()
-                    x = layer(x)
-                    if x.is_cuda:
-                        torch.cuda.synchronize(x.device)
-                    layer_times.append(clock.now() - t0)
-                computed = clock.now()
-                features = x.to(TORCH_DTYPES[request.dtype]).cpu()
-            timings = {"decode_s": decoded - start, "layers_s": layer_times,
-                       "to_wire_s": clock.now() - computed}
-        return wire.encode_frame(
-            "batch",
-            {"index": str(index), "keys": [s.key for s in samples], "timings": timings},
-            features=features,
-            labels=torch.tensor([s.label for s in samples]))
 
 
 def model_key(feature_req, swift_path=None, swift_etag=None):

@@ -32,7 +32,6 @@ def quote(path):
 
 
 
-
 class RequestError(Exception):
     """A feature request refused before its stream starts: an HTTP status and
     the fields of its JSON body (``error`` plus the culprit: ``parameter``,
@@ -78,6 +77,13 @@ class RequestError(Exception):
     @classmethod
     def too_large(cls, path, length, max_shard_bytes):
         return cls(413, f"{path} is {length} bytes, above max_shard_bytes {max_shard_bytes}")
+
+    @classmethod
+    def body_broken(cls, path, received, length):
+        """Swift's body of an object broke off, or ended short of its
+        Content-Length: a storage failure (502), which the trainer retries."""
+        of = f" of its {length}" if length is not None else ""
+        return cls(502, f"Swift's body of {path} broke off after {received}{of} bytes")
 
     @classmethod
     def weights_refused(cls, path, status, status_line):

@@ -9,45 +9,48 @@ URL's scheme, host and port::
     X-Auth-Token: <the caller's Swift token>
     X-Hapi-Model: resnet18          (and the other X-Hapi-* headers)
 
+The steps of a feature request are :mod:`hapi.middleware.pipeline`'s, the
+same as the filter's, so both answer every request with the same status,
+JSON body, headers and frames; this module performs their I/O the asyncio
+way: requests to Swift's proxy with aiohttp, the torch work in an executor,
+waits on the event loop.
+
 It reads the shard (and a ``swift:`` weights object) from Swift's proxy with
-the caller's own token and holds no credentials of its own: Swift's 401, 403
-and 404 of the shard come back unchanged (of a weights object: Swift's 401
-or 403 with the filter's JSON body naming ``X-Hapi-Weights``), and a caller
-sees through the server exactly what Swift lets it see. Only the token
-headers are forwarded, never the ``X-Hapi-*`` ones, so a proxy that also
-runs the filter just serves the object; nor is the query string, so temp
-URLs do not work through the server (Swift would check a temp URL's address
-range against the server's address, not the caller's). A GET without
-``X-Hapi-Model`` is a 400 naming that header: this is not a general Swift
-proxy, plain object traffic goes to Swift itself (other methods get 405).
-Status codes, JSON error bodies, response headers and frames are the
-filter's: the shared engine (``hapi.middleware.engine``) builds all of them.
-One status is the server's own: 502 with a JSON body when Swift cannot be
-reached or does not answer in time.
+the caller's own token and holds no credentials of its own: Swift's 401, 403,
+404, 304 and 412 of the shard come back unchanged, and a caller sees through
+the server exactly what Swift lets it see. The caller's query string goes
+with the shard read, as in the filter (``?version-id=``,
+``?multipart-manifest=get``, ``?symlink=get`` mean what they mean to Swift),
+and so do the conditional headers; only the token headers are forwarded
+otherwise, never the ``X-Hapi-*`` ones, so a proxy that also runs the filter
+just serves the object. A temp URL's parameters (``temp_url_*``) are the one
+part of the query left out: the server forwards tokens, not signatures, as
+Swift would check a temp URL's address range against the server's address,
+not the caller's; a temp URL alone gets Swift's 401 through the server.
+A GET without ``X-Hapi-Model`` is a 400 naming that header: this is not a
+general Swift proxy, plain object traffic goes to Swift itself (other methods
+get 405). One status is the server's own: 502 with a JSON body when Swift
+cannot be reached or does not answer in time.
 ``GET /healthcheck`` answers ``OK``.
 
-Torch work runs in a thread pool, off the event loop. Each stream computes at
-most one batch ahead of the frame being written, and a write waits until the
-socket has drained, so a slow reader holds about two frames in the server's
-memory whatever the shard's size.
-
-Memory is admitted as in the filter (``hapi.middleware.admission``): the
-asked batch, else the largest smaller one that fits the memory budget, else a
-wait of up to ``queue_timeout`` seconds in a FIFO queue, else 503 with
-Retry-After; each decision that is not a plain grant is logged.
+Each stream computes at most one batch ahead of the frame being written, and
+a write waits until the socket has drained, so a slow reader holds about two
+frames in the server's memory whatever the shard's size. An HTTP/1.1 response
+is chunked; an HTTP/1.0 one ends by closing the connection.
 
 On SIGTERM or SIGINT the server stops accepting connections; in-flight
 streams get ``shutdown_grace`` seconds to finish, then end with an error frame
 of status 503 at their next frame boundary.
 
-Logs (standard logging, to stderr): the events the filter logs and counts
-in statsd, in the filter's words: one line per feature request as it ends
-(model, split, batch used and asked, samples, bytes in and out, seconds,
-outcome), one per refusal (status and JSON body, Swift's refusals
-included), each batch reduction, wait in the memory queue and 503; and an
-access log line per HTTP request (``aiohttp.access``: client, method,
-path, status, bytes, seconds, user agent). No line holds a token or a
-query string (where temp URL signatures travel).
+Logs (standard logging, to stderr): the filter's lines, in the filter's
+words: one per feature request as it ends (model, split, batch used and
+asked, samples, bytes in and out, seconds, outcome), one per refusal (status
+and JSON body, Swift's refusals included), each batch reduction, wait in the
+memory queue and 503; and an access log line per HTTP request
+(``aiohttp.access``: client, method, path, status, bytes, seconds, user
+agent). No line holds a token or a query string (where temp URL signatures
+travel). The filter's statsd counters are kept in memory
+(``HapiServer.events.counts``).
 
 Configuration: an INI file (``--config``) with a ``[server]`` section and a
 ``[hapi]`` section taking the filter's options (see server.conf.example);
@@ -62,11 +65,8 @@ import asyncio
 import collections
 import configparser
 import contextlib
-import dataclasses
 import logging
-import re
 import sys
-import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -77,20 +77,24 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from hapi import protocol
-from hapi.middleware.admission import OverBudget
-from hapi.middleware.engine import model_key, split_batches
-from hapi.middleware.responses import (
-    REQUEST_FAILURES,
-    RequestError,
-    end_frame,
-    error_frame,
-    quote,
-    refusal_line,
-    stream_error_frame,
-    summary_line,
+from hapi.middleware.pipeline import (
+    AwaitGrant,
+    BodyBroken,
+    ClientGone,
+    Fetch,
+    Join,
+    NextChunk,
+    Relay,
+    Reply,
+    Respond,
+    Run,
+    Send,
+    Start,
+    StorageTier,
+    StreamEnded,
 )
+from hapi.middleware.responses import RequestError, quote, refusal_line
 from hapi.middleware.settings import OPTION_DEFAULTS, Settings
-from hapi.shards import ShardError
 
 log = logging.getLogger("hapi.server")
 
@@ -107,8 +111,6 @@ TOKEN_HEADERS = ("X-Auth-Token", "X-Storage-Token", "X-Service-Token")
 # Headers of Swift's refusals that are about the hop, not the answer.
 HOP_HEADERS = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Transfer-Encoding", "Content-Length", "Date", "Server"))
-# /<version>/<account>/<container>/<object>, the object possibly with slashes.
-OBJECT_PATH = re.compile(r"^/([^/]+)/([^/]+)/[^/]+/.+$")
 READ_CHUNK = 1 << 20
 # After the grace period, how long streams get to write their error frame
 # before aiohttp cancels what is left (a reader that stopped reading).
@@ -125,48 +127,44 @@ class ServerConfig:
     hapi: Settings
 
 
-class SwiftRefused(Exception):
-    """Swift refused a read made with the caller's token: its answer goes back as is."""
+class ServerEvents:
+    """The pipeline's log lines through standard logging; its statsd
+    metrics counted in :attr:`counts`."""
 
-    def __init__(self, response):
-        super().__init__(response.status)
-        self.response = response
+    def __init__(self, logger):
+        self.logger = logger
+        self.counts = collections.Counter()
+
+    def info(self, message):
+        self.logger.info("%s", message)
+
+    def warning(self, message):
+        self.logger.warning("%s", message)
+
+    def exception(self, message):
+        self.logger.exception("%s", message)
+
+    def increment(self, name):
+        self.counts[name] += 1
+
+    def update_stats(self, name, amount):
+        self.counts[name] += amount
+
+    def timing_since(self, name, _started):
+        self.counts[name + ".count"] += 1
 
 
-class ShuttingDown(Exception):
-    """The shutdown grace period is over: the stream ends with an error frame."""
-
-
-class KeyedLocks:
-    """One asyncio.Lock per key, forgotten once no task holds or awaits it."""
-
-    def __init__(self):
-        self._locks = {}
-        self._users = collections.Counter()
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key):
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        self._users[key] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._users[key] -= 1
-            if not self._users[key]:
-                del self._users[key], self._locks[key]
+def without_temp_url(query):
+    """The raw ``query`` less a temp URL's parameters, which stay out of
+    everything the server sends to Swift (and so of every log)."""
+    return "&".join(part for part in query.split("&")
+                    if part and not urllib.parse.unquote(part).startswith("temp_url_"))
 
 
 def error_response(err):
     """The aiohttp response for a :class:`RequestError`: the filter's status and body."""
     return web.Response(status=err.status, body=err.body, headers=err.headers,
                         content_type="application/json")
-
-
-def refuse(request, err):
-    """Log a refused feature request (the filter's line) and answer it."""
-    log.info("%s", refusal_line(request.path, err.status, err.body.decode()))
-    return error_response(err)
 
 
 @contextlib.contextmanager
@@ -204,18 +202,18 @@ async def relayed(resp):
 
 
 class HapiServer:
-    """One server process: the engine, its executor, the session to Swift,
-    admission and the in-flight streams."""
+    """One server process: the storage tier's engine and admission, its
+    executor, the session to Swift and the in-flight streams."""
 
     def __init__(self, config):
         self.config = config
         self.settings = config.hapi
-        self.engine = self.settings.make_engine()
-        self.budget = self.settings.make_budget(self.engine)
+        self.events = ServerEvents(log)
+        self.tier = StorageTier(self.settings, self.events)
+        self.engine = self.tier.engine
         # One worker per admitted request: each runs one torch job at a time.
         self.executor = ThreadPoolExecutor(max_workers=self.settings.max_concurrent,
                                            thread_name_prefix="hapi-torch")
-        self.model_locks = KeyedLocks()
         self.session = None
         self.streams = set()
         self.expired = False
@@ -264,9 +262,11 @@ class HapiServer:
         """Start ``func(*args)`` in an executor thread now; a future of its result."""
         return asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
 
-    def swift_url(self, path):
-        """Swift's URL for ``path``, decoded as aiohttp's ``request.path`` is."""
-        return yarl.URL(self.config.swift_url + urllib.parse.quote(path), encoded=True)
+    def swift_url(self, path, query=""):
+        """Swift's URL for ``path`` (decoded, as aiohttp's ``request.path``)
+        and ``query`` (raw, as it came)."""
+        return yarl.URL(self.config.swift_url + urllib.parse.quote(path)
+                        + (f"?{query}" if query else ""), encoded=True)
 
     # Requests ----------------------------------------------------------
 
@@ -274,209 +274,120 @@ class HapiServer:
         return web.Response(text="OK")
 
     async def handle(self, request):
-        """A feature request: the filter's answers, statuses and frames."""
-        try:
-            account_path, feature_req = self.parse(request)
-            if len(self.streams) >= self.settings.max_concurrent:
-                raise RequestError.at_capacity(self.settings.max_concurrent)
-        except RequestError as err:
-            return refuse(request, err)
+        """A feature request: the pipeline's steps, performed the asyncio way."""
+        if protocol.MODEL not in request.headers:
+            err = RequestError(400, f"this server only answers HAPI feature requests: "
+                               f"{protocol.MODEL} is required", parameter=protocol.MODEL)
+            log.info("%s", refusal_line(request.path, err.status, err.body.decode()))
+            return error_response(err)
+        steps = self.tier.feature_request(
+            request.path, without_temp_url(request.rel_url.raw_query_string), request.headers)
         task = asyncio.current_task()
         self.streams.add(task)
         try:
-            return await self.serve(request, account_path, feature_req)
-        except SwiftRefused as err:
-            log.info("%s", refusal_line(request.path, err.response.status,
-                                        '{"error": "refused by Swift"}'))
-            return err.response
-        except RequestError as err:
-            return refuse(request, err)
-        except REQUEST_FAILURES as err:
-            return refuse(request, RequestError.from_exception(err))
+            return await FeatureResponse(self, request, steps).respond()
         finally:
             self.streams.discard(task)
 
-    def parse(self, request):
-        """The account path (``/v1/AUTH_x``) and the validated feature request."""
-        if protocol.MODEL not in request.headers:
-            raise RequestError(400, f"this server only answers HAPI feature requests: "
-                               f"{protocol.MODEL} is required", parameter=protocol.MODEL)
-        match = OBJECT_PATH.match(request.path)
-        if match is None:
-            raise RequestError.not_an_object()
+
+class FeatureResponse:
+    """One feature request driven through the pipeline's steps, the asyncio way."""
+
+    def __init__(self, server, request, steps):
+        self.server = server
+        self.request = request
+        self.steps = steps
+        self.auth = {h: request.headers[h] for h in TOKEN_HEADERS if h in request.headers}
+        self.response = None
+        self.shutdown_told = False
+
+    async def respond(self):
+        """Run the steps to their end; the response they made."""
+        value, error = None, None
         try:
-            feature_req = protocol.parse_request(request.headers, self.settings.limits,
-                                                 self.engine.layer_count)
-        except protocol.BadParameter as err:
-            raise RequestError.from_exception(err) from None
-        return f"/{match[1]}/{match[2]}", feature_req
-
-    async def serve(self, request, account_path, feature_req):
-        """Read the shard, compute batch 0 (a bad member there is still a 422),
-        then send the 200 and stream the frames."""
-        started = time.monotonic()
-        auth = {h: request.headers[h] for h in TOKEN_HEADERS if h in request.headers}
-        data = await self.read_object(request.path, auth)
-        model = await self.model_for(account_path, feature_req, auth)
-        samples = await self.run(self.engine.open_shard, data, feature_req.preset)
-        ticket = await self.reserve(request.path, model, feature_req, len(samples))
-        asked = feature_req.batch
-        try:
-            if ticket.reduced:
-                feature_req = dataclasses.replace(feature_req, batch=ticket.batch)
-            batches = split_batches(samples, feature_req.batch)
-            first = await self.run(self.engine.extract, model, batches[0], feature_req, 0)
-            resp = web.StreamResponse(headers=self.engine.response_headers(feature_req,
-                                                                           len(samples)))
-            resp.enable_chunked_encoding()
-            await resp.prepare(request)
-            sent, outcome = await self.stream(resp, model, batches, feature_req, first, started)
-        finally:
-            self.budget.release(ticket)
-        log.info("%s", summary_line(request.path, feature_req, asked, len(samples), len(data),
-                                    sent, time.monotonic() - started, outcome))
-        return resp
-
-    async def reserve(self, path, model, feature_req, samples):
-        """Admit the request against the memory budget, waiting on the event
-        loop while it is queued; the granted ticket."""
-        cost = await self.run(self.engine.memory_cost, model, feature_req)
-        granted = asyncio.get_running_loop().create_future()
-
-        def wake():
-            if not granted.done():
-                granted.set_result(None)
-
-        try:
-            ticket = self.budget.admit(cost, min(feature_req.batch, samples), wake)
-            if not ticket.granted:
-                log.info("%s queued for memory: %d bytes at batch %d, %d request(s) waiting",
-                         quote(path), cost.at(ticket.wanted), ticket.wanted, self.budget.queued)
-                await self.wait_in_queue(ticket, granted)
-            ticket = self.budget.settle(ticket)
-        except OverBudget as err:
-            log.warning("%s refused for memory (503, Retry-After %d): %s",
-                        quote(path), err.retry_after, err)
-            raise
-        if ticket.reduced:
-            log.info("%s batch reduced from %d to %d to fit the memory budget",
-                     quote(path), ticket.wanted, ticket.batch)
-        return ticket
-
-    async def wait_in_queue(self, ticket, granted):
-        """Wait up to queue_timeout for the budget to grant ``ticket``; a
-        request cancelled meanwhile (its client left) leaves the queue."""
-        try:
-            await asyncio.wait_for(granted, self.budget.queue_timeout)
-        except asyncio.TimeoutError:
-            pass
+            while True:
+                try:
+                    effect = (self.steps.send(value) if error is None
+                              else self.steps.throw(error))
+                except StopIteration:
+                    return self.response
+                value, error = await self.perform(effect)
         except BaseException:
-            self.budget.release(ticket)
+            self.steps.close()
             raise
 
-    async def read_object(self, path, auth):
-        """The object's bytes, read with the caller's token; Swift's refusal
-        passes through, an object above max_shard_bytes is a 413."""
-        limit = self.settings.max_shard_bytes
-        with swift_answers(path):
-            async with self.session.get(self.swift_url(path), headers=auth,
-                                        allow_redirects=False) as resp:
-                if not 200 <= resp.status < 300:
-                    raise SwiftRefused(await relayed(resp))
-                if resp.content_length is not None and resp.content_length > limit:
-                    raise RequestError.too_large(path, resp.content_length, limit)
-                data = bytearray()
-                async for chunk in resp.content.iter_chunked(READ_CHUNK):
-                    data += chunk
-                    if len(data) > limit:
-                        raise RequestError.too_large(path, len(data), limit)
-                return bytes(data)
-
-    async def weights_etag(self, path, auth):
-        """HEAD a ``swift:`` weights object with the caller's token: its ETag."""
-        with swift_answers(path):
-            async with self.session.head(self.swift_url(path), headers=auth,
-                                         allow_redirects=False) as resp:
-                if resp.status in (401, 403):
-                    raise RequestError.weights_refused(path, resp.status,
-                                                       f"{resp.status} {resp.reason}")
-                if not 200 <= resp.status < 300:
-                    raise RequestError.weights_unreadable(path, f"{resp.status} {resp.reason}")
-                return resp.headers.get("Etag", "").strip('"')
-
-    async def read_weights(self, path, auth):
+    async def perform(self, effect):
+        """(result, None), or (None, the exception to raise into the steps)."""
         try:
-            return await self.read_object(path, auth)
-        except SwiftRefused as err:
-            status_line = f"{err.response.status} {err.response.reason}"
-            if err.response.status in (401, 403):
-                raise RequestError.weights_refused(path, err.response.status,
-                                                   status_line) from None
-            raise RequestError.weights_unreadable(path, status_line) from None
-
-    async def model_for(self, account_path, feature_req, auth):
-        """The cached model for this request, built in a worker thread on first
-        use; concurrent requests for the same model wait for one build."""
-        path = etag = None
-        if feature_req.weights.kind == "swift":
-            path = f"{account_path}/{feature_req.weights.value}"
-            etag = await self.weights_etag(path, auth)
-        key = model_key(feature_req, path, etag)
-        async with self.model_locks.hold(key):
-            model = self.engine.cached_model(key)
-            if model is None:
-                fetched = await self.read_weights(path, auth) if path else None
-                model = await self.run(self.engine.load_model, key, feature_req.model,
-                                       feature_req.weights, fetched)
-        return model
-
-    # Streaming ---------------------------------------------------------
-
-    async def stream(self, resp, model, batches, feature_req, first, started):
-        """Write the frames, batch i+1 computed while batch i is written, never
-        further ahead. Returns the bytes sent and how the stream ended."""
-        sent, pending = 0, None
-
-        async def send(frame):
-            nonlocal sent
-            if self.expired:
-                raise ShuttingDown
-            await resp.write(frame)  # waits while the reader's socket is full
-            sent += len(frame)
-
-        try:
-            frame = first
-            for index in range(1, len(batches)):
-                pending = self.run(self.engine.extract, model, batches[index], feature_req, index)
-                await send(frame)
-                frame = await asyncio.shield(pending)
-                pending = None
-            await send(frame)
-            await send(end_frame(sum(map(len, batches)), len(batches),
-                                 time.monotonic() - started))
-            return sent, "complete"
+            if isinstance(effect, Send):
+                return await self.send(effect.data), None
+            if isinstance(effect, Respond):
+                return await self.start_response(effect), None
+            if isinstance(effect, Relay):
+                self.response = await relayed(effect.reply.native)
+                effect.reply.release()
+                return None, None
+            if isinstance(effect, Fetch):
+                return await self.fetch(effect), None
+            if isinstance(effect, NextChunk):
+                return await self.next_chunk(effect.reply), None
+            if isinstance(effect, Run):
+                return await self.server.run(effect.func, *effect.args), None
+            if isinstance(effect, Start):
+                return self.server.run(effect.func, *effect.args), None
+            if isinstance(effect, Join):
+                # A cancelled request cannot stop the thread: the steps wait for it.
+                return await asyncio.shield(effect.handle), None
+            if isinstance(effect, AwaitGrant):
+                return await self.await_grant(effect), None
+            raise TypeError(f"no way to perform {effect!r}")
         except ConnectionError:
-            return sent, "client disconnected"
-        except ShuttingDown:
-            await self.last_frame(resp, error_frame(503, "HAPI server is shutting down; retry"))
-            return sent, "shutdown"
-        except ShardError as err:
-            log.warning("shard member %s failed mid-stream: %s", err.member, err)
-            await self.last_frame(resp, stream_error_frame(err))
-            return sent, "bad member"
+            return None, ClientGone()
         except Exception as err:
-            log.exception("feature extraction failed mid-stream")
-            await self.last_frame(resp, stream_error_frame(err))
-            return sent, f"error {type(err).__name__}"
-        finally:
-            if pending is not None:
-                # The thread runs on regardless: keep the admission slot until it is done.
-                await asyncio.wait([pending])
+            return None, err
+
+    async def start_response(self, effect):
+        if effect.body is not None:
+            self.response = web.Response(status=effect.status, headers=effect.headers,
+                                         body=effect.body)
+            return
+        # Chunked over HTTP/1.1; over HTTP/1.0 aiohttp ends the body by closing.
+        self.response = web.StreamResponse(status=effect.status, headers=effect.headers)
+        await self.response.prepare(self.request)
+
+    async def send(self, data):
+        if self.server.expired and not self.shutdown_told:
+            self.shutdown_told = True
+            raise StreamEnded(503, "HAPI server is shutting down; retry", "shutdown")
+        await self.response.write(data)  # waits while the reader's socket is full
+
+    async def fetch(self, effect):
+        """The caller's token, and what the steps send along, to Swift's proxy."""
+        url = self.server.swift_url(effect.path, effect.query)
+        with swift_answers(effect.path):
+            resp = await self.server.session.request(
+                effect.method, url, headers={**self.auth, **effect.headers},
+                allow_redirects=False)
+        return Reply(status=resp.status, reason=resp.reason or "", headers=resp.headers,
+                     native=resp, body=resp.content, release=resp.release)
 
     @staticmethod
-    async def last_frame(resp, frame):
-        with contextlib.suppress(ConnectionError):
-            await resp.write(frame)
+    async def next_chunk(reply):
+        with swift_answers(reply.native.url.path):
+            try:
+                return await reply.body.read(READ_CHUNK)
+            except aiohttp.ClientPayloadError as err:
+                raise BodyBroken(str(err)) from err
+
+    @staticmethod
+    async def await_grant(effect):
+        """Wait on the event loop for the budget's grant, up to the timeout."""
+        if effect.signal.fired:
+            return
+        granted = asyncio.get_running_loop().create_future()
+        effect.signal.listener = lambda: granted.done() or granted.set_result(None)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(granted, effect.timeout)
 
 
 # Configuration and CLI -------------------------------------------------------

@@ -2,6 +2,7 @@
 and the standalone server's ``[hapi]`` section (same names, same defaults)."""
 
 import re
+import threading
 from dataclasses import dataclass
 
 from hapi import protocol, zoo
@@ -88,12 +89,15 @@ class Settings:
                    memory_budget=parse_memory_budget(get("memory_budget")),
                    queue_timeout=queue_timeout, min_batch=min_batch)
 
-    def make_engine(self):
+    def make_engine(self, threading_module=threading):
+        """The engine these options describe; ``threading_module`` gives its
+        OS-thread locks (eventlet's original ``threading`` in Swift's proxy)."""
         return FeatureEngine(device=self.device, threads=self.threads,
                              max_image_pixels=self.max_image_pixels,
                              weights_dir=self.weights_dir,
                              max_cached_models=self.max_cached_models,
-                             memory_budget=self.memory_budget)
+                             memory_budget=self.memory_budget,
+                             threading_module=threading_module)
 
     def make_budget(self, engine):
         """The admission bookkeeping of one front end, over ``engine``'s memory."""

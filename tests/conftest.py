@@ -47,7 +47,7 @@ def swift_cluster(swift_cluster_factory):
     """The session's cluster, HAPI filter in the proxy pipeline.
 
     One torch thread in the proxy, as on a storage node pinned to its own
-    core (FACTS.md): the other core stays free for the tests themselves.
+    core: the other core stays free for the tests themselves.
     """
     return swift_cluster_factory("swift", hapi_conf={"threads": "1"})
 

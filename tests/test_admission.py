@@ -1,4 +1,4 @@
-"""Memory admission (DESIGN.md invariant 4): the budget's bookkeeping on its
+"""Memory admission (docs/DESIGN.md, "bounded memory"): the budget's bookkeeping on its
 own, the engine's memory costs, then concurrent requests over budget through
 a real Swift proxy and through the standalone server."""
 

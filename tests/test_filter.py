@@ -1,6 +1,7 @@
 """The HAPI filter in a real Swift proxy, driven with python-swiftclient."""
 
 import json
+import statistics
 import threading
 import time
 
@@ -73,7 +74,8 @@ EQUIVALENCE = [(name, "imagenet-224" if name == "vit_b_16" else "imagenet-64")
 
 @pytest.mark.parametrize(("name", "preset"), EQUIVALENCE)
 def test_split_equivalence_through_the_proxy(conn, name, preset):
-    """DESIGN invariant 1: layers [s, end) on the proxy's features == the whole model."""
+    """Layers [s, end) on the proxy's features == the whole model
+    (docs/DESIGN.md, split equivalence)."""
     if name == "efficientnet_lite0":  # the real ImageNet weights, offline
         weights, model = "pretrained", zoo.build_model(name, state_dict=pretrained_state_dict(name))
     else:
@@ -208,16 +210,28 @@ def test_info_advertises_the_filter(swift_cluster):
 
 
 def test_proxy_serves_others_during_a_long_extraction(conn, swift_cluster):
-    """DESIGN invariant 3: torch runs in OS threads, the proxy hub keeps serving."""
+    """Torch runs in OS threads, the proxy hub keeps serving
+    (docs/DESIGN.md, "Swift is untouched"): a health check and a plain GET
+    answer in about their idle time while frames compute; were the hub
+    blocked by a frame, a probe would wait for most of that frame."""
     conn.put_object(CONTAINER, "long.tar", write_shard(samples(24, size=256, first=500)))
     req = feature_request("resnet50", batch=4, preset="imagenet-224")
+    plain_url = f"{conn.url}/{CONTAINER}/small.tar"
+
+    def probe():
+        status, _, health_s = timed_get(f"{swift_cluster.proxy_url}/healthcheck", {})
+        assert status == 200
+        status, body, get_s = timed_get(plain_url, {"X-Auth-Token": conn.token})
+        assert status == 200 and body == write_shard(samples(5))
+        return max(health_s, get_s)
+
+    idle = [probe() for _ in range(5)]
     started, done = threading.Event(), threading.Event()
     result = {}
 
     def extract():
         started.set()
-        _, frames = fetch(conn, "long.tar", req)
-        result["samples"] = sum(len(f.labels) for f in frames)
+        result["frames"] = fetch(conn, "long.tar", req)[1]
         done.set()
 
     worker = threading.Thread(target=extract)
@@ -225,15 +239,13 @@ def test_proxy_serves_others_during_a_long_extraction(conn, swift_cluster):
     started.wait()
     time.sleep(1.0)
     latencies = []
-    plain_url = f"{conn.url}/{CONTAINER}/small.tar"
     while not done.is_set() and len(latencies) < 20:
-        status, _, health_s = timed_get(f"{swift_cluster.proxy_url}/healthcheck", {})
-        assert status == 200
-        status, body, get_s = timed_get(plain_url, {"X-Auth-Token": conn.token})
-        assert status == 200 and body == write_shard(samples(5))
-        latencies.append((health_s, get_s))
+        latencies.append(probe())
         time.sleep(0.1)
     worker.join()
-    assert result["samples"] == 24
+    frames = result["frames"]
+    assert sum(len(f.labels) for f in frames) == 24
     assert len(latencies) >= 5, "extraction finished before the proxy could be probed"
-    assert max(max(pair) for pair in latencies) < 0.1, latencies
+    frame_s = min(f.timings["decode_s"] + sum(f.timings["layers_s"]) for f in frames)
+    assert max(latencies) < frame_s / 2, (latencies, frame_s)
+    assert statistics.median(latencies) < 20 * statistics.median(idle) + 0.02, (latencies, idle)

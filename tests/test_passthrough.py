@@ -1,4 +1,4 @@
-"""Plain Swift traffic is unaffected by the HAPI filter (DESIGN invariant 3).
+"""Plain Swift traffic is unaffected by the HAPI filter (docs/DESIGN.md, "Swift is untouched").
 
 Each case runs the same requests against the session's cluster (filter in the
 pipeline) and against a cluster without the filter, and compares status,

@@ -41,7 +41,7 @@ def test_request_headers_round_trip():
 @pytest.mark.parametrize(("header", "value", "message"), [
     (protocol.MODEL, "lenet", "unknown model"),
     (protocol.SPLIT, "x", "must be an integer"),
-    (protocol.SPLIT, "-1", "between 0 and the freeze index"),
+    (protocol.SPLIT, "-1", "integer of ASCII digits"),
     (protocol.SPLIT, "39", "between 0 and the freeze index"),
     (protocol.FREEZE, "41", "between 0 and 40"),
     (protocol.BATCH, "0", "between 1 and 64"),
@@ -50,7 +50,9 @@ def test_request_headers_round_trip():
     (protocol.PRESET, "imagenet-999", "unknown preset"),
     (protocol.DTYPE, "int8", "unknown dtype"),
     (protocol.WEIGHTS, "http://example.org/w.pth", "must be 'pretrained'"),
-    (protocol.WEIGHTS, "seed:-3", "non-negative"),
+    (protocol.WEIGHTS, "seed:-3", "ASCII digits from 0 to"),
+    (protocol.WEIGHTS, f"seed:{2**64}", "ASCII digits from 0 to 18446744073709551615"),
+    (protocol.WEIGHTS, "seed:" + "9" * 30, "ASCII digits from 0 to"),
     (protocol.WEIGHTS, "swift:only-a-container", "swift:<container>/<object>"),
     (protocol.WEIGHTS, "swift:c/../other/o", "swift:<container>/<object>"),
     (protocol.WEIGHTS, "file:w.safetensors", "not enabled"),
@@ -59,6 +61,36 @@ def test_bad_parameters_are_named(header, value, message):
     with pytest.raises(protocol.BadParameter, match=message) as err:
         parse(**{header: value})
     assert err.value.parameter == header
+
+
+@pytest.mark.parametrize(("raw", "value"), [
+    ("3", 3), ("0003", 3), (" 3 ", 3), ("\t7", 7), ("000000000", 0),
+    ("+3", None), ("-3", None), ("1_0", None), ("3.0", None), ("", None), (" ", None),
+    ("\uff13", None),  # fullwidth 3: int() takes it
+    ("\u0663", None),  # Arabic-Indic 3: int() takes it
+    ("1e3", None), ("0x10", None), ("1234567890", None),  # more than 9 digits
+])
+def test_integer_headers_are_ascii_digits_only(raw, value):
+    """One rule for every integer header, in both front ends: ASCII digits,
+    leading zeros allowed, optional spaces or tabs around; nothing else that
+    Python's int() would take."""
+    assert protocol.parse_integer(raw, protocol.INT_DIGITS) == value
+    if value is None:
+        with pytest.raises(protocol.BadParameter, match="integer of ASCII digits"):
+            parse(**{protocol.BATCH: raw})
+    else:
+        assert parse(**{protocol.SPLIT: raw}).split == value
+
+
+@pytest.mark.parametrize("seed", ["0", str(2**64 - 1), "00012"])
+def test_seeds_torch_takes_are_accepted(seed):
+    assert parse(**{protocol.WEIGHTS: f"seed:{seed}"}).weights.value == str(int(seed))
+
+
+def test_a_byte_range_is_refused_naming_range():
+    with pytest.raises(protocol.BadParameter, match="whole shards") as err:
+        parse(Range="bytes=0-99")
+    assert err.value.parameter == "Range"
 
 
 @pytest.mark.parametrize("name", ["../etc/passwd", "a/b", ".hidden", ""])

@@ -1,0 +1,521 @@
+"""One feature request, from its headers to its last frame, written once.
+
+The Swift filter (:mod:`hapi.middleware.filter`, eventlet) and the standalone
+server (:mod:`hapi.middleware.server`, asyncio) answer the same requests with
+the same statuses, bodies and frames because they run the same steps, here:
+
+1. parse and validate the path, query and ``X-Hapi-*`` headers
+   (:func:`hapi.protocol.parse_request`); refuse a request over
+   ``max_concurrent``;
+2. read the shard with the caller's own access (the request's query string
+   and conditional headers go with that read, so ``?version-id=``,
+   ``?multipart-manifest=get``, ``If-Match``... mean what they mean to Swift);
+3. get the model: a ``swift:`` weights object is checked with a HEAD under the
+   caller's access and identified by its ETag; the engine builds each model
+   once (:mod:`hapi.middleware.model_cache`);
+4. open the shard (every image header checked), admit the request against the
+   memory budget (:mod:`hapi.middleware.admission`), compute the first frame;
+   bad input up to here gets a 4xx, never a 200;
+5. send the 200 and stream the frames, batch i+1 computing while batch i is
+   sent, then the end frame; a failure after the 200 ends the stream with an
+   error frame;
+6. finish: give back the memory and the concurrency slot, log one line.
+
+The steps have no I/O of their own. :meth:`FeatureJob.steps` is a generator
+that yields *effects* (the :class:`Effect` subclasses below) and receives
+their results, or has the front end's exception thrown in. A front end
+drives it from its one scheduling thread (the eventlet hub, the asyncio
+loop) and performs each effect with its own means::
+
+    effect        filter (eventlet)                 server (asyncio)
+    Fetch         make_subrequest in the pipeline    aiohttp request to Swift
+    NextChunk     next(app_iter)                     resp.content.read
+    Run           tpool.execute                      run_in_executor, awaited
+    Start, Join   spawn(tpool.execute), .wait()      run_in_executor, await
+    AwaitGrant    eventlet Event with a Timeout      future with wait_for
+    Respond       start_response, then the body      web.Response / StreamResponse
+    Relay         Swift's response, as it came       Swift's response, as it came
+    Send          yield to the WSGI server           await resp.write
+
+All shared state (admission, the concurrency count) changes only on that
+scheduling thread; the worker threads run the engine's blocking calls.
+"""
+
+import dataclasses
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+from hapi import protocol
+from hapi.middleware.admission import OverBudget
+from hapi.middleware.responses import (
+    REQUEST_FAILURES,
+    RequestError,
+    end_frame,
+    error_frame,
+    quote,
+    refusal_line,
+    stream_error_frame,
+    summary_line,
+)
+from hapi.shards import ShardError
+
+# /<version>/<account>/<container>/<object>, the object possibly with slashes.
+OBJECT_PATH = re.compile(r"^/([^/]+)/([^/]+)/[^/]+/.+$")
+
+
+class Effect:
+    """Something the steps ask their front end to do."""
+
+
+@dataclass(frozen=True)
+class Fetch(Effect):
+    """A GET or HEAD of ``path`` (a native, unquoted string) with the caller's
+    access, ``query`` (raw) and ``headers`` sent along; the result is a
+    :class:`Reply` whose body is still unread. ``purpose`` is ``shard`` or
+    ``weights``."""
+
+    method: str
+    path: str
+    purpose: str
+    query: str = ""
+    headers: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NextChunk(Effect):
+    """The next chunk of ``reply``'s body; ``b""`` at its end. A body that
+    breaks off raises :class:`BodyBroken` into the steps."""
+
+    reply: "Reply"
+
+
+@dataclass(frozen=True)
+class Run(Effect):
+    """``func(*args)`` in a worker thread; its result or its exception."""
+
+    func: object
+    args: tuple
+
+
+@dataclass(frozen=True)
+class Start(Effect):
+    """``func(*args)`` started in a worker thread; the result is a handle for :class:`Join`."""
+
+    func: object
+    args: tuple
+
+
+@dataclass(frozen=True)
+class Join(Effect):
+    """The result (or exception) of a :class:`Start`'s call, once it is done."""
+
+    handle: object
+
+
+@dataclass(frozen=True)
+class AwaitGrant(Effect):
+    """Wait until ``signal`` fires or ``timeout`` seconds pass, whichever is first."""
+
+    signal: "Signal"
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Respond(Effect):
+    """Start the response; with ``body`` None, :class:`Send` effects follow."""
+
+    status: int
+    headers: dict
+    body: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Relay(Effect):
+    """Answer with Swift's own response to a :class:`Fetch`, unchanged. Last effect."""
+
+    reply: "Reply"
+
+
+@dataclass(frozen=True)
+class Send(Effect):
+    """Write bytes of the response body; a caller that is gone raises :class:`ClientGone`."""
+
+    data: bytes
+
+
+@dataclass
+class Reply:
+    """Swift's answer to a :class:`Fetch` as the front end received it:
+    ``headers`` any case-insensitive mapping, ``native`` the front end's own
+    response object, ``body`` its handle on the unread body (for
+    :class:`NextChunk`), ``release`` a plain call that closes the body."""
+
+    status: int
+    reason: str
+    headers: object
+    native: object
+    body: object
+    release: object
+
+    @property
+    def ok(self):
+        return 200 <= self.status < 300
+
+    @property
+    def status_line(self):
+        return f"{self.status} {self.reason}"
+
+    @property
+    def content_length(self):
+        value = self.headers.get("Content-Length")
+        return int(value) if value is not None and value.isdigit() else None
+
+    @property
+    def etag(self):
+        return self.headers.get("Etag", "").strip('"')
+
+
+class BodyBroken(Exception):
+    """Raised into the steps when an object's body fails part-way."""
+
+
+class ClientGone(Exception):
+    """Raised into the steps when the caller left during the stream."""
+
+
+class StreamEnded(Exception):
+    """Raised into the steps by a front end that ends a stream early (the
+    server's shutdown): the stream's last frame is an error frame."""
+
+    def __init__(self, status, message, outcome):
+        super().__init__(message)
+        self.status = status
+        self.outcome = outcome
+
+
+class SwiftRefused(Exception):
+    """Swift refused the shard read: its response goes back as it came."""
+
+    def __init__(self, reply):
+        super().__init__(reply.status_line)
+        self.reply = reply
+
+
+class Signal:
+    """A wake-up from the admission bookkeeping to a front end's wait, on
+    the scheduling thread: :meth:`fire` once granted; the front end sets
+    ``listener`` while it waits."""
+
+    def __init__(self):
+        self.fired = False
+        self.listener = None
+
+    def fire(self):
+        self.fired = True
+        if self.listener is not None:
+            self.listener()
+
+
+def model_key(feature_req, swift_path=None, swift_etag=None):
+    """Cache key of a request's model: its name and an identity of its weights.
+
+    A ``swift:`` weights object is identified by its path and ETag (from a
+    HEAD made with the caller's access), so replacing the object replaces
+    the model; other references identify themselves.
+    """
+    if feature_req.weights.kind == "swift":
+        return feature_req.model, f"{swift_path}@{swift_etag}"
+    return feature_req.model, str(feature_req.weights)
+
+
+def split_batches(samples, batch):
+    return [samples[i:i + batch] for i in range(0, len(samples), batch)]
+
+
+class StorageTier:
+    """What the feature requests of one front end share: the operator's
+    settings, the engine, the memory budget, the count of requests in
+    progress, and ``events``, where log lines and statsd metrics go (an
+    object with ``info``, ``warning``, ``exception``, ``increment``,
+    ``update_stats`` and ``timing_since``)."""
+
+    def __init__(self, settings, events, threading_module=threading):
+        self.settings = settings
+        self.limits = settings.limits
+        self.engine = settings.make_engine(threading_module)
+        self.budget = settings.make_budget(self.engine)
+        self.events = events
+        self.active = 0
+
+    def feature_request(self, path, query, headers):
+        """The steps of one feature request (a generator of effects):
+        ``path`` the request's path, native and unquoted; ``query`` its raw
+        query string; ``headers`` a case-insensitive mapping of native strings."""
+        return FeatureJob(self, path, query, headers).steps()
+
+
+class FeatureJob:
+    """One feature request's state through its steps."""
+
+    def __init__(self, tier, path, query, headers):
+        self.tier = tier
+        self.engine = tier.engine
+        self.events = tier.events
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.started = time.monotonic()
+        self.entered = False
+        self.ticket = None
+        self.bytes_in = 0
+
+    # The whole request ---------------------------------------------------
+
+    def steps(self):
+        self.events.increment("requests")
+        try:
+            feature_req = self.parse()
+            self.enter()
+            prepared = yield from self.prepare(feature_req)
+        except SwiftRefused as refused:
+            self.leave()
+            self.refused(refused.reply.status, '{"error": "refused by Swift"}')
+            yield Relay(refused.reply)
+            return
+        except (RequestError, *REQUEST_FAILURES) as err:
+            self.leave()
+            yield from self.refuse(err)
+            return
+        except Exception as err:
+            self.leave()
+            self.events.exception(f"feature request {self.quoted} failed")
+            yield from self.refuse(RequestError(
+                500, f"feature extraction failed: {type(err).__name__}"))
+            return
+        except BaseException:
+            self.leave()
+            raise
+        yield from self.stream(*prepared)
+
+    def parse(self):
+        if OBJECT_PATH.match(self.path) is None:
+            raise RequestError.not_an_object()
+        return protocol.parse_request(self.headers, self.tier.limits, self.engine.layer_count)
+
+    def enter(self):
+        """Count the request as in progress, or refuse it over max_concurrent."""
+        limit = self.tier.settings.max_concurrent
+        if self.tier.active >= limit:
+            self.events.increment("rejected")
+            raise RequestError.at_capacity(limit)
+        self.tier.active += 1
+        self.entered = True
+
+    def leave(self):
+        """Give back the memory and the concurrency slot; harmless twice."""
+        if self.ticket is not None:
+            self.tier.budget.release(self.ticket)
+            self.ticket = None
+        if self.entered:
+            self.tier.active -= 1
+            self.entered = False
+
+    def prepare(self, feature_req):
+        """Steps 2-4: the model, the batches and the first frame, computed
+        before the status goes out so that bad input there is still a 4xx."""
+        conditions = {name: self.headers[name] for name in protocol.CONDITIONAL_HEADERS
+                      if name in self.headers}
+        data = yield from self.read(Fetch("GET", self.path, "shard", self.query, conditions))
+        self.bytes_in = len(data)
+        self.events.update_stats("bytes_in", len(data))
+        model = yield from self.model_for(feature_req)
+        samples = yield Run(self.engine.open_shard, (data, feature_req.preset))
+        asked = feature_req.batch
+        granted = yield from self.admit(model, feature_req, len(samples))
+        if granted != asked:
+            feature_req = dataclasses.replace(feature_req, batch=granted)
+        batches = split_batches(samples, feature_req.batch)
+        first = yield Run(self.engine.extract, (model, batches[0], feature_req, 0))
+        return model, feature_req, asked, batches, first
+
+    # Reading from Swift --------------------------------------------------
+
+    def read(self, fetch):
+        """The body of ``fetch``'s object, whole. Swift's refusal raises
+        :class:`SwiftRefused` (its body unread); an object above
+        max_shard_bytes is a 413, whether its length is declared (checked
+        before reading) or not (read up to the limit); a body that breaks off
+        or ends short of its Content-Length is a 502, a storage failure the
+        trainer retries (a 422 is for objects that arrived whole and are
+        malformed)."""
+        reply = yield fetch
+        if not reply.ok:
+            raise SwiftRefused(reply)
+        limit = self.tier.settings.max_shard_bytes
+        length = reply.content_length
+        chunks, size = [], 0
+        try:
+            if length is not None and length > limit:
+                raise RequestError.too_large(fetch.path, length, limit)
+            while True:
+                try:
+                    chunk = yield NextChunk(reply)
+                except BodyBroken:
+                    chunk = None
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError.too_large(fetch.path, size, limit)
+                chunks.append(chunk)
+        finally:
+            reply.release()
+        if chunk is None or (length is not None and size != length):
+            raise RequestError.body_broken(fetch.path, size, length)
+        return b"".join(chunks)
+
+    def model_for(self, feature_req):
+        """The cached model, built in a worker thread on first use. A
+        ``swift:`` weights object is checked with a HEAD under the caller's
+        access on every request; its bytes are read only to build."""
+        ref = feature_req.weights
+        key, fetched = model_key(feature_req), None
+        if ref.kind == "swift":
+            account = OBJECT_PATH.match(self.path)
+            path = f"/{account[1]}/{account[2]}/{ref.value}"
+            head = yield Fetch("HEAD", path, "weights")
+            head.release()
+            if not head.ok:
+                raise weights_failure(head, path)
+            key = model_key(feature_req, path, head.etag)
+            if self.engine.cached_model(key) is None:
+                try:
+                    fetched = yield from self.read(Fetch("GET", path, "weights"))
+                except SwiftRefused as refused:
+                    refused.reply.release()
+                    raise weights_failure(refused.reply, path) from None
+        return (yield Run(self.engine.load_model, (key, feature_req.model, ref, fetched)))
+
+    # Admission -----------------------------------------------------------
+
+    def admit(self, model, feature_req, samples):
+        """Reserve memory for the request; the storage batch granted. Logs
+        and counts each decision but a plain grant."""
+        budget = self.tier.budget
+        cost = yield Run(self.engine.memory_cost, (model, feature_req))
+        signal = Signal()
+        try:
+            self.ticket = budget.admit(cost, min(feature_req.batch, samples), signal.fire)
+            if not self.ticket.granted:
+                self.events.increment("queued")
+                self.events.info(f"{self.quoted} queued for memory: "
+                                 f"{cost.at(self.ticket.wanted)} bytes at batch "
+                                 f"{self.ticket.wanted}, {budget.queued} request(s) waiting")
+                yield AwaitGrant(signal, budget.queue_timeout)
+            budget.settle(self.ticket)
+        except OverBudget as err:
+            self.ticket = None
+            self.events.increment("rejected")
+            self.events.warning(f"{self.quoted} refused for memory (503, Retry-After "
+                                f"{err.retry_after}): {err}")
+            raise
+        if self.ticket.reduced:
+            self.events.increment("batch_reduced")
+            self.events.info(f"{self.quoted} batch reduced from {self.ticket.wanted} to "
+                             f"{self.ticket.batch} to fit the memory budget")
+        return self.ticket.batch
+
+    # Answers -------------------------------------------------------------
+
+    @property
+    def quoted(self):
+        return quote(self.path)
+
+    def refused(self, status, body):
+        """Log and count a feature request answered with an error status."""
+        self.events.increment(f"refused.{status}")
+        self.events.info(refusal_line(self.path, status, body))
+
+    def refuse(self, err):
+        if not isinstance(err, RequestError):
+            err = RequestError.from_exception(err)
+        self.refused(err.status, json.dumps(err.fields))
+        yield Respond(err.status, {"Content-Type": "application/json", **err.headers},
+                      err.body)
+
+    def stream(self, model, feature_req, asked, batches, first):
+        """Step 5 and 6: the 200, the frames, the end frame; then give back
+        what the request holds and log its line, however the stream ended."""
+        sent, outcome, pending = 0, "client disconnected", None
+        samples = sum(map(len, batches))
+        try:
+            yield Respond(200, self.engine.response_headers(feature_req, samples))
+            frame = first
+            for index in range(1, len(batches)):
+                pending = yield Start(self.engine.extract,
+                                      (model, batches[index], feature_req, index))
+                yield Send(frame)
+                sent += len(frame)
+                current, pending = pending, None
+                frame = yield Join(current)
+            yield Send(frame)
+            sent += len(frame)
+            frame = end_frame(samples, len(batches), time.monotonic() - self.started)
+            yield Send(frame)
+            sent += len(frame)
+            outcome = "complete"
+        except ClientGone:
+            pass
+        except StreamEnded as err:
+            outcome = err.outcome
+            sent += yield from self.last_frame(error_frame(err.status, str(err)))
+        except ShardError as err:
+            self.events.warning(f"shard member {err.member} failed mid-stream: {err}")
+            self.events.increment("stream_errors")
+            outcome = "bad member"
+            sent += yield from self.last_frame(stream_error_frame(err))
+        except Exception as err:
+            self.events.exception("feature extraction failed mid-stream")
+            self.events.increment("stream_errors")
+            outcome = f"error {type(err).__name__}"
+            sent += yield from self.last_frame(stream_error_frame(err))
+        except BaseException:
+            # Closed or cancelled: nothing more can be waited on here.
+            pending = None
+            raise
+        finally:
+            if pending is not None:
+                # The worker runs on regardless: hold the memory until it is done.
+                yield from self.settle(pending)
+            self.leave()
+            self.events.update_stats("bytes_out", sent)
+            self.events.timing_since("extraction_time", self.started)
+            self.events.info(summary_line(self.path, feature_req, asked, samples, self.bytes_in,
+                                          sent, time.monotonic() - self.started, outcome))
+
+    @staticmethod
+    def last_frame(frame):
+        """Send a stream's last (error) frame if the caller is still there; bytes sent."""
+        try:
+            yield Send(frame)
+        except ClientGone:
+            return 0
+        return len(frame)
+
+    @staticmethod
+    def settle(pending):
+        try:
+            yield Join(pending)
+        except Exception:
+            pass
+
+
+def weights_failure(reply, path):
+    """The answer to a ``swift:`` weights object Swift would not serve."""
+    if reply.status in (401, 403):
+        return RequestError.weights_refused(path, reply.status, reply.status_line)
+    return RequestError.weights_unreadable(path, reply.status_line)
+

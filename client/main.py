@@ -42,7 +42,7 @@ from pathlib import Path
 from requests.exceptions import RequestException
 from swiftclient import ClientException, Connection
 
-from hapi import names
+from hapi import names, swiftauth
 from hapi.client.retry import DEFAULT_RETRIES, RetriesExhausted
 
 
@@ -216,23 +216,24 @@ def build_parser(prog=None):
                         help="progress bars (default: on a terminal)")
 
     auth = parser.add_argument_group(
-        "Swift credentials (as python-swiftclient's swift command takes them)")
-    auth.add_argument("-A", "--auth", default=env("ST_AUTH"), help="v1 auth URL [ST_AUTH]")
-    auth.add_argument("-U", "--user", default=env("ST_USER"), help="user [ST_USER]")
-    auth.add_argument("-K", "--key", default=env("ST_KEY"), help="key [ST_KEY]")
-    auth.add_argument("-V", "--auth-version", default=env("ST_AUTH_VERSION", "1.0"),
-                      help="auth version for -A/-U/-K [ST_AUTH_VERSION]")
-    for name, var, default in (
-            ("os-auth-url", "OS_AUTH_URL", None), ("os-username", "OS_USERNAME", None),
-            ("os-password", "OS_PASSWORD", None),
-            ("os-project-name", "OS_PROJECT_NAME", env("OS_TENANT_NAME")),
-            ("os-user-domain-name", "OS_USER_DOMAIN_NAME", None),
-            ("os-project-domain-name", "OS_PROJECT_DOMAIN_NAME", None),
-            ("os-region-name", "OS_REGION_NAME", None),
-            ("os-identity-api-version", "OS_IDENTITY_API_VERSION",
-             env("OS_AUTH_VERSION", "3")),
-            ("os-storage-url", "OS_STORAGE_URL", None), ("os-auth-token", "OS_AUTH_TOKEN", None)):
-        auth.add_argument(f"--{name}", default=env(var, default), help=f"[{var}]")
+        "Swift credentials (as python-swiftclient's swift command takes them: each flag, "
+        "else its ST_* variable, else its OS_* one)")
+    auth.add_argument("-A", "--auth", help="v1 auth URL [ST_AUTH]")
+    auth.add_argument("-U", "--user", help="user [ST_USER]")
+    auth.add_argument("-K", "--key", help="key [ST_KEY]")
+    auth.add_argument("-V", "--auth-version",
+                      help="auth version [ST_AUTH_VERSION, OS_AUTH_VERSION, "
+                           "OS_IDENTITY_API_VERSION; default 1.0, or 3 with OS_AUTH_URL]")
+    for name, var in (
+            ("os-auth-url", "OS_AUTH_URL"), ("os-username", "OS_USERNAME"),
+            ("os-password", "OS_PASSWORD"),
+            ("os-project-name", "OS_PROJECT_NAME, OS_TENANT_NAME"),
+            ("os-user-domain-name", "OS_USER_DOMAIN_NAME"),
+            ("os-project-domain-name", "OS_PROJECT_DOMAIN_NAME"),
+            ("os-region-name", "OS_REGION_NAME"),
+            ("os-identity-api-version", "as -V"),
+            ("os-storage-url", "OS_STORAGE_URL"), ("os-auth-token", "OS_AUTH_TOKEN")):
+        auth.add_argument(f"--{name}", help=f"[{var}]")
     return parser
 
 
@@ -403,44 +404,40 @@ def train_config(args, log=print):
 
 
 def connection_options(args):
-    """python-swiftclient ``Connection`` arguments from the flags and environment."""
-    if args.auth or args.user or args.key:
-        missing = [flag for flag, value in (("-A/ST_AUTH", args.auth), ("-U/ST_USER", args.user),
-                                            ("-K/ST_KEY", args.key)) if not value]
-        if missing:
-            raise SwiftAuthError(f"incomplete Swift credentials: missing {', '.join(missing)}")
-        return {"authurl": args.auth, "user": args.user, "key": args.key,
-                "auth_version": args.auth_version}
-    if args.os_auth_url:
-        os_options = {key: value for key, value in (
-            ("project_name", args.os_project_name),
-            ("user_domain_name", args.os_user_domain_name),
-            ("project_domain_name", args.os_project_domain_name),
-            ("region_name", args.os_region_name)) if value}
-        return {"authurl": args.os_auth_url, "user": args.os_username,
-                "key": args.os_password, "auth_version": args.os_identity_api_version,
-                "os_options": os_options}
-    if args.os_storage_url and args.os_auth_token:
-        return {"preauthurl": args.os_storage_url, "preauthtoken": args.os_auth_token}
-    raise SwiftAuthError("no Swift credentials: set ST_AUTH, ST_USER and ST_KEY (or the OS_* "
-                         "variables), or pass -A/-U/-K")
+    """python-swiftclient ``Connection`` arguments from the flags and the
+    environment, resolved as hapi-load resolves them (:mod:`hapi.swiftauth`)."""
+    keystone = {"project_name": args.os_project_name,
+                "user_domain_name": args.os_user_domain_name,
+                "project_domain_name": args.os_project_domain_name,
+                "region_name": args.os_region_name}
+    try:
+        return swiftauth.connection_options(
+            auth=args.auth, user=args.user, key=args.key,
+            auth_version=args.auth_version or args.os_identity_api_version,
+            os_auth_url=args.os_auth_url, os_username=args.os_username,
+            os_password=args.os_password, os_options=keystone,
+            storage_url=args.os_storage_url, token=args.os_auth_token)
+    except swiftauth.CredentialsError as err:
+        raise SwiftAuthError(f"{err}; as flags: -A/-U/-K, or --os-storage-url and "
+                             "--os-auth-token") from None
 
 
 def swift_connector(args):
     """Authenticate once; return ``connect()``, which makes a new connection
     with that token (one per thread: connections are not thread-safe)."""
     options = {**connection_options(args), "timeout": args.timeout}
-    where = options.get("authurl") or options["preauthurl"]
+    has_token = "preauthtoken" in options
+    where = options["preauthurl"] if has_token else options["authurl"]
     probe = Connection(**options, retries=1)
     try:
-        if "preauthtoken" in options:
+        if has_token:
             probe.head_account()
-            url, token = options["preauthurl"], options["preauthtoken"]
+            url, token = probe.url, probe.token  # renewed by the key if it had expired
         else:
             url, token = probe.get_auth()
     except ClientException as err:
         if err.http_status in (401, 403):
-            who = options.get("user") or "the given token"
+            who = "the given token" if has_token else options["user"]
             raise SwiftAuthError(f"Swift at {where} refused {who}: {err.http_status} "
                                  f"{err.http_reason}") from None
         raise

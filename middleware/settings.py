@@ -8,22 +8,7 @@ from dataclasses import dataclass
 from hapi import protocol, zoo
 from hapi.middleware.admission import MemoryBudget
 from hapi.middleware.engine import FeatureEngine
-
-OPTION_DEFAULTS = {
-    "device": "auto",
-    "max_batch": 256,
-    "default_batch": 32,
-    "max_concurrent": 4,
-    "threads": 0,
-    "weights_dir": "",
-    "max_shard_bytes": 1 << 28,
-    "max_image_pixels": 40_000_000,
-    "max_cached_models": 4,
-    "models": "",
-    "memory_budget": "auto",
-    "queue_timeout": 10,
-    "min_batch": 1,
-}
+from hapi.middleware.options import OPTION_DEFAULTS
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
 

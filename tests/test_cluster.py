@@ -11,7 +11,7 @@ import pytest
 from paste.deploy import loadfilter
 from swiftclient.client import Connection
 
-from hapi.middleware.settings import OPTION_DEFAULTS
+from hapi.middleware.options import OPTION_DEFAULTS
 from hapi.server_setup import cluster as cluster_mod
 from hapi.server_setup.cluster import SERVERS, Cluster, ClusterError, main
 

@@ -14,6 +14,7 @@ import io
 import json
 import re
 import socket
+import threading
 import time
 import urllib.parse
 
@@ -263,3 +264,64 @@ def test_filter_and_server_log_the_same_events(cluster, conn, server):
     assert set(server_refusals) == set(proxy_refusals)
     for text in (proxy_text, server_text):
         assert f"{CONTAINER}/medium.tar batch reduced from 32 to" in text
+
+
+# The FIFO memory queue, end to end -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def queue_cluster(swift_cluster_factory, statsd):
+    """A proxy whose memory fits one held request at a time (no smaller batch
+    allowed), where others wait up to 60 s in the FIFO queue."""
+    engine = FeatureEngine(device="cpu")
+    model = engine.load_model((MODEL, "seed:0"), MODEL, HELD.weights)
+    memory = tensor_bytes(model) + engine.memory_cost(model, HELD).at(2) * 3 // 2
+    cluster = swift_cluster_factory("queue", hapi_conf={
+        "threads": "1", "device": "cpu", "max_concurrent": "4", "memory_budget": str(memory),
+        "min_batch": "2", "queue_timeout": "60",
+        "log_statsd_host": "127.0.0.1", "log_statsd_port": str(statsd.port)})
+    connection = cluster.connection()
+    connection.put_container(CONTAINER)
+    for name in ("long.tar", "first.tar", "second.tar"):
+        connection.put_object(CONTAINER, name, SHARDS["long.tar"] if name == "long.tar"
+                              else write_shard(samples(4, size=16)))
+    connection.get_auth()
+    yield cluster, connection
+    connection.close()
+
+
+def test_requests_wait_in_a_fifo_queue_for_memory(queue_cluster, statsd):
+    """While a stream holds the memory, two more requests queue (hapi.queued,
+    a log line each) instead of being refused; once it ends they are served
+    in the order they came."""
+    cluster, conn = queue_cluster
+    proxy_log = cluster.log_path("proxy")
+    start = proxy_log.stat().st_size
+    statsd.drain()
+    held = held_stream(cluster.proxy_url, conn)
+    answers = {}
+
+    def fetch(name):
+        answers[name] = hapi_get(cluster.proxy_url, conn, name, HELD)
+
+    waiting = []
+    try:
+        for name in ("first.tar", "second.tar"):
+            waiting.append(threading.Thread(target=fetch, args=(name,)))
+            waiting[-1].start()
+            queued = [n for n, _, _ in statsd.collect({"hapi.queued"}, timeout=30)]
+            assert queued.count("hapi.queued") == 1
+        time.sleep(0.5)
+        assert not answers, "a request was served while the memory was held"
+    finally:
+        held.close()
+    for thread in waiting:
+        thread.join(90)
+    assert answers["first.tar"][0] == answers["second.tar"][0] == 200
+    with open(proxy_log, errors="replace") as log:
+        log.seek(start)
+        text = log.read()
+    assert text.count("queued for memory") == 2
+    served = [m[1].rsplit("/", 1)[1] for m in SUMMARY.finditer(text)
+              if m[10] == "complete"]
+    assert served.index("first.tar") < served.index("second.tar")

@@ -30,7 +30,8 @@ from helpers import ServerProcess, feature_request, samples
 from safetensors.torch import save as st_save
 
 from hapi import protocol, wire
-from hapi.middleware.server import HapiServer, load_config
+from hapi.middleware.server import load_config
+from hapi.middleware.server_app import HapiServer
 from hapi.shards import write_shard
 
 MODEL = "mobilenet_v3_small"

@@ -9,6 +9,8 @@ import asyncio
 import io
 import json
 import statistics
+import subprocess
+import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -34,8 +36,9 @@ from swiftclient import ClientException
 
 from hapi import protocol, wire
 from hapi.client.features import fetch_features, intermediate_connection
-from hapi.middleware.server import SERVER_DEFAULTS, HapiServer, load_config, main
-from hapi.middleware.settings import OPTION_DEFAULTS
+from hapi.middleware.options import OPTION_DEFAULTS, OPTION_HELP
+from hapi.middleware.server import SERVER_DEFAULTS, load_config, main
+from hapi.middleware.server_app import HapiServer
 from hapi.shards import Sample, write_shard
 
 CONTAINER = "hapi-server-tests"
@@ -145,6 +148,34 @@ def test_bad_configuration_exits_with_a_message(tmp_path, capsys):
     assert main(["--default-batch", "64", "--max-batch", "32"]) == 2
     errors = capsys.readouterr().err
     assert "lenet" in errors and "missing.conf" in errors and "default_batch" in errors
+
+
+@pytest.mark.parametrize("url", ["notaurl", "ftp://host/x", "http://", "http://h:8080/?q=1"])
+def test_a_swift_url_that_is_not_one_is_refused(url, capsys):
+    assert main(["--swift-url", url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "swift_url must be" in err and repr(url) in err
+
+
+def test_help_answers_without_torch_and_explains_every_option():
+    """--help imports neither torch nor aiohttp (it answers at once), shows
+    examples and says what each filter option means."""
+    code = ("import contextlib, io, sys\n"
+            "from hapi.middleware import server\n"
+            "out = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+            "    server.main(['--help'])\n"
+            "print(sorted(m for m in ('torch', 'aiohttp') if m in sys.modules))\n"
+            "print(out.getvalue())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    loaded, _, text = out.partition("\n")
+    assert loaded == "[]"
+    assert "examples:" in text and "hapi-server --swift-url http://127.0.0.1:8080" in text
+    for name, meaning in OPTION_HELP.items():
+        flag_text = " ".join(text.split())
+        assert f"--{name.replace('_', '-')}" in flag_text
+        assert " ".join(meaning.split())[:30] in flag_text, name
 
 
 def test_the_example_config_holds_the_defaults():

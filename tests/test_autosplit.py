@@ -163,7 +163,7 @@ def test_link_clock_counts_paced_transfers_over_their_union():
     # Two raw bodies share the link: 2 MB over the 2 s of their union.
     link.observe(Transfer(10**6, sent_at=-0.1, answered_at=0.0, done_at=1.0))
     link.observe(Transfer(10**6, sent_at=0.4, answered_at=0.5, done_at=2.0))
-    assert estimator.bandwidth == approx(1e6)
+    assert estimator.bandwidth_bytes_per_s == approx(1e6)
     # Features whose body took no longer than their storage compute: the
     # transfer hid behind the compute and says nothing about the link.
     link.observe(Transfer(10**6, sent_at=2.0, answered_at=2.2, done_at=2.6, storage_s=0.5,

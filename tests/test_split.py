@@ -60,7 +60,7 @@ def alexnet_bytes():
     return model, model.boundary_bytes((3, 224, 224))
 
 
-def constructed(model, boundary_bytes, *, bandwidth=100 * MBIT, storage_ratio=1.0,
+def constructed(model, boundary_bytes, *, bandwidth_bytes_per_s=100 * MBIT, storage_ratio=1.0,
                 measured_up_to=None, **changes):
     """A profile with per-layer times proportional to each layer's output size
     (a crude but realistic shape: big feature maps cost more), a storage tier
@@ -76,7 +76,8 @@ def constructed(model, boundary_bytes, *, bandwidth=100 * MBIT, storage_ratio=1.
     profile = Profile(model=model.name, input_shape=(3, 224, 224), batch_size=32,
                       freeze=freeze, layers=layers, boundary_bytes=list(boundary_bytes),
                       activation_bytes=list(boundary_bytes), raw_bytes=110e3,
-                      bandwidth=bandwidth, storage_decode_s=2e-3, trainer_decode_s=2e-3,
+                      bandwidth_bytes_per_s=bandwidth_bytes_per_s, storage_decode_s=2e-3,
+                      trainer_decode_s=2e-3,
                       trainer_copy_s_per_byte=2e-10, request_latency_s=0.02,
                       samples_per_request=256, storage_batch=64, prefetch_depth=2,
                       epoch_samples=10_000, storage_speed_ratio=storage_ratio)
@@ -108,7 +109,7 @@ def true_stage_costs(profile, split, storage_true):
         host = p.trainer_copy_s_per_byte * p.boundary_bytes[split]
     compute = sum(layer.trainer_forward_s for layer in p.layers[split:f]) + \
         sum(layer.trainer_train_s for layer in p.layers[f:]) + p.trainer_step_s / p.batch_size
-    return storage, wire / p.bandwidth, host, compute
+    return storage, wire / p.bandwidth_bytes_per_s, host, compute
 
 
 def simulate(profile, split, storage_true, shards=24):
@@ -204,7 +205,8 @@ def tiny(**changes):
               LayerProfile("c", 1e-3, trainer_train_s=3e-3)]
     profile = Profile(model="tiny", input_shape=(3, 1, 1), batch_size=2, freeze=2,
                       layers=layers, boundary_bytes=[3000, 2000, 500, 10],
-                      activation_bytes=[3000, 2000, 500, 10], raw_bytes=1000, bandwidth=1e6,
+                      activation_bytes=[3000, 2000, 500, 10], raw_bytes=1000,
+                      bandwidth_bytes_per_s=1e6,
                       storage_decode_s=1e-3, trainer_decode_s=4e-3, samples_per_request=2,
                       storage_batch=64, prefetch_depth=1)
     return profile.with_measurements(**changes)
@@ -236,14 +238,14 @@ def test_hand_computed_choice_a_slow_link_takes_the_fewest_bytes():
     #   s=0: N 10 ms; Q 0 + 10 + 4 = 14 ms > trainer 10 ms: cycle 14 ms (requests)
     #   s=1: N 20 ms; Q 3 + 20 = 23 ms: cycle 23 ms (requests)
     #   s=2: N 5 ms; Q 7 + 5 = 12 ms: cycle 12 ms (requests)
-    decision = choose_split(tiny(bandwidth=1e5))
+    decision = choose_split(tiny(bandwidth_bytes_per_s=1e5))
     assert iterations(decision) == pytest.approx([2 * 14e-3, 2 * 23e-3, 2 * 12e-3])
     assert decision.split == 2 and decision.chosen.iteration_s == pytest.approx(24e-3)
     # Two requests in flight halve Q:
     #   s=0: Q (10 + 4) / 2 = 7 ms; network 10 ms, trainer 10 ms: cycle 10 ms (network, first)
     #   s=1: network 20 ms: cycle 20 ms
     #   s=2: storage 7 ms, network 5 ms, trainer 3 ms, Q (7 + 5) / 2 = 6 ms: cycle 7 ms (storage)
-    deeper = choose_split(tiny(bandwidth=1e5, prefetch_depth=2))
+    deeper = choose_split(tiny(bandwidth_bytes_per_s=1e5, prefetch_depth=2))
     assert iterations(deeper) == pytest.approx([2 * 10e-3, 2 * 20e-3, 2 * 7e-3])
     assert [row.bottleneck for row in deeper.rows] == ["network", "network", "storage"]
     assert deeper.split == 2 and deeper.chosen.iteration_s == pytest.approx(14e-3)
@@ -272,7 +274,7 @@ def test_hand_computed_choice_breaks_a_tie_by_less_work():
     #   s=2: N 200 ms; Q (7 + 200) / 2 = 103.5 ms: cycle 200 ms
     # Equal iterations; the work S + N + H + C decides:
     #   s=1: 3 + 200 + 0 + 5 = 208 ms, s=2: 7 + 200 + 0 + 3 = 210 ms.
-    profile = tiny(boundary_bytes=[3000, 2000, 2000, 10], raw_bytes=4000, bandwidth=1e4,
+    profile = tiny(boundary_bytes=[3000, 2000, 2000, 10], raw_bytes=4000, bandwidth_bytes_per_s=1e4,
                    prefetch_depth=2)
     decision = choose_split(profile)
     assert iterations(decision) == pytest.approx([2 * 0.4, 2 * 0.2, 2 * 0.2])
@@ -295,7 +297,8 @@ def test_choice_is_the_simulated_best(alexnet_bytes):
             for mbit in (3000, 300, 100, 30, 3):
                 # Storage measured on the first 5 layers only: the rest is
                 # estimated, with the true ratio, from the trainer's times.
-                profile = constructed(model, sizes, bandwidth=mbit * MBIT, storage_ratio=ratio,
+                profile = constructed(model, sizes, bandwidth_bytes_per_s=mbit * MBIT,
+                                      storage_ratio=ratio,
                                       measured_up_to=5, prefetch_depth=depth,
                                       storage_speed_ratio=None)
                 truth = [ratio * layer.trainer_forward_s
@@ -314,7 +317,7 @@ def test_simulated_best_on_recorded_profiles():
         base = recorded(name)
         truth, _, _, _ = storage_layer_times(base)
         for mbit in (1000, 100, 10):
-            profile = base.with_measurements(bandwidth=mbit * MBIT)
+            profile = base.with_measurements(bandwidth_bytes_per_s=mbit * MBIT)
             times, best = simulated_best(profile, truth)
             chosen = choose_split(profile).split
             assert times[chosen] <= times[best] * 1.05, (name, mbit, chosen, best)
@@ -329,7 +332,8 @@ def test_split_moves_towards_the_data_as_bandwidth_falls(name):
     step goes back to s = 0, and stays there."""
     profile = recorded(name)
     bandwidths = [10 ** (k / 4) * MBIT for k in range(16, -9, -1)]  # 10 Gbit/s to 10 kbit/s
-    choices = [choose_split(profile.with_measurements(bandwidth=bw)) for bw in bandwidths]
+    choices = [choose_split(profile.with_measurements(bandwidth_bytes_per_s=bw))
+               for bw in bandwidths]
     splits = [d.split for d in choices]
     wire = [d.chosen.wire_bytes for d in choices]
     assert wire == sorted(wire, reverse=True), wire
@@ -349,7 +353,7 @@ def test_split_moves_towards_the_data_as_bandwidth_falls(name):
 def test_split_moves_towards_the_data_on_constructed_profile(alexnet_bytes):
     model, sizes = alexnet_bytes
     profile = constructed(model, sizes, storage_ratio=0.5)
-    splits = [choose_split(profile.with_measurements(bandwidth=mbit * MBIT)).split
+    splits = [choose_split(profile.with_measurements(bandwidth_bytes_per_s=mbit * MBIT)).split
               for mbit in (1e5, 1e4, 3000, 1000, 300, 100, 30, 10, 1, 0.1)]
     assert splits == sorted(splits), splits
     smallest = min(sizes[1:profile.freeze + 1])
@@ -358,7 +362,7 @@ def test_split_moves_towards_the_data_on_constructed_profile(alexnet_bytes):
 
 def test_fast_network_slow_storage_prefers_vanilla(alexnet_bytes):
     model, sizes = alexnet_bytes
-    profile = constructed(model, sizes, bandwidth=10_000 * MBIT, storage_ratio=20.0)
+    profile = constructed(model, sizes, bandwidth_bytes_per_s=10_000 * MBIT, storage_ratio=20.0)
     decision = choose_split(profile)
     assert decision.split == 0
     assert decision.chosen.bottleneck == "trainer"
@@ -366,7 +370,7 @@ def test_fast_network_slow_storage_prefers_vanilla(alexnet_bytes):
 
 def test_infeasible_splits_are_never_chosen_and_say_why(alexnet_bytes):
     model, sizes = alexnet_bytes
-    base = constructed(model, sizes, bandwidth=10_000 * MBIT)
+    base = constructed(model, sizes, bandwidth_bytes_per_s=10_000 * MBIT)
     unconstrained = choose_split(base)
     rows = {row.split: row for row in unconstrained.rows}
     # A trainer memory that holds the prefetched shards of the small boundaries
@@ -377,7 +381,7 @@ def test_infeasible_splits_are_never_chosen_and_say_why(alexnet_bytes):
     for changes in ({"trainer_free_bytes": trainer_free}, {"storage_budget_bytes": budget},
                     {"trainer_free_bytes": trainer_free, "storage_budget_bytes": budget}):
         for mbit in (10_000, 100, 1):
-            profile = base.with_measurements(bandwidth=mbit * MBIT, **changes)
+            profile = base.with_measurements(bandwidth_bytes_per_s=mbit * MBIT, **changes)
             decision = choose_split(profile)
             assert decision.chosen.feasible
             infeasible = [row for row in decision.rows if not row.feasible]
@@ -417,7 +421,7 @@ def test_no_feasible_split_raises(alexnet_bytes):
 
 def test_current_split_kept_within_margin(alexnet_bytes):
     model, sizes = alexnet_bytes
-    profile = constructed(model, sizes, bandwidth=100 * MBIT)
+    profile = constructed(model, sizes, bandwidth_bytes_per_s=100 * MBIT)
     decision = choose_split(profile)
     others = sorted((row for row in decision.rows if row.split != decision.split),
                     key=lambda row: row.iteration_s)
@@ -460,7 +464,7 @@ def test_cost_model_components(alexnet_bytes):
     s, b = 6, p.batch_size
     row = evaluate_split(p, s)
     storage = p.storage_decode_s + sum(layer.storage_s for layer in p.layers[:s])
-    transfer = sizes[s] / p.bandwidth
+    transfer = sizes[s] / p.bandwidth_bytes_per_s
     host = p.trainer_copy_s_per_byte * sizes[s]
     compute = sum(layer.trainer_forward_s for layer in p.layers[s:p.freeze]) + \
         sum(layer.trainer_train_s for layer in p.layers[p.freeze:])
@@ -472,7 +476,7 @@ def test_cost_model_components(alexnet_bytes):
     assert row.iteration_s == pytest.approx(b * sequential)
     assert row.bottleneck == "requests"
     vanilla = evaluate_split(p, 0)
-    assert vanilla.transfer_s == pytest.approx(b * p.raw_bytes / p.bandwidth)
+    assert vanilla.transfer_s == pytest.approx(b * p.raw_bytes / p.bandwidth_bytes_per_s)
     assert vanilla.storage_s == 0
 
 
@@ -544,17 +548,17 @@ def feed(estimator, frames, *, bandwidth, layer_s=(1e-3, 2e-3, 4e-3), samples=16
 def test_estimator_estimates_and_applies():
     estimator = OnlineEstimator(window=8)
     feed(estimator, 5, bandwidth=20e6)
-    assert estimator.bandwidth == pytest.approx(20e6)
+    assert estimator.bandwidth_bytes_per_s == pytest.approx(20e6)
     assert estimator.storage_layer_s(4) == [pytest.approx(1e-3), pytest.approx(2e-3),
                                             pytest.approx(4e-3), None]
     assert estimator.storage_decode_s == pytest.approx(1e-3)
     assert estimator.storage_to_wire_s_per_byte == pytest.approx(1e-10)
     profile = recorded("resnet18-112.json")
     applied = estimator.apply(profile)
-    assert applied.bandwidth == pytest.approx(20e6)
+    assert applied.bandwidth_bytes_per_s == pytest.approx(20e6)
     assert [layer.storage_s for layer in applied.layers[:3]] == \
         [pytest.approx(1e-3), pytest.approx(2e-3), pytest.approx(4e-3)]
-    assert profile.bandwidth != applied.bandwidth  # a copy
+    assert profile.bandwidth_bytes_per_s != applied.bandwidth_bytes_per_s  # a copy
 
 
 def test_drift_fires_above_the_threshold_and_not_below():
@@ -562,7 +566,7 @@ def test_drift_fires_above_the_threshold_and_not_below():
     feed(estimator, 8, bandwidth=12.5e6)
     assert not estimator.drifted(0.2)  # no mark: no choice to drift from
     baseline = estimator.mark()
-    assert baseline["bandwidth"] == pytest.approx(12.5e6)
+    assert baseline["bandwidth_bytes_per_s"] == pytest.approx(12.5e6)
     feed(estimator, 2, bandwidth=5e6)
     assert not estimator.drifted(0.2)  # too few new observations to judge
     feed(estimator, 6, bandwidth=5e6)
@@ -666,7 +670,7 @@ def drifting_run():
     the cost model chooses on the full profile at 1 Gbit/s and at 10 Mbit/s."""
     recorded_profile = recorded("alexnet-224.json")
     truth, _, _, _ = storage_layer_times(recorded_profile)
-    blind = recorded_profile.with_measurements(bandwidth=1.0)
+    blind = recorded_profile.with_measurements(bandwidth_bytes_per_s=1.0)
     for layer in blind.layers:
         layer.storage_s = None
     lines = []
@@ -676,8 +680,9 @@ def drifting_run():
     phases = {"start": auto.split, "fast": tier.run(auto, fast, 4),
               "decisions_fast": len(auto.decisions), "slow": tier.run(auto, slow, 8),
               "decisions_slow": len(auto.decisions), "steady": tier.run(auto, slow * 1.1, 8)}
-    expected = choose_split(recorded_profile.with_measurements(bandwidth=fast)).split
-    expected_slow = choose_split(recorded_profile.with_measurements(bandwidth=slow)).split
+    expected, expected_slow = (
+        choose_split(recorded_profile.with_measurements(bandwidth_bytes_per_s=rate)).split
+        for rate in (fast, slow))
     return auto, lines, phases, (recorded_profile, expected, expected_slow)
 
 
@@ -801,7 +806,7 @@ def test_trainer_profiler_on_a_real_model():
     assert not model.training
 
     profile = profile_from_model(model, input_shape=(3, 32, 32), freeze=11, batch_size=4,
-                                 trainer=times, raw_bytes=3e3, bandwidth=1e6,
+                                 trainer=times, raw_bytes=3e3, bandwidth_bytes_per_s=1e6,
                                  storage_s=times.forward_s[:5])
     assert profile.boundary_bytes == model.boundary_bytes((3, 32, 32))
     assert [layer.storage_s is not None for layer in profile.layers] == \
@@ -865,7 +870,7 @@ def record(name, model_name, size, batch_size, bandwidth_mbit=100, storage_batch
     decode_s, raw = measure_decode(images, f"imagenet-{size}", model_name, repeats=3)
     profile = profile_from_model(
         model, input_shape=(3, size, size), freeze=freeze, batch_size=batch_size,
-        trainer=trainer, raw_bytes=raw * 1.02, bandwidth=bandwidth_mbit * MBIT,
+        trainer=trainer, raw_bytes=raw * 1.02, bandwidth_bytes_per_s=bandwidth_mbit * MBIT,
         storage_s=storage.forward_s[:freeze], storage_decode_s=decode_s,
         trainer_decode_s=decode_s, trainer_copy_s_per_byte=measure_copy_rate(),
         frame_overhead_bytes=40.0, request_latency_s=0.01, samples_per_request=256,

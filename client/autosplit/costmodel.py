@@ -165,7 +165,7 @@ class Decision:
     freeze: int
     model: str
     batch_size: int
-    bandwidth: float
+    bandwidth_bytes_per_s: float
     storage_ratio: float
     storage_ratio_source: str
     rows: list[SplitCost]
@@ -181,7 +181,8 @@ class Decision:
         rows = [asdict(row) for row in self.rows]
         return {"format": DECISION_FORMAT, "split": self.split, "freeze": self.freeze,
                 "model": self.model, "batch_size": self.batch_size,
-                "bandwidth": self.bandwidth, "storage_ratio": self.storage_ratio,
+                "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
+                "storage_ratio": self.storage_ratio,
                 "storage_ratio_source": self.storage_ratio_source, "reason": self.reason,
                 "current": self.current, "inputs": self.inputs, "rows": rows}
 
@@ -214,8 +215,9 @@ class Decision:
                 f"{row.iteration_s:10.4f} {row.bottleneck:<12} {epoch:>9}  {note}")
         lines.append(f"split {self.split}: {self.reason}")
         lines.append(f"per iteration of {self.batch_size} samples at "
-                     f"{self.bandwidth * 8 / 1e6:.1f} Mbit/s; storage/trainer speed ratio "
-                     f"{self.storage_ratio:.3g} ({self.storage_ratio_source})")
+                     f"{self.bandwidth_bytes_per_s * 8 / 1e6:.1f} Mbit/s; "
+                     f"storage/trainer speed ratio {self.storage_ratio:.3g} "
+                     f"({self.storage_ratio_source})")
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -223,7 +225,7 @@ class Decision:
         chosen = self.chosen
         return (f"split {self.split} ({chosen.first_trainer_layer} first on the trainer), "
                 f"{chosen.iteration_s:.4g} s per iteration, bottleneck {chosen.bottleneck}, "
-                f"{self.bandwidth * 8 / 1e6:.1f} Mbit/s")
+                f"{self.bandwidth_bytes_per_s * 8 / 1e6:.1f} Mbit/s")
 
 
 # The cost model ------------------------------------------------------------------
@@ -279,7 +281,7 @@ def evaluate_split(profile: Profile, split: int, freeze: int | None = None, *,
         storage = p.storage_decode_s + sum(storage_times[:split]) + \
             p.storage_to_wire_s_per_byte * b[split]
         host = p.trainer_copy_s_per_byte * b[split]
-    transfer = wire / p.bandwidth
+    transfer = wire / p.bandwidth_bytes_per_s
     compute = sum(layer.trainer_forward_s for layer in layers[split:freeze]) + \
         sum(_train_time(layer) for layer in layers[freeze:]) + p.trainer_step_s / batch
     work = storage + transfer + host + compute
@@ -400,14 +402,15 @@ def choose_split(profile: Profile, freeze: int | None = None, *,
         reason = (f"kept the current split: its predicted {chosen.iteration_s:.4g} s is within "
                   f"{margin:.0%} of the best, split {best.split} ({best.iteration_s:.4g} s)")
     return Decision(split=chosen.split, freeze=freeze, model=profile.model,
-                    batch_size=profile.batch_size, bandwidth=profile.bandwidth,
-                    storage_ratio=ratio, storage_ratio_source=source, rows=rows,
-                    reason=reason, current=current, inputs=_inputs(profile))
+                    batch_size=profile.batch_size,
+                    bandwidth_bytes_per_s=profile.bandwidth_bytes_per_s, storage_ratio=ratio,
+                    storage_ratio_source=source, rows=rows, reason=reason, current=current,
+                    inputs=_inputs(profile))
 
 
 def _inputs(p: Profile) -> dict:
     """The scalar measurements a decision was made with (for the metrics JSON)."""
-    names = ("batch_size", "bandwidth", "raw_bytes", "wire_dtype", "storage_decode_s",
+    names = ("batch_size", "bandwidth_bytes_per_s", "raw_bytes", "wire_dtype", "storage_decode_s",
              "trainer_decode_s", "trainer_copy_s_per_byte", "trainer_step_s",
              "request_latency_s", "samples_per_request", "storage_batch", "prefetch_depth",
              "trainer_device", "trainer_free_bytes", "trainer_host_free_bytes",

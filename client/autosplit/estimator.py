@@ -49,7 +49,7 @@ class OnlineEstimator:
 
     Feed it every frame (:meth:`observe_frame`) and every transfer
     (:meth:`observe_transfer`, through a :class:`LinkClock`); read the
-    estimates (``bandwidth``, ``storage_layer_s``, ``storage_decode_s``...)
+    estimates (``bandwidth_bytes_per_s``, ``storage_layer_s``, ``storage_decode_s``...)
     or :meth:`apply` them to a :class:`Profile`. Per-sample storage times
     are medians over the last ``window`` frames (robust to a frame that
     shared the storage tier with another tenant); the bandwidth is the bytes
@@ -116,7 +116,7 @@ class OnlineEstimator:
     # Estimates -----------------------------------------------------------
 
     @property
-    def bandwidth(self) -> float | None:
+    def bandwidth_bytes_per_s(self) -> float | None:
         return _rate(self._transfers.values)
 
     @property
@@ -141,7 +141,7 @@ class OnlineEstimator:
         for index, seconds in enumerate(self.storage_layer_s(min(len(out), out.freeze))):
             if seconds is not None:
                 out.layers[index].storage_s = seconds
-        for name in ("bandwidth", "storage_decode_s", "storage_to_wire_s_per_byte",
+        for name in ("bandwidth_bytes_per_s", "storage_decode_s", "storage_to_wire_s_per_byte",
                      "request_latency_s"):
             value = getattr(self, name)
             if value is not None:
@@ -153,7 +153,7 @@ class OnlineEstimator:
     def mark(self) -> dict:
         """Record the current estimates as those the current choice was made
         with; later drift is measured against them. Returns the baseline."""
-        self._baseline = {"bandwidth": self.bandwidth,
+        self._baseline = {"bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
                           "layers": {i: s.median() for i, s in self._layers.items()},
                           "decode": self._decode.median()}
         for series in (self._decode, self._to_wire, self._transfers, self._latency,
@@ -199,8 +199,8 @@ class OnlineEstimator:
             return result
         limit = self.drift_window
         recent = self._transfers.recent(limit)
-        if base["bandwidth"] and len(recent) >= self.min_observations:
-            result["bandwidth"] = _rate(recent) / base["bandwidth"] - 1
+        if base["bandwidth_bytes_per_s"] and len(recent) >= self.min_observations:
+            result["bandwidth"] = _rate(recent) / base["bandwidth_bytes_per_s"] - 1
         pairs = []  # (value at the mark, value since), for decode and each layer seen in both
         for old, series in ((base["decode"], self._decode),
                             *((base["layers"].get(i), s) for i, s in self._layers.items())):

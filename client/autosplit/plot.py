@@ -39,7 +39,7 @@ def plot_decision(decision: Decision, path, profile: Profile | None = None) -> N
     ax_bytes.set_ylabel("KB per sample\non the wire")
     ax_bytes.set_title(f"{decision.model}: split {decision.split} chosen "
                        f"(freeze {decision.freeze}, batch {decision.batch_size}, "
-                       f"{decision.bandwidth * 8 / 1e6:.1f} Mbit/s)")
+                       f"{decision.bandwidth_bytes_per_s * 8 / 1e6:.1f} Mbit/s)")
 
     if profile is not None:
         ax_time = axes[1]

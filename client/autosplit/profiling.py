@@ -90,7 +90,7 @@ class Profile:
     it receives), ``trainer_step_s`` (per iteration: loss, optimizer step
     and what else a step costs besides the layers).
 
-    Transport: ``bandwidth`` (bytes/s, measured from the transfers),
+    Transport: ``bandwidth_bytes_per_s`` (measured from the transfers),
     ``request_latency_s`` (a request's time to first byte beyond the storage
     compute), ``samples_per_request`` (the shard size), ``storage_batch``
     (the storage batch asked for), ``prefetch_depth`` (requests in flight).
@@ -113,7 +113,7 @@ class Profile:
     boundary_bytes: list[int]
     activation_bytes: list[int]
     raw_bytes: float
-    bandwidth: float
+    bandwidth_bytes_per_s: float
     wire_dtype: str = "float32"
     frame_overhead_bytes: float = 0.0
     storage_decode_s: float = 0.0
@@ -143,8 +143,9 @@ class Profile:
                              f"{len(self.boundary_bytes)} and {len(self.activation_bytes)}")
         if not 0 <= self.freeze <= n:
             raise ValueError(f"freeze index {self.freeze} is outside [0, {n}]")
-        if self.bandwidth <= 0:
-            raise ValueError(f"bandwidth must be positive, got {self.bandwidth}")
+        if self.bandwidth_bytes_per_s <= 0:
+            raise ValueError("bandwidth_bytes_per_s must be positive, got "
+                             f"{self.bandwidth_bytes_per_s}")
         if self.batch_size < 1 or self.samples_per_request < 1 or self.storage_batch < 1:
             raise ValueError("batch_size, samples_per_request and storage_batch must be >= 1")
         if self.prefetch_depth < 0:
@@ -368,7 +369,7 @@ def free_memory_bytes(device: str | torch.device = "cpu") -> int | None:
 
 
 def profile_from_model(model, *, input_shape: Sequence[int], freeze: int, batch_size: int,
-                       trainer: TrainerTimes, raw_bytes: float, bandwidth: float,
+                       trainer: TrainerTimes, raw_bytes: float, bandwidth_bytes_per_s: float,
                        wire_dtype: str = "float32", storage_s: Sequence[float | None] = (),
                        **measurements) -> Profile:
     """A :class:`Profile` for ``model`` (a :class:`hapi.zoo.LayeredModel`).
@@ -392,7 +393,8 @@ def profile_from_model(model, *, input_shape: Sequence[int], freeze: int, batch_
                    freeze=freeze, layers=layers,
                    boundary_bytes=model.boundary_bytes(input_shape, wire.TORCH_DTYPES[wire_dtype]),
                    activation_bytes=model.boundary_bytes(input_shape, torch.float32),
-                   raw_bytes=raw_bytes, bandwidth=bandwidth, wire_dtype=wire_dtype,
+                   raw_bytes=raw_bytes, bandwidth_bytes_per_s=bandwidth_bytes_per_s,
+                   wire_dtype=wire_dtype,
                    trainer_device=trainer.device, **measurements)
 
 
@@ -425,7 +427,8 @@ def measure_profile(model, config, plan, conn, link):
     profile = profile_from_model(
         model, input_shape=input_shape, freeze=config.freeze, batch_size=config.batch_size,
         trainer=trainer, raw_bytes=sum(r.bytes for r in refs) / sum(r.samples for r in refs),
-        bandwidth=link.estimator.bandwidth, wire_dtype=config.wire_dtype, trainer_decode_s=decode_s,
+        bandwidth_bytes_per_s=link.estimator.bandwidth_bytes_per_s, wire_dtype=config.wire_dtype,
+        trainer_decode_s=decode_s,
         trainer_copy_s_per_byte=measure_copy_rate(wire_dtype=config.wire_dtype),
         samples_per_request=round(sum(r.samples for r in refs) / len(refs)),
         storage_batch=config.storage_batch, prefetch_depth=config.prefetch,

@@ -35,8 +35,9 @@ from safetensors.torch import save as st_save
 
 from hapi import zoo
 from hapi.client import main as trainer_main
-from hapi.client.checkpoint import Checkpoint, DirectoryStore, load_checkpoint
+from hapi.client.checkpoint import Checkpoint, load_checkpoint
 from hapi.client_setup.load import connect
+from hapi.stores import DirectoryStore
 
 CONTENT_TYPE = "application/octet-stream"
 

@@ -22,12 +22,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from hapi.stores import DirectoryStore, SwiftStore
-
-# The stores are hapi.stores'; the trainer imports them from here with the checkpoints.
-__all__ = ["Checkpoint", "CheckpointError", "DirectoryStore", "SwiftStore", "load_checkpoint",
-           "save_checkpoint"]
-
 LATEST = "latest.json"
 FORMAT = "hapi-checkpoint/1"
 

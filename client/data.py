@@ -123,6 +123,8 @@ class ShardData:
     load_s: float
     frames: list = field(default_factory=list)
     storage: dict = field(default_factory=dict)
+    cache: str = ""  # with a feature cache: "hit" (read from it, nothing received) or "miss"
+    cache_read_bytes: int = 0
 
     @property
     def bytes_received(self):
@@ -284,12 +286,17 @@ class ShardSource:
     ``load`` returns only once the shard's response has been read to its end
     and checked, and raises what the request raised (``ClientException``,
     ``wire.FrameError``, connection errors) for the loader to retry.
+
+    With ``cache`` (a ``hapi.client.feature_cache.ShardCache``) a shard's
+    features at a split are read from the trainer's disk when they are there
+    (no request at all), and kept there once they have arrived whole.
     """
 
-    def __init__(self, container, request, intermediate_url=None):
+    def __init__(self, container, request, intermediate_url=None, cache=None):
         self.container = container
         self.request = request
         self.intermediate_url = intermediate_url
+        self.cache = cache
 
     def open_channel(self, conn):
         """The :class:`Channel` for a loader thread whose Swift connection is ``conn``."""
@@ -313,6 +320,10 @@ class ShardSource:
 
     def _load_features(self, conn, ref, request):
         began = time.perf_counter()
+        if self.cache is not None:
+            entry = self.cache.get(ref.name, request.split)
+            if entry is not None:
+                return self._cached(ref, request.split, entry, began)
         stream = fetch_features(conn, self.container, ref.name, request)
         answered = time.perf_counter()
         if protocol.SAMPLES.lower() not in stream.headers:
@@ -334,11 +345,26 @@ class ShardSource:
                             storage_early_s=sum(compute[:1]))
         storage = {"device": stream.device, "batch_used": stream.batch_used,
                    "compute_s": sum(compute)}
-        return ShardData(ref=ref, split=request.split,
-                         inputs=torch.cat([f.features for f in frames])[ref.lo:ref.hi],
-                         labels=torch.cat([f.labels for f in frames])[ref.lo:ref.hi],
-                         keys=keys[ref.lo:ref.hi], transfer=transfer,
-                         load_s=time.perf_counter() - began, frames=stats, storage=storage)
+        inputs = torch.cat([f.features for f in frames])
+        labels = torch.cat([f.labels for f in frames])
+        if self.cache is not None:
+            self.cache.put(ref.name, request.split, inputs, labels, keys)
+        return ShardData(ref=ref, split=request.split, inputs=inputs[ref.lo:ref.hi],
+                         labels=labels[ref.lo:ref.hi], keys=keys[ref.lo:ref.hi],
+                         transfer=transfer, load_s=time.perf_counter() - began, frames=stats,
+                         storage=storage, cache="" if self.cache is None else "miss")
+
+    def _cached(self, ref, split, entry, began):
+        """A shard read from the feature cache: nothing crossed the network."""
+        if len(entry.keys) != ref.samples:
+            raise DataError(f"{self.container}/{ref.name} holds {len(entry.keys)} samples, "
+                            f"its manifest says {ref.samples}")
+        done = time.perf_counter()
+        return ShardData(ref=ref, split=split, inputs=entry.inputs[ref.lo:ref.hi],
+                         labels=entry.labels[ref.lo:ref.hi], keys=entry.keys[ref.lo:ref.hi],
+                         transfer=Transfer(nbytes=0, sent_at=began, answered_at=done,
+                                           done_at=done),
+                         load_s=done - began, cache="hit", cache_read_bytes=entry.nbytes)
 
     def _load_raw(self, conn, ref):
         began = time.perf_counter()

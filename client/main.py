@@ -199,6 +199,15 @@ def build_parser(prog=None):
                          help="retries of a failed shard request (after a 503's Retry-After, "
                               "else with exponential backoff) and of any other failed Swift "
                               "request (default: %(default)s)")
+    storage.add_argument("--cache_dir", help="keep each shard's features in this folder once "
+                         "they arrive, so that later epochs (and later runs with the same "
+                         "model, weights, split, preset and dtype) read them from disk "
+                         "instead of the network ('default': ~/.cache/hapi/features, or under "
+                         "$XDG_CACHE_HOME); default: no cache, every epoch is fetched")
+    storage.add_argument("--cache_size", default="1G",
+                         help="most the feature cache holds, least recently used shards "
+                              "evicted first: bytes, or with K, M, G, T (default: "
+                              "%(default)s)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--metrics", help="write the run's metrics to this JSON file")
@@ -291,6 +300,8 @@ def check_args(args):
     from hapi import zoo  # torch: only once the flags parsed
     from hapi.preprocess import preset_size
 
+    _check_cache(args)
+
     try:
         args.model = zoo.canonical_name(args.model)
     except zoo.UnknownModel as err:
@@ -301,6 +312,23 @@ def check_args(args):
         raise ConfigError(f"--preset {args.preset}: {args.model} takes only "
                           f"{info.input_size} px inputs; use a -{info.input_size} preset")
     _check_layers(args)
+
+
+def _check_cache(args):
+    """``--cache_size`` in bytes, and ``--cache_dir`` resolved ('default')."""
+    from hapi.client import feature_cache
+
+    try:
+        args.cache_size = feature_cache.parse_size(str(args.cache_size))
+    except ValueError as err:
+        raise ConfigError(f"--cache_size: {err}") from None
+    if args.cache_size < 1:
+        raise ConfigError("--cache_size 0: must be above 0 bytes (leave out --cache_dir for "
+                          "no cache)")
+    if args.cache_dir == "default":
+        args.cache_dir = feature_cache.default_dir()
+    if args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
+        raise ConfigError(f"--cache_dir {args.cache_dir}: is a file, not a folder")
 
 
 def trainer_weights(raw):
@@ -400,7 +428,8 @@ def train_config(args, log=print):
         prefetch=0 if args.sequential else args.prefetch,
         device="cuda" if torch.cuda.is_available() and not args.cpuonly else "cpu",
         checkpoint_every=args.checkpoint_every, retries=args.retries,
-        intermediate_url=args.intermediate_url if args.use_intermediate else None)
+        intermediate_url=args.intermediate_url if args.use_intermediate else None,
+        cache_dir=args.cache_dir, cache_bytes=args.cache_size)
 
 
 def connection_options(args):

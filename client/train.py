@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from hapi import protocol, weights, zoo
-from hapi.client import checkpoint, data
+from hapi.client import checkpoint, data, feature_cache
 from hapi.client.autosplit import AutomaticSplit
 from hapi.client.retry import DEFAULT_RETRIES, RetryPolicy
 
@@ -75,12 +75,14 @@ class TrainConfig:
     checkpoint_every: int = 0
     retries: int = DEFAULT_RETRIES
     intermediate_url: str | None = None  # the standalone HAPI server, else the proxy
+    cache_dir: str | None = None  # the feature cache's folder (hapi.client.feature_cache)
+    cache_bytes: int = feature_cache.DEFAULT_MAX_BYTES
 
     def identity(self):
         """What a checkpoint must share with this run to be resumed by it. The
-        split, storage batch, prefetch depth, device, retries and where the
-        features come from may change: they move work around, they do not
-        change what is computed."""
+        split, storage batch, prefetch depth, device, retries, the feature
+        cache and where the features come from may change: they move work
+        around, they do not change what is computed."""
         return {"container": self.container, "model": self.model,
                 "weights": str(self.weights), "freeze": self.freeze, "preset": self.preset,
                 "batch_size": self.batch_size, "optimizer": self.optimizer, "lr": self.lr,
@@ -102,7 +104,10 @@ class Traffic:
     this is the union of their intervals, not their sum, and never more than
     the pass's ``time_s``. ``storage_compute_s``: the storage tier's compute
     for the pass's frames, as its frames report it (each request's share of
-    the storage device).
+    the storage device). With the feature cache: ``cache_hits``, the shards
+    read from it (no request: nothing received, nothing computed in
+    storage), ``cache_misses``, the feature requests sent, and
+    ``cache_read_bytes``, the bytes the hits read from the trainer's disk.
     """
 
     shards: int = 0
@@ -110,6 +115,9 @@ class Traffic:
     raw_shard_bytes: int = 0
     fetch_s: float = 0.0
     storage_compute_s: float = 0.0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_read_bytes: int = 0
 
 
 @dataclass
@@ -252,26 +260,32 @@ class Trainer:
             self.model = build_model(config, len(self.plan.classes), self.conn)
             self.selector = data.FixedSplit(config.split) if config.split is not None else \
                 AutomaticSplit.measured(self.model, config, self.plan, self.conn, log)
+            self.cache = feature_cache.ShardCache.open(
+                feature_cache.FeatureCache(config.cache_dir, config.cache_bytes), self.conn,
+                config.container, self._request()) if config.cache_dir else None
         except BaseException:
             self.conn.close()
             raise
         self.optimizer = None
         self.criterion = nn.CrossEntropyLoss()
         self.retry = RetryPolicy(config.retries, log=log)
-        self.loader = data.ShardLoader(self._source(), connect, config.prefetch, self.selector,
-                                       self.retry)
+        self.loader = data.ShardLoader(
+            data.ShardSource(config.container, self._request(), config.intermediate_url,
+                             self.cache),
+            connect, config.prefetch, _FetchedOnly(self.selector), self.retry)
         self.storage_devices = set()
         self.storage_batches = set()
         self.reduced_shards = 0
         self.samples_per_split = Counter()
         self._began, self._wall_before = None, 0.0  # see _wall_s
 
-    def _source(self):
+    def _request(self):
+        """The run's feature request (the loader sets each request's split)."""
         config = self.config
-        return data.ShardSource(config.container, protocol.FeatureRequest(
+        return protocol.FeatureRequest(
             model=config.model, split=config.freeze, freeze=config.freeze,
             batch=config.storage_batch, weights=config.weights, preset=config.preset,
-            dtype=config.wire_dtype), config.intermediate_url)
+            dtype=config.wire_dtype)
 
     def close(self):
         self.loader.close()
@@ -467,6 +481,9 @@ class Trainer:
             traffic.fetch_s += max(0.0, loaded - max(sent, fetched_until))
             fetched_until = max(fetched_until, loaded)
             traffic.storage_compute_s += shard.storage.get("compute_s", 0.0)
+            traffic.cache_hits += shard.cache == "hit"
+            traffic.cache_misses += shard.cache == "miss"
+            traffic.cache_read_bytes += shard.cache_read_bytes
             self.samples_per_split[shard.split] += len(shard.keys)
             if shard.storage:
                 self.storage_devices.add(shard.storage["device"])
@@ -537,7 +554,11 @@ class Trainer:
         sum is the passes' time; ``wall_s``, the whole run's wall time (the
         passes, checkpoints and reports; for a resumed run, with the time of
         the runs before it up to their last checkpoint), is at least each of
-        them. ``accuracy`` is the last epoch's held-out accuracy
+        them. ``cache_hits``, ``cache_misses``, ``cache_read_bytes``: the
+        feature cache's use by the passes (:class:`Traffic`), and ``cache``
+        the cache itself (folder, size bound, size now, this process's
+        entries written, evicted and found corrupt), or None without one.
+        ``accuracy`` is the last epoch's held-out accuracy
         (``--testonly``: the test accuracy); ``resumed_from``, for a resumed
         run, the epoch it continued in and the steps of it already trained.
         """
@@ -565,11 +586,32 @@ class Trainer:
             "compute_s": sum(p.compute_s for p in passes),
             "fetch_s": sum(p.traffic.fetch_s for p in passes),
             "storage_compute_s": sum(p.traffic.storage_compute_s for p in passes),
+            "cache_hits": sum(p.traffic.cache_hits for p in passes),
+            "cache_misses": sum(p.traffic.cache_misses for p in passes),
+            "cache_read_bytes": sum(p.traffic.cache_read_bytes for p in passes),
+            "cache": self.cache.report() if self.cache is not None else None,
             "wall_s": wall_s,
             "accuracy": epochs[-1].holdout.accuracy if epochs and epochs[-1].holdout else None,
             "resumed_from": resumed_from,
             "epochs": [e.to_dict() for e in epochs],
         }
+
+
+class _FetchedOnly:
+    """The split selector as the loader sees it: shards read from the feature
+    cache are not shown to it (no request went out: there is nothing to
+    learn about the link or the storage tier from them)."""
+
+    def __init__(self, selector):
+        self._selector = selector
+
+    @property
+    def split(self):
+        return self._selector.split
+
+    def observe(self, shard):
+        if shard.cache != "hit":
+            self._selector.observe(shard)
 
 
 def _position(done, current):
@@ -582,6 +624,9 @@ def _epoch_line(metrics, epochs):
     line = (f"epoch {metrics.epoch}/{epochs}: loss {train.loss:.4f}, "
             f"{train.time_s:.1f} s ({train.wait_s:.1f} s waiting for data), "
             f"{train.traffic.bytes_received / 1e6:.1f} MB received")
+    if train.traffic.cache_hits:
+        line += (f" ({train.traffic.cache_read_bytes / 1e6:.1f} MB read from the feature "
+                 f"cache)")
     if held:
         line += f"; held-out accuracy {held.accuracy:.2%} ({held.samples} samples)"
     return line

@@ -36,7 +36,7 @@ from swiftclient import ClientException
 from hapi import protocol, wire
 from hapi.client import data
 from hapi.client import main as cli
-from hapi.client.checkpoint import DirectoryStore, load_checkpoint
+from hapi.client.checkpoint import load_checkpoint
 from hapi.client.retry import (
     BACKOFF_S,
     JITTER,
@@ -48,6 +48,7 @@ from hapi.client.retry import (
 )
 from hapi.client_setup import datasets
 from hapi.client_setup.load import upload_dataset
+from hapi.stores import DirectoryStore
 
 # The retry policy, without Swift ----------------------------------------------------
 

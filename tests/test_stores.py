@@ -2,7 +2,6 @@
 
 import pytest
 
-from hapi.client import checkpoint
 from hapi.client_setup import load
 from hapi.stores import DirectoryStore, SwiftStore
 
@@ -33,6 +32,5 @@ def test_swift_store_keeps_the_content_type(swift_conn):
         "application/x-tar"
 
 
-def test_checkpoints_and_hapi_load_share_the_stores():
-    assert checkpoint.SwiftStore is load.SwiftStore is SwiftStore
-    assert checkpoint.DirectoryStore is load.DirectoryStore is DirectoryStore
+def test_hapi_load_uses_the_shared_stores():
+    assert load.SwiftStore is SwiftStore and load.DirectoryStore is DirectoryStore

@@ -18,7 +18,8 @@ from torch import nn
 from hapi import zoo
 from hapi.client import data
 from hapi.client import main as cli
-from hapi.client.checkpoint import LATEST, DirectoryStore, load_checkpoint, save_checkpoint
+from hapi.client.checkpoint import LATEST, load_checkpoint, save_checkpoint
+from hapi.stores import DirectoryStore
 
 CONTAINER = "hapi-train-digits"
 SAMPLES, SHARD_SIZE, TRAIN_SAMPLES = 240, 24, 192

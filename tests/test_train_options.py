@@ -23,8 +23,9 @@ from hapi import protocol, wire, zoo
 from hapi.client import data
 from hapi.client import main as cli
 from hapi.client import train as training
-from hapi.client.checkpoint import DirectoryStore, load_checkpoint
+from hapi.client.checkpoint import load_checkpoint
 from hapi.client_setup import datasets
+from hapi.stores import DirectoryStore
 
 CONTAINER = "hapi-options-digits"
 SAMPLES, SHARD_SIZE, CLASSES = 48, 12, 10

@@ -1,18 +1,19 @@
-"""The names a command line offers (models, presets, wire dtypes, weights),
-importable without torch.
+"""The names a command line offers (models, presets, wire dtypes and
+encodings, weights), importable without torch.
 
 ``hapi-train --help`` lists these before anything heavy is imported, so they
-cannot come from the modules that define what they name (``hapi.zoo``,
-``hapi.preprocess``, ``hapi.protocol``, which import torch). Each tuple here
-is the key list of its definition, in the same order; tests/test_cli.py
-checks that they agree.
+live here, once: ``hapi.zoo``, ``hapi.preprocess``, ``hapi.protocol`` and
+``hapi.wire`` build their tables from these lists.
 """
 
 MODELS = ("alexnet", "resnet18", "resnet50", "vgg11", "vgg19", "densenet121", "vit_b_16",
-          "mobilenet_v3_small", "efficientnet_lite0")  # hapi.zoo.MODELS
+          "mobilenet_v3_small", "efficientnet_lite0")
 PRESET_SIZES = (32, 64, 112, 224)
 PRESETS = (*(f"imagenet-{n}" for n in PRESET_SIZES),
-           *(f"resize-{n}" for n in PRESET_SIZES))  # hapi.preprocess.PRESETS
-DEFAULT_PRESET = "imagenet-224"  # hapi.protocol.DEFAULT_PRESET
-WIRE_DTYPES = ("float32", "float16", "bfloat16")  # hapi.protocol.WIRE_DTYPES
-DEFAULT_WEIGHTS = "pretrained"  # hapi.protocol.DEFAULT_WEIGHTS
+           *(f"resize-{n}" for n in PRESET_SIZES))
+DEFAULT_PRESET = "imagenet-224"
+WIRE_DTYPES = ("float32", "float16", "bfloat16", "uint8")
+DEFAULT_WIRE_DTYPE = "float32"
+WIRE_ENCODINGS = ("raw", "zstd")
+DEFAULT_WIRE_ENCODING = "raw"
+DEFAULT_WEIGHTS = "pretrained"

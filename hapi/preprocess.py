@@ -15,9 +15,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
-from hapi import zoo
+from hapi import names, zoo
 
-SIZES = (32, 64, 112, 224)
+SIZES = names.PRESET_SIZES
 
 
 class DecodeError(ValueError):
@@ -30,15 +30,13 @@ def _preset(size, crop):
     return v2.Compose([v2.PILToTensor(), *resize, v2.ToDtype(torch.float32, scale=True)])
 
 
-PRESETS = {
-    **{f"imagenet-{n}": _preset(n, crop=True) for n in SIZES},
-    **{f"resize-{n}": _preset(n, crop=False) for n in SIZES},
-}
-
-
 def preset_size(name):
     """The side in pixels of the images a preset makes."""
     return int(name.rpartition("-")[2])
+
+
+PRESETS = {name: _preset(preset_size(name), crop=name.startswith("imagenet-"))
+           for name in names.PRESETS}
 
 
 def resized_size(preset, width, height):

@@ -9,9 +9,8 @@ two answer a bad parameter with the same status and message.
 import re
 from dataclasses import dataclass
 
-from hapi import zoo
+from hapi import names, zoo
 from hapi.preprocess import PRESETS, preset_size
-from hapi.wire import TORCH_DTYPES
 
 # Request headers.
 MODEL = "X-Hapi-Model"
@@ -21,7 +20,8 @@ BATCH = "X-Hapi-Batch"
 WEIGHTS = "X-Hapi-Weights"
 PRESET = "X-Hapi-Preset"
 DTYPE = "X-Hapi-Dtype"
-REQUEST_HEADERS = (MODEL, SPLIT, FREEZE, BATCH, WEIGHTS, PRESET, DTYPE)
+ENCODING = "X-Hapi-Encoding"
+REQUEST_HEADERS = (MODEL, SPLIT, FREEZE, BATCH, WEIGHTS, PRESET, DTYPE, ENCODING)
 
 # Response headers.
 DEVICE = "X-Hapi-Device"
@@ -29,9 +29,14 @@ BATCH_USED = "X-Hapi-Batch-Used"
 SAMPLES = "X-Hapi-Samples"
 CONTENT_TYPE = "application/vnd.hapi.frames"
 
-WIRE_DTYPES = tuple(TORCH_DTYPES)
-DEFAULT_PRESET = "imagenet-224"
-DEFAULT_WEIGHTS = "pretrained"
+# X-Hapi-Dtype: the features' dtype on the wire (uint8: quantized per channel);
+# X-Hapi-Encoding: their compression (hapi.wire says how frames carry both).
+WIRE_DTYPES = names.WIRE_DTYPES
+DEFAULT_WIRE_DTYPE = names.DEFAULT_WIRE_DTYPE
+WIRE_ENCODINGS = names.WIRE_ENCODINGS
+DEFAULT_WIRE_ENCODING = names.DEFAULT_WIRE_ENCODING
+DEFAULT_PRESET = names.DEFAULT_PRESET
+DEFAULT_WEIGHTS = names.DEFAULT_WEIGHTS
 
 # Conditional headers of a feature request apply to the shard it reads: they
 # are sent with that read, and Swift's 304 or 412 is the answer.
@@ -95,6 +100,7 @@ class FeatureRequest:
     weights: WeightsRef
     preset: str
     dtype: str
+    encoding: str = DEFAULT_WIRE_ENCODING
 
 
 def parse_integer(raw, max_digits):
@@ -117,6 +123,13 @@ def _int_param(headers, name, default):
     value = parse_integer(raw, INT_DIGITS)
     if value is None:
         raise BadParameter(name, f"must be an integer of ASCII digits, got {raw[:40]!r}")
+    return value
+
+
+def _choice(headers, name, choices, default, what):
+    value = headers.get(name, default).strip()
+    if value not in choices:
+        raise BadParameter(name, f"unknown {what} {value[:40]!r}; known: {', '.join(choices)}")
     return value
 
 
@@ -181,12 +194,11 @@ def parse_request(headers, limits, layer_count):
     if info.fixed_input_size and preset_size(preset) != info.input_size:
         raise BadParameter(PRESET, f"{model} takes only {info.input_size} px inputs, "
                            f"{preset!r} makes {preset_size(preset)} px")
-    dtype = headers.get(DTYPE, "float32").strip()
-    if dtype not in WIRE_DTYPES:
-        raise BadParameter(DTYPE, f"unknown dtype {dtype[:40]!r}; known: {', '.join(WIRE_DTYPES)}")
+    dtype = _choice(headers, DTYPE, WIRE_DTYPES, DEFAULT_WIRE_DTYPE, "dtype")
+    encoding = _choice(headers, ENCODING, WIRE_ENCODINGS, DEFAULT_WIRE_ENCODING, "encoding")
     weights = parse_weights(headers.get(WEIGHTS), limits)
     return FeatureRequest(model=model, split=split, freeze=freeze, batch=batch,
-                          weights=weights, preset=preset, dtype=dtype)
+                          weights=weights, preset=preset, dtype=dtype, encoding=encoding)
 
 
 def request_headers(req):
@@ -194,5 +206,5 @@ def request_headers(req):
     return {
         MODEL: req.model, SPLIT: str(req.split), FREEZE: str(req.freeze),
         BATCH: str(req.batch), WEIGHTS: str(req.weights), PRESET: req.preset,
-        DTYPE: req.dtype,
+        DTYPE: req.dtype, ENCODING: req.encoding,
     }

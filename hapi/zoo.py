@@ -58,6 +58,7 @@ import torch
 import torchvision.models as tvm
 from torch import Tensor, nn
 
+from hapi import names
 from hapi.weights import EFFICIENTNET_LITE0_TIMM_ARCH, WeightsError
 
 __all__ = [
@@ -234,7 +235,7 @@ class ModelInfo:
     std: tuple[float, float, float] = IMAGENET_STD
 
 
-MODELS: dict[str, ModelInfo] = {info.name: info for info in (
+_INFOS = {info.name: info for info in (
     ModelInfo("alexnet", tvm.alexnet, _alexnet_vgg_layers, default_freeze=18, paper_freeze=17,
               description="AlexNet (torchvision), 61M parameters"),
     ModelInfo("resnet18", tvm.resnet18, _resnet_layers, default_freeze=11, paper_freeze=11,
@@ -255,6 +256,8 @@ MODELS: dict[str, ModelInfo] = {info.name: info for info in (
               default_freeze=21, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
               description="EfficientNet-Lite0 (timm tf_efficientnet_lite0), 4.7M parameters"),
 )}
+# The zoo's models, in hapi.names' order (the list the command line offers).
+MODELS: dict[str, ModelInfo] = {name: _INFOS[name] for name in names.MODELS}
 
 _ALIASES = {"vit": "vit_b_16"}
 

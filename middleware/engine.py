@@ -36,7 +36,6 @@ from hapi.middleware.model_cache import ModelCache
 from hapi.preprocess import DecodeError, check_image, preprocess, preset_size
 from hapi.shards import ShardError, read_shard
 from hapi.weights import WeightsNotFound
-from hapi.wire import TORCH_DTYPES
 
 
 class FeatureEngine:
@@ -170,7 +169,7 @@ class FeatureEngine:
             x = torch.zeros((batch, 3, size, size), device=self.device)
             for layer in model.layers[:request.split]:
                 x = layer(x)
-            x.to(TORCH_DTYPES[request.dtype])
+            wire.to_wire_dtype(x, request.dtype)
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device) - base
 
@@ -192,7 +191,8 @@ class FeatureEngine:
 
     def extract(self, model, samples, request, index):
         """Run one storage batch in a device slot: decode, preprocess, layers
-        [0, split), conversion to the wire dtype; return its frame.
+        [0, split), conversion to the wire dtype (uint8: quantization) and
+        encoding (compression); return its frame.
 
         Its timings are this frame's own device time (it holds the slot), and
         ``slot_wait_s`` how long it waited for the slot."""
@@ -218,7 +218,7 @@ class FeatureEngine:
                         torch.cuda.synchronize(x.device)
                     layer_times.append(time.perf_counter() - t0)
                 computed = time.perf_counter()
-                features = x.to(TORCH_DTYPES[request.dtype]).cpu()
+                features = wire.pack_features(x, request.dtype, request.encoding)
             timings = {"slot_wait_s": start - asked, "decode_s": decoded - start,
                        "layers_s": layer_times, "to_wire_s": time.perf_counter() - computed}
             return wire.encode_frame(

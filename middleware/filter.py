@@ -275,6 +275,7 @@ def filter_factory(global_conf, **local_conf):
                 for name in limits.models},
         presets=sorted(PRESETS),
         dtypes=list(protocol.WIRE_DTYPES),
+        encodings=list(protocol.WIRE_ENCODINGS),
         max_batch=limits.max_batch,
         default_batch=limits.default_batch,
         max_concurrent=settings.max_concurrent,

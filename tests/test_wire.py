@@ -1,9 +1,11 @@
 """The frame format: round trips, bounds, and arbitrary bytes never crashing the decoder."""
 
 import io
+import json
 
 import pytest
 import torch
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -88,3 +90,119 @@ def test_corrupted_header_fails_with_frame_error(junk):
         wire.decode_frame(blob)
     except wire.FrameError:
         pass
+
+
+def channel_errors(x, frame):
+    """Per channel (dimension 1): the largest error of the dequantized features."""
+    error = (frame.float_features() - x).abs().transpose(0, 1).reshape(x.shape[1], -1)
+    return error.amax(dim=1)
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 3, 5), (8, 10), (2, 7, 9)])
+def test_uint8_round_trip_is_within_half_a_step_per_channel(shape):
+    torch.manual_seed(0)
+    spread = torch.linspace(0.01, 100, shape[1]).view(1, -1, *[1] * (len(shape) - 2))
+    x = torch.randn(*shape) * spread
+    x[:, 0] = x[:, 0].relu()                 # ReLU-like: [0, max], zeros must stay zeros
+    x[:, 1] = x[:, 1].abs() + 3              # strictly positive: range [min, max], not [0, max]
+    x[:, 2] = -x[:, 2].abs() - 1             # strictly negative
+    x[:, 3] = 2.5                            # constant channel: no division by zero
+    packed = wire.pack_features(x, "uint8")
+    frame = wire.decode_frame(wire.encode_frame("batch", features=packed)[8:])
+    assert frame.features.dtype == torch.uint8 and frame.scale.shape == (shape[1],)
+    assert torch.all(frame.scale > 0)
+    assert torch.all(channel_errors(x, frame) <= frame.scale / 2 * (1 + 1e-5) + 1e-7)
+    assert torch.equal(frame.float_features()[x == 0], x[x == 0])
+    assert torch.equal(frame.float_features()[:, 3], x[:, 3])
+    # A strictly positive channel uses its own range, not [0, max].
+    assert frame.scale[1] < x[:, 1].max() / 255
+
+
+def test_uint8_zero_channel_and_empty_batch():
+    x = torch.zeros(3, 4)
+    packed = wire.pack_features(x, "uint8")
+    frame = wire.decode_frame(wire.encode_frame("batch", features=packed)[8:])
+    assert torch.equal(frame.float_features(), x) and torch.equal(frame.scale, torch.ones(4))
+    empty = wire.pack_features(torch.zeros(0, 4, 2), "uint8", "zstd")
+    frame = wire.decode_frame(wire.encode_frame("batch", features=empty)[8:])
+    assert frame.float_features().shape == (0, 4, 2)
+
+
+@pytest.mark.parametrize("dtype", wire.WIRE_DTYPES)
+def test_zstd_frames_decode_bit_exactly(dtype):
+    torch.manual_seed(1)
+    x = torch.randn(5, 8, 4, 4).relu()
+    if dtype != "uint8":   # bits that do not compare equal as numbers
+        x[0, 0, 0, 0] = float("nan")
+        x[0, 0, 0, 1] = float("-inf")
+    raw = wire.decode_frame(wire.encode_frame("batch", features=wire.pack_features(x, dtype))[8:])
+    data = wire.encode_frame("batch", {"index": "0"}, features=wire.pack_features(x, dtype, "zstd"),
+                             labels=torch.arange(5))
+    frames = list(wire.read_frames(stream(data, wire.encode_frame("end"))))
+    packed = frames[0]
+    assert packed.meta["encoding"] == "zstd" and packed.features.dtype == raw.features.dtype
+    assert packed.features.shape == raw.features.shape
+    assert torch.equal(packed.features.view(torch.uint8), raw.features.view(torch.uint8))
+    for name in ("scale", "zero_point"):
+        assert torch.equal(getattr(packed, name), getattr(raw, name)) \
+            if dtype == "uint8" else getattr(packed, name) is None
+    assert torch.equal(packed.labels, torch.arange(5))
+
+
+def test_zstd_compresses_relu_features():
+    x = torch.randn(16, 64, 6, 6).relu()
+    sizes = {encoding: len(wire.encode_frame("batch", features=wire.pack_features(
+        x, "float16", encoding))) for encoding in wire.WIRE_ENCODINGS}
+    assert sizes["zstd"] < 0.8 * sizes["raw"]
+
+
+def zstd_frame(payload, dtype="float32", shape=(4,)):
+    from safetensors.torch import save
+    return save({"features": torch.frombuffer(bytearray(payload), dtype=torch.uint8)},
+                metadata={"kind": "batch", "encoding": "zstd", "features_dtype": dtype,
+                          "features_shape": json.dumps(list(shape))})
+
+
+def test_a_huge_declared_size_is_refused_before_decompressing(monkeypatch):
+    bomb = zstandard.ZstdCompressor().compress(bytes(1 << 20))
+    calls = []
+    monkeypatch.setattr(zstandard.ZstdDecompressor, "decompress",
+                        lambda *args, **kwargs: calls.append(args))
+    with pytest.raises(wire.FrameError, match="above the 65536-byte frame limit"):
+        wire.decode_frame(zstd_frame(bomb, shape=(1 << 18,)), max_frame_bytes=1 << 16)
+    assert not calls
+
+
+def test_a_payload_larger_than_its_declared_size_is_refused():
+    bomb = zstandard.ZstdCompressor().compress(bytes(1 << 20))
+    with pytest.raises(wire.FrameError, match="does not hold the declared 16 bytes"):
+        wire.decode_frame(zstd_frame(bomb))
+    unsized = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(1 << 20))
+    with pytest.raises(wire.FrameError, match="does not hold the declared 16 bytes"):
+        wire.decode_frame(zstd_frame(unsized))
+
+
+@pytest.mark.parametrize("dtype,shape", [("int64", (2,)), ("float32", (-1,)),
+                                         ("float32", (True,)), ("float32", "four")])
+def test_bad_zstd_metadata_is_refused(dtype, shape):
+    payload = zstandard.ZstdCompressor().compress(bytes(16))
+    from safetensors.torch import save
+    blob = save({"features": torch.frombuffer(bytearray(payload), dtype=torch.uint8)},
+                metadata={"kind": "batch", "encoding": "zstd", "features_dtype": dtype,
+                          "features_shape": json.dumps(shape)})
+    with pytest.raises(wire.FrameError, match="features_dtype"):
+        wire.decode_frame(blob)
+
+
+def test_unknown_encoding_and_bad_quantization_tensors_are_refused():
+    from safetensors.torch import save
+    blob = save({"features": torch.zeros(2)}, metadata={"kind": "batch", "encoding": "gzip"})
+    with pytest.raises(wire.FrameError, match="unknown encoding 'gzip'"):
+        wire.decode_frame(blob)
+    blob = save({"features": torch.zeros(2, 3, dtype=torch.uint8)}, metadata={"kind": "batch"})
+    with pytest.raises(wire.FrameError, match="need 'scale' and 'zero_point'"):
+        wire.decode_frame(blob)
+    blob = save({"features": torch.zeros(2, 3, dtype=torch.uint8), "scale": torch.ones(2),
+                 "zero_point": torch.zeros(3)}, metadata={"kind": "batch"})
+    with pytest.raises(wire.FrameError, match="float32 'scale' of shape \\[3\\]"):
+        wire.decode_frame(blob)

@@ -44,6 +44,19 @@ from hapi.client.features import CHUNK_BYTES, fetch_features, intermediate_conne
 from hapi.preprocess import DecodeError, preprocess
 from hapi.shards import MANIFEST_NAME, Manifest, ShardError, read_shard
 
+# Loaded shards waiting for the trainer, at most (their tensors' bytes).
+DEFAULT_MAX_BUFFERED_BYTES = 512 << 20
+# The storage batch asked for by default: shards stream as this many frames or
+# more, so that the first frame leaves while the rest of the shard computes;
+# and no larger than this.
+FRAMES_PER_SHARD = 4
+MAX_STREAMING_BATCH = 64
+
+
+def streaming_batch(shard_samples):
+    """The storage batch that streams a shard of ``shard_samples`` as several frames."""
+    return max(1, min(MAX_STREAMING_BATCH, -(-shard_samples // FRAMES_PER_SHARD)))
+
 
 class DataError(RuntimeError):
     """The data set in Swift is missing, malformed, or unusable as asked."""
@@ -423,16 +436,24 @@ def storage_error(err, container, name):
 
 
 class ShardLoader:
-    """Loads shards in the order given, with up to ``depth`` requests in flight.
+    """Loads shards in the order given, ahead of the consumer.
+
+    Requests go out as long as three bounds hold: at most ``depth`` requests
+    in flight; at most ``lookahead_samples`` samples ahead of the consumer
+    (requested or loaded, not yet consumed; at least one shard is always
+    asked for); and at most ``max_buffered_bytes`` of loaded shards waiting
+    for the consumer (their tensors). A new request goes out as soon as one
+    completes, not when the consumer takes a shard, so the link never idles
+    while the trainer computes; a slow consumer stops the requests once the
+    loaded shards reach the byte bound, so memory stays bounded (by that
+    bound plus the ``depth`` shards in flight) whatever the speed of either
+    side. Shards are yielded in the order given, whatever order they arrive in.
 
     ``selector`` chooses the split: each request is sent at
     ``selector.split`` as it is then, and ``selector.observe(shard)`` hears
-    about every loaded shard, in order and in the consumer's thread, before
-    the next request goes out (:class:`FixedSplit`, or the trainer's
-    automatic selection). ``depth=0`` loads each shard in the caller's
-    thread when it is needed: no overlap (``--sequential``). At most
-    ``depth`` loaded shards wait for the consumer, so memory stays bounded
-    whatever the speed of either side.
+    about every loaded shard, in order and in the consumer's thread.
+    ``depth=0`` loads each shard in the caller's thread when it is needed: no
+    overlap (``--sequential``).
 
     Each worker thread has its own connections (``connect()`` gives a Swift
     one; python-swiftclient connections are not thread-safe). ``retry`` (a
@@ -444,16 +465,20 @@ class ShardLoader:
     from half a shard.
     """
 
-    def __init__(self, source, connect, depth, selector, retry):
+    def __init__(self, source, connect, depth, selector, retry, lookahead_samples=0,
+                 max_buffered_bytes=DEFAULT_MAX_BUFFERED_BYTES):
         self.source = source
         self.connect = connect
         self.depth = depth
         self.selector = selector
         self.retry = retry
+        self.lookahead_samples = lookahead_samples
+        self.max_buffered_bytes = max_buffered_bytes
         self._local = threading.local()
         self._channels = []
         self._pool = ThreadPoolExecutor(depth, thread_name_prefix="hapi-fetch") \
             if depth > 0 else None
+        self.peak_buffered_bytes = 0
 
     def _channel(self):
         channel = getattr(self._local, "channel", None)
@@ -473,9 +498,6 @@ class ShardLoader:
         except ClientException as err:
             raise storage_error(err, self.source.container, ref.name) from None
 
-    def _submit(self, ref):
-        return self._pool.submit(self._load, ref, self.selector.split)
-
     def __call__(self, refs):
         """Yield a :class:`ShardData` per ref, in order."""
         if self._pool is None:
@@ -484,17 +506,15 @@ class ShardLoader:
                 self.selector.observe(shard)
                 yield shard
             return
-        refs = iter(refs)
-        pending = deque(self._submit(ref) for ref in itertools.islice(refs, self.depth))
+        ahead = _Lookahead(self, iter(refs))
         try:
-            while pending:
-                shard = pending.popleft().result()
+            ahead.refill()
+            while ahead.pending:
+                shard = ahead.take()
                 self.selector.observe(shard)
-                pending.extend(self._submit(ref) for ref in itertools.islice(refs, 1))
                 yield shard
         finally:
-            for future in pending:
-                future.cancel()
+            ahead.cancel()
 
     def close(self):
         if self._pool is not None:
@@ -507,6 +527,70 @@ class ShardLoader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _Lookahead:
+    """One pass of a :class:`ShardLoader`: its requests, issued from the
+    consumer's thread and from the workers' completion callbacks, under one
+    lock."""
+
+    def __init__(self, loader, refs):
+        self.loader = loader
+        self.refs = refs
+        self.pending = deque()  # (ref, future), in the consumer's order
+        # Reentrant: a future already done runs its callback inside refill().
+        self.lock = threading.RLock()
+        self.in_flight = 0
+        self.samples_ahead = 0
+        self.buffered_bytes = 0
+        self.exhausted = False
+
+    def refill(self):
+        loader = self.loader
+        with self.lock:
+            while (not self.exhausted and self.in_flight < loader.depth
+                   and self.buffered_bytes < loader.max_buffered_bytes
+                   and (not self.pending or self.samples_ahead < loader.lookahead_samples)):
+                ref = next(self.refs, None)
+                if ref is None:
+                    self.exhausted = True
+                    break
+                future = loader._pool.submit(loader._load, ref, loader.selector.split)
+                self.in_flight += 1
+                self.samples_ahead += ref.selected
+                self.pending.append((ref, future))
+                future.add_done_callback(self._done)
+
+    def _done(self, future):
+        if future.cancelled():
+            return
+        with self.lock:
+            self.in_flight -= 1
+            if future.exception() is None:
+                self.buffered_bytes += _tensor_bytes(future.result())
+                self.loader.peak_buffered_bytes = max(self.loader.peak_buffered_bytes,
+                                                      self.buffered_bytes)
+        self.refill()
+
+    def take(self):
+        """The next shard in order, once loaded; its room goes to a new request."""
+        ref, future = self.pending.popleft()
+        shard = future.result()
+        with self.lock:
+            self.samples_ahead -= ref.selected
+            self.buffered_bytes -= _tensor_bytes(shard)
+        self.refill()
+        return shard
+
+    def cancel(self):
+        with self.lock:
+            self.exhausted = True
+            for _, future in self.pending:
+                future.cancel()
+
+
+def _tensor_bytes(shard):
+    return shard.inputs.numel() * shard.inputs.element_size()
 
 
 # Batching --------------------------------------------------------------------

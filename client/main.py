@@ -181,13 +181,21 @@ def build_parser(prog=None):
                           f"{', '.join(names.PRESETS)} (default: %(default)s)")
 
     storage = parser.add_argument_group("storage tier and data movement")
-    storage.add_argument("--storage_batch", type=int, default=64,
-                         help="batch size asked of the storage tier, which may use "
-                              "another (default: %(default)s)")
+    storage.add_argument("--storage_batch", type=int,
+                         help="batch size asked of the storage tier, which may use another "
+                              "(default: a quarter of the largest shard, at most 64, so that "
+                              "each shard streams as several frames)")
     storage.add_argument("--wire_dtype", default="float32", choices=names.WIRE_DTYPES,
                          help="dtype of the features on the wire (default: %(default)s)")
-    storage.add_argument("--prefetch", type=int, default=2, help="shard requests in flight "
-                         "while the trainer computes (default: %(default)s)")
+    storage.add_argument("--prefetch", type=int, default=4, help="shard requests in flight "
+                         "at most while the trainer computes (default: %(default)s)")
+    storage.add_argument("--prefetch_samples", type=int,
+                         help="samples requested ahead of the trainer; a new request goes out "
+                              "when one completes (default: two training batches plus the "
+                              "largest shard)")
+    storage.add_argument("--max_buffered_mb", type=int, default=512,
+                         help="loaded shards waiting for the trainer, at most, in MB of "
+                              "tensors; requests pause beyond it (default: %(default)s)")
     storage.add_argument("--intermediate_url", default=env("HAPI_INTERMEDIATE_URL"),
                          help="the standalone HAPI server, http://HOST:PORT, for "
                               "--use_intermediate [HAPI_INTERMEDIATE_URL]")
@@ -247,7 +255,8 @@ def build_parser(prog=None):
 
 
 # Flags that must be at least 1, and flags that cannot be negative.
-POSITIVE_FLAGS = ("num_epochs", "batch_size", "storage_batch")
+POSITIVE_FLAGS = ("num_epochs", "batch_size", "storage_batch", "prefetch_samples",
+                  "max_buffered_mb")
 NON_NEGATIVE_FLAGS = ("start", "freeze_idx", "split_idx", "prefetch", "checkpoint_every",
                       "threads", "retries", "lr", "momentum", "weight_decay")
 
@@ -270,7 +279,7 @@ def check_args(args):
     weights reference and the standalone server's URL; raise
     :class:`ConfigError` for the first flag that cannot work."""
     for name in POSITIVE_FLAGS:
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name} {getattr(args, name)}: must be at least 1")
     for name in NON_NEGATIVE_FLAGS:
         value = getattr(args, name)
@@ -426,6 +435,7 @@ def train_config(args, log=print):
         storage_batch=args.storage_batch, wire_dtype=args.wire_dtype,
         holdout=0.0 if args.testonly else args.holdout, start=args.start, end=args.end,
         prefetch=0 if args.sequential else args.prefetch,
+        prefetch_samples=args.prefetch_samples, max_buffered_bytes=args.max_buffered_mb << 20,
         device="cuda" if torch.cuda.is_available() and not args.cpuonly else "cpu",
         checkpoint_every=args.checkpoint_every, retries=args.retries,
         intermediate_url=args.intermediate_url if args.use_intermediate else None,
@@ -493,8 +503,8 @@ def run(args, on_step=None, log=print):
     return None: nothing trains, and ``--metrics`` keeps what it holds."""
     import torch
 
-    from hapi.client.checkpoint import DirectoryStore, SwiftStore
     from hapi.client.train import RunComplete, Trainer
+    from hapi.stores import DirectoryStore, SwiftStore
 
     config = train_config(args, log)
     if args.threads:

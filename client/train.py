@@ -24,6 +24,7 @@ exactly where the interrupted one stopped.
 """
 
 import contextlib
+import dataclasses
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -65,12 +66,14 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0
-    storage_batch: int = 64
+    storage_batch: int | None = None  # None: data.streaming_batch of the largest shard
     wire_dtype: str = "float32"
     holdout: float = 0.2
     start: int = 0
     end: int | None = None
-    prefetch: int = 2
+    prefetch: int = 4  # requests in flight at most (0: none, sequential)
+    prefetch_samples: int | None = None  # None: two training batches plus the largest shard
+    max_buffered_bytes: int = data.DEFAULT_MAX_BUFFERED_BYTES
     device: str = "cpu"
     checkpoint_every: int = 0
     retries: int = DEFAULT_RETRIES
@@ -257,6 +260,10 @@ class Trainer:
             manifest, sizes = data.open_dataset(self.conn, config.container)
             self.plan = data.plan_data(manifest, sizes, config.start, config.end,
                                        config.holdout)
+            largest = max(ref.selected for ref in self.plan.train + self.plan.holdout)
+            if config.storage_batch is None:
+                config = self.config = dataclasses.replace(
+                    config, storage_batch=data.streaming_batch(largest))
             self.model = build_model(config, len(self.plan.classes), self.conn)
             self.selector = data.FixedSplit(config.split) if config.split is not None else \
                 AutomaticSplit.measured(self.model, config, self.plan, self.conn, log)
@@ -272,7 +279,9 @@ class Trainer:
         self.loader = data.ShardLoader(
             data.ShardSource(config.container, self._request(), config.intermediate_url,
                              self.cache),
-            connect, config.prefetch, _FetchedOnly(self.selector), self.retry)
+            connect, config.prefetch, _FetchedOnly(self.selector), self.retry,
+            lookahead_samples=config.prefetch_samples or 2 * config.batch_size + largest,
+            max_buffered_bytes=config.max_buffered_bytes)
         self.storage_devices = set()
         self.storage_batches = set()
         self.reduced_shards = 0

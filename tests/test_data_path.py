@@ -1,0 +1,173 @@
+"""The data path's scheduling: the storage tier computes frames first come,
+first served on its device, and the trainer keeps its requests going ahead
+of it within bounds of samples and bytes.
+
+Narrow logic, so stubs stand in for the network here; the end-to-end runs
+are in test_train.py and the benchmarks."""
+
+import threading
+import time
+
+import pytest
+import torch
+from helpers import feature_request, samples
+
+from hapi.client import data
+from hapi.middleware.device import DeviceSlots
+from hapi.middleware.engine import FeatureEngine
+
+# The storage tier --------------------------------------------------------------------
+
+
+def test_device_slots_are_handed_out_in_arrival_order():
+    slots = DeviceSlots(1)
+    order, started = [], []
+    holder = slots.slot()
+    holder.__enter__()
+
+    def wait(name):
+        started.append(name)
+        with slots.slot():
+            order.append(name)
+
+    threads = []
+    for name in "abcd":
+        threads.append(threading.Thread(target=wait, args=(name,)))
+        threads[-1].start()
+        while slots.waiting < len(threads):  # each is in line before the next comes
+            time.sleep(0.001)
+    holder.__exit__(None, None, None)
+    for thread in threads:
+        thread.join(10)
+    assert order == list("abcd")
+
+
+def test_a_second_requests_first_frame_is_not_held_behind_the_first_request():
+    """One device slot, request A streaming 8 frames, request B one frame
+    asked for while A computes: B's frame is done after at most two of A's,
+    not after all eight (the slot goes to the oldest waiter, frame by frame)."""
+    engine = FeatureEngine(device="cpu", threads=1)
+    engine.slots = DeviceSlots(1)
+    req = feature_request("resnet18", split=6, batch=2, preset="imagenet-112")
+    model = engine.load_model(("resnet18", "seed:0"), "resnet18", req.weights)
+    shard = samples(16, size=112)
+    done, lock = [], threading.Lock()
+
+    def stream(name, batches):
+        for index, batch in enumerate(batches):
+            engine.extract(model, batch, req, index)
+            with lock:
+                done.append((name, index))
+
+    a = threading.Thread(target=stream, args=("a", [shard[i:i + 2] for i in range(0, 16, 2)]))
+    a.start()
+    while not done:
+        time.sleep(0.001)
+    b = threading.Thread(target=stream, args=("b", [shard[:2]]))
+    b.start()
+    a.join(120)
+    b.join(120)
+    position = done.index(("b", 0))
+    a_before = sum(1 for name, _ in done[:position] if name == "a")
+    assert a_before <= 3, done
+    assert len(done) == 9
+
+
+# The trainer's lookahead -------------------------------------------------------------
+
+
+class StubSource:
+    """Shards of ``samples`` samples, each ``nbytes`` of tensors, loaded in
+    ``load_s`` seconds; records when each load started and ended."""
+
+    container = "stub"
+
+    def __init__(self, samples, nbytes, load_s):
+        self.samples, self.nbytes, self.load_s = samples, nbytes, load_s
+        self.events, self.lock = [], threading.Lock()
+
+    def open_channel(self, conn):
+        return data.Channel(conn, conn)
+
+    def describe(self, ref, split):
+        return ref.name
+
+    def load(self, channel, ref, split):
+        with self.lock:
+            self.events.append(("start", ref.name, time.monotonic()))
+        time.sleep(self.load_s)
+        with self.lock:
+            self.events.append(("end", ref.name, time.monotonic()))
+        return data.ShardData(ref=ref, split=split,
+                              inputs=torch.zeros(self.nbytes, dtype=torch.uint8),
+                              labels=torch.zeros(ref.samples, dtype=torch.int64),
+                              keys=[str(i) for i in range(ref.samples)],
+                              transfer=data.Transfer(self.nbytes, 0.0, 0.0, 0.0),
+                              load_s=self.load_s)
+
+
+class StubConnection:
+    retries = 5
+
+    def close(self):
+        pass
+
+
+class NoRetry:
+    def call(self, what, func, reset):
+        return func()
+
+
+def loader(source, depth, lookahead, max_bytes):
+    return data.ShardLoader(source, StubConnection, depth, data.FixedSplit(3), NoRetry(),
+                            lookahead_samples=lookahead, max_buffered_bytes=max_bytes)
+
+
+def refs(n, samples):
+    return [data.ShardRef(f"s{i:02d}", samples, 1000, 0, samples) for i in range(n)]
+
+
+def test_a_request_goes_out_when_one_completes_not_when_one_is_consumed():
+    source = StubSource(samples=4, nbytes=100, load_s=0.05)
+    with loader(source, depth=2, lookahead=1000, max_bytes=1 << 20) as shards:
+        stream = shards(refs(6, 4))
+        first = next(stream)
+        time.sleep(0.6)  # the consumer holds the first shard; the loader goes on
+        started = [name for kind, name, _ in source.events if kind == "start"]
+        assert started == [f"s{i:02d}" for i in range(6)]
+        rest = [first, *stream]
+    assert [s.ref.name for s in rest] == [f"s{i:02d}" for i in range(6)]
+
+
+def test_lookahead_is_counted_in_samples():
+    source = StubSource(samples=4, nbytes=100, load_s=0.01)
+    with loader(source, depth=8, lookahead=10, max_bytes=1 << 20) as shards:
+        stream = shards(refs(8, 4))
+        next(stream)
+        time.sleep(0.3)
+        started = sum(1 for kind, _, _ in source.events if kind == "start")
+        # the one consumed, then shards while fewer than 10 samples are ahead: 4, 8, 12
+        assert started == 4
+        assert len(list(stream)) == 7
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_buffered_bytes_stay_bounded_under_a_slow_consumer(depth):
+    source = StubSource(samples=4, nbytes=1000, load_s=0.005)
+    max_bytes = 3000
+    with loader(source, depth=depth, lookahead=10_000, max_bytes=max_bytes) as shards:
+        names = []
+        for shard in shards(refs(20, 4)):
+            time.sleep(0.03)
+            names.append(shard.ref.name)
+        peak = shards.peak_buffered_bytes
+    assert names == [f"s{i:02d}" for i in range(20)]
+    assert max_bytes <= peak <= max_bytes + depth * 1000
+
+
+def test_the_storage_batch_streams_every_shard_as_several_frames():
+    for shard_samples in (1, 3, 16, 64, 256, 10_000):
+        batch = data.streaming_batch(shard_samples)
+        assert 1 <= batch <= data.MAX_STREAMING_BATCH
+        frames = -(-shard_samples // batch)
+        assert frames >= min(shard_samples, data.FRAMES_PER_SHARD)

@@ -235,7 +235,7 @@ def build_parser(prog=None):
     auth = parser.add_argument_group(
         "Swift credentials (as python-swiftclient's swift command takes them: each flag, "
         "else its ST_* variable, else its OS_* one)")
-    auth.add_argument("-A", "--auth", help="v1 auth URL [ST_AUTH]")
+    auth.add_argument("-A", "--auth", help="auth URL [ST_AUTH]")
     auth.add_argument("-U", "--user", help="user [ST_USER]")
     auth.add_argument("-K", "--key", help="key [ST_KEY]")
     auth.add_argument("-V", "--auth-version",

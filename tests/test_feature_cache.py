@@ -281,3 +281,55 @@ def test_cache_dir_default_is_under_the_users_cache(monkeypatch, tmp_path):
     assert args.cache_size == 2 << 30
     assert cli.parse_args(FLAGS).cache_dir is None
     assert cli.parse_args(FLAGS).cache_size == 1 << 30
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_resumed_run_reads_the_cache_and_computes_the_same(cluster, tmp_path,
+                                                             feature_requests):
+    """Interrupted in its second epoch, resumed from its checkpoint: the
+    resumed run sends no feature request and ends with the uninterrupted
+    run's losses, step for step."""
+    reference = train(cluster, "--num_epochs", "2")
+    flags = ["--num_epochs", "2", "--cache_dir", str(tmp_path / "cache"),
+             "--checkpoint_dir", str(tmp_path / "ckpt"), "--checkpoint_every", "2"]
+    user, key = cluster.users["tester"]
+    args = cli.parse_args([*FLAGS, *flags, "-A", cluster.auth_url, "-U", user, "-K", key])
+
+    def crash(step):
+        if step.global_step == 9:  # 6 steps an epoch: the second epoch's step 3
+            raise Crash
+
+    with pytest.raises(Crash):
+        cli.run(args, on_step=crash, log=lambda line: None)
+    feature_requests.clear()
+    resumed = train(cluster, *flags, "--resume")
+    assert resumed["resumed_from"] == {"epoch": 2, "step": 2}
+    assert feature_requests == []
+    for epoch, ref in zip(resumed["epochs"], reference["epochs"], strict=True):
+        assert epoch["step_loss"] == ref["step_loss"]
+
+
+def test_automatic_split_selection_learns_only_from_requests(cluster, tmp_path, monkeypatch):
+    """Shards read from the cache are not shown to the split selector: it
+    hears about the shards whose features crossed the network, and only those."""
+    observed = []
+    from hapi.client.autosplit import AutomaticSplit
+    observe = AutomaticSplit.observe
+
+    def recorded(self, shard):
+        observed.append(shard.cache)
+        return observe(self, shard)
+
+    monkeypatch.setattr(AutomaticSplit, "observe", recorded)
+    flags = [flag for flag in FLAGS if flag not in ("--manual_split", "--split_idx", str(SPLIT))]
+    user, key = cluster.users["tester"]
+    args = cli.parse_args([*flags, "--num_epochs", "2", "--cache_dir", str(tmp_path),
+                           "-A", cluster.auth_url, "-U", user, "-K", key])
+    metrics = cli.run(args, log=lambda line: None)
+    assert metrics["split_selection"]["automatic"]
+    loaded = sum(epoch["train"]["traffic"]["shards"] for epoch in metrics["epochs"])
+    assert metrics["cache_hits"] > 0
+    assert "hit" not in observed and len(observed) == loaded - metrics["cache_hits"]

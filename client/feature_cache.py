@@ -98,7 +98,8 @@ class FeatureCache:
     evicted first. Thread-safe; several processes may share the folder.
 
     ``report()`` counts this process's use: hits, misses, bytes read and
-    written, entries evicted and entries found corrupt.
+    written, entries evicted, entries found corrupt and writes the disk
+    refused.
     """
 
     def __init__(self, directory, max_bytes=DEFAULT_MAX_BYTES):
@@ -107,7 +108,7 @@ class FeatureCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(("hits", "misses", "read_bytes", "written_bytes",
-                                      "evicted", "corrupt"), 0)
+                                      "evicted", "corrupt", "write_errors"), 0)
 
     def __str__(self):
         return str(self.directory)
@@ -147,18 +148,27 @@ class FeatureCache:
         return Entry(inputs, labels, keys, len(data))
 
     def put(self, key, inputs, labels, keys):
-        """Keep a shard's features under ``key``; returns the bytes written
-        (0 when the entry alone would exceed the cache's size)."""
+        """Keep a shard's features under ``key``; returns the bytes written:
+        0 when the entry alone would exceed the cache's size, or when the
+        disk refused it (full, read-only, the folder removed: counted as a
+        write error, and training goes on without that entry)."""
         data = safetensors.torch.save(
             {"features": inputs.contiguous(), "labels": labels.contiguous()},
             metadata={"format": FORMAT, "keys": json.dumps(keys),
                       "sha256": _checksum(inputs, labels, keys)})
         if len(data) > self.max_bytes:
             return 0
-        with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".", suffix=".part",
-                                         delete=False) as part:
-            part.write(data)
-        os.replace(part.name, self.path(key))
+        part = None
+        try:
+            with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".", suffix=".part",
+                                             delete=False) as part:
+                part.write(data)
+            os.replace(part.name, self.path(key))
+        except OSError:
+            if part is not None:
+                Path(part.name).unlink(missing_ok=True)
+            self._count(write_errors=1)
+            return 0
         self._count(written_bytes=len(data))
         self._evict()
         return len(data)
@@ -170,7 +180,11 @@ class FeatureCache:
     def _entries(self):
         """(mtime, size, path) of each entry; stale temporary files are removed."""
         found = []
-        for path in self.directory.iterdir():
+        try:
+            paths = list(self.directory.iterdir())
+        except FileNotFoundError:  # the folder removed meanwhile: nothing cached
+            return found
+        for path in paths:
             with _ignoring_missing():
                 stat = path.stat()
                 if path.name.endswith(SUFFIX):

@@ -333,3 +333,11 @@ def test_automatic_split_selection_learns_only_from_requests(cluster, tmp_path, 
     loaded = sum(epoch["train"]["traffic"]["shards"] for epoch in metrics["epochs"])
     assert metrics["cache_hits"] > 0
     assert "hit" not in observed and len(observed) == loaded - metrics["cache_hits"]
+
+
+def test_a_write_the_disk_refuses_is_skipped(tmp_path):
+    cache = FeatureCache(tmp_path / "cache")
+    (tmp_path / "cache").rmdir()  # the folder removed under a running trainer
+    assert cache.put("k", *entry(5)) == 0
+    assert cache.get("k") is None
+    assert cache.report()["write_errors"] == 1

@@ -17,6 +17,7 @@ from helpers import ServerProcess, feature_request, samples
 from test_same_answers import both, frames_of, hapi
 
 from hapi import protocol, wire
+from hapi.client.autosplit.profiling import measure_copy_rate
 from hapi.client.features import fetch_features, intermediate_connection
 from hapi.shards import write_shard
 
@@ -127,3 +128,10 @@ def test_encoding_defaults_to_raw():
     parsed = protocol.parse_request({protocol.MODEL: "alexnet"}, protocol.Limits(),
                                     lambda model: 40)
     assert (parsed.dtype, parsed.encoding) == ("float32", "raw")
+
+
+@pytest.mark.parametrize("dtype", wire.WIRE_DTYPES)
+def test_the_trainers_copy_rate_is_measured_in_every_wire_dtype(dtype):
+    """The automatic split's decode cost per received byte (uint8 frames
+    included: they are dequantized, as the trainer's reader does)."""
+    assert 0 < measure_copy_rate(nbytes=1 << 16, wire_dtype=dtype, repeats=1) < 1

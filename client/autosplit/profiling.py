@@ -332,21 +332,21 @@ def measure_decode(images: Sequence[bytes], preset: str, model: str,
 def measure_copy_rate(nbytes: int = 4 << 20, wire_dtype: str = "float32",
                       repeats: int = 3) -> float:
     """Seconds per received byte the trainer spends turning frames into a
-    float32 training batch: parse the frame, concatenate, convert. Measured
-    on a synthetic frame of ``nbytes`` features (a few milliseconds)."""
-    dtype = wire.TORCH_DTYPES[wire_dtype]
-    count = max(nbytes // dtype.itemsize, 1)
-    features = torch.zeros(2, count // 2 or 1, dtype=dtype)
+    float32 training batch: parse the frame, dequantize (uint8), concatenate,
+    convert. Measured on a synthetic frame of ``nbytes`` features in the wire
+    dtype (a few milliseconds)."""
+    count = max(nbytes // wire.TORCH_DTYPES[wire_dtype].itemsize, 1)
+    features = wire.pack_features(torch.zeros(2, count // 2 or 1), wire_dtype)
     blob = wire.encode_frame("batch", {"index": "0"}, features=features,
                              labels=torch.zeros(2, dtype=torch.int64))
     payload = blob[wire.LENGTH.size:]
     best = math.inf
     for _ in range(max(repeats, 1)):
         began = time.perf_counter()
-        frame = wire.decode_frame(payload)
-        torch.cat([frame.features, frame.features[:1]]).to(torch.float32)
+        received = wire.decode_frame(payload).float_features()
+        torch.cat([received, received[:1]]).to(torch.float32)
         best = min(best, time.perf_counter() - began)
-    return best / features.nbytes
+    return best / features.tensors["features"].nbytes
 
 
 def free_memory_bytes(device: str | torch.device = "cpu") -> int | None:

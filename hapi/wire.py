@@ -162,6 +162,17 @@ def pack_features(x, dtype, encoding="raw"):
                                     "features_shape": json.dumps(list(features.shape))})
 
 
+def feature_bytes(sample_shape, dtype, frame_samples):
+    """Bytes one sample's features of ``sample_shape`` (``[C, ...]``) take in
+    frames of ``frame_samples`` samples in the wire ``dtype``, before any
+    compression: a uint8 frame adds each channel's scale and zero point,
+    shared by its samples."""
+    size = math.prod(sample_shape) * TORCH_DTYPES[dtype].itemsize
+    if dtype == QUANTIZED and sample_shape:
+        size += QUANT_BYTES_PER_CHANNEL * sample_shape[0] / max(frame_samples, 1)
+    return size
+
+
 def encode_frame(kind, meta=None, features=None, labels=None):
     """Serialise one frame; ``meta`` values that are not strings become JSON.
     ``features``: a tensor, stored as is, or :class:`PackedFeatures`."""

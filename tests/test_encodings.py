@@ -9,6 +9,7 @@ runs as a subprocess in front of it.
 
 import dataclasses
 import json
+import math
 import urllib.request
 
 import pytest
@@ -16,8 +17,8 @@ import torch
 from helpers import ServerProcess, feature_request, samples
 from test_same_answers import both, frames_of, hapi
 
-from hapi import protocol, wire
-from hapi.client.autosplit.profiling import measure_copy_rate
+from hapi import protocol, wire, zoo
+from hapi.client.autosplit.profiling import TrainerTimes, measure_copy_rate, profile_from_model
 from hapi.client.features import fetch_features, intermediate_connection
 from hapi.shards import write_shard
 
@@ -135,3 +136,17 @@ def test_the_trainers_copy_rate_is_measured_in_every_wire_dtype(dtype):
     """The automatic split's decode cost per received byte (uint8 frames
     included: they are dequantized, as the trainer's reader does)."""
     assert 0 < measure_copy_rate(nbytes=1 << 16, wire_dtype=dtype, repeats=1) < 1
+
+
+def test_uint8_boundaries_count_each_frames_scales_and_zero_points():
+    model = zoo.build_model("alexnet", seed=0).freeze(18)
+    times = TrainerTimes(forward_s=[1e-3] * len(model), train_s=[None] * len(model),
+                         batch_size=4, device="cpu", iterations=1)
+    profiles = {dtype: profile_from_model(
+        model, input_shape=(3, 64, 64), freeze=18, batch_size=4, trainer=times, raw_bytes=3e3,
+        bandwidth_bytes_per_s=1e6, wire_dtype=dtype, storage_batch=16)
+        for dtype in ("float32", "uint8")}
+    shapes = model.boundary_shapes((3, 64, 64))
+    assert profiles["uint8"].boundary_bytes == [
+        math.prod(shape) + math.ceil(8 * shape[0] / 16) for shape in shapes]
+    assert profiles["float32"].boundary_bytes == model.boundary_bytes((3, 64, 64))

@@ -206,3 +206,12 @@ def test_unknown_encoding_and_bad_quantization_tensors_are_refused():
                  "zero_point": torch.zeros(3)}, metadata={"kind": "batch"})
     with pytest.raises(wire.FrameError, match="float32 'scale' of shape \\[3\\]"):
         wire.decode_frame(blob)
+
+
+@pytest.mark.parametrize("dtype", wire.WIRE_DTYPES)
+def test_feature_bytes_are_what_a_frame_carries(dtype):
+    """Per sample, a frame's feature tensors (scale and zero point included)."""
+    for shape in [(8, 1280), (6, 16, 3, 3)]:
+        packed = wire.pack_features(torch.randn(*shape), dtype)
+        carried = sum(t.nbytes for t in packed.tensors.values())
+        assert carried == shape[0] * wire.feature_bytes(shape[1:], dtype, frame_samples=shape[0])

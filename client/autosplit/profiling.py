@@ -374,8 +374,9 @@ def profile_from_model(model, *, input_shape: Sequence[int], freeze: int, batch_
                        **measurements) -> Profile:
     """A :class:`Profile` for ``model`` (a :class:`hapi.zoo.LayeredModel`).
 
-    Boundary sizes come from ``model.boundary_bytes`` at ``input_shape`` (the
-    preset's ``(3, N, N)``) in the wire dtype and in float32; the trainer's
+    Boundary sizes come from ``model.boundary_shapes`` at ``input_shape`` (the
+    preset's ``(3, N, N)``), in the wire dtype (:func:`hapi.wire.feature_bytes`:
+    uint8 adds each frame's scales and zero points) and in float32; the trainer's
     per-layer times from ``trainer``; ``storage_s`` gives the storage-side
     per-layer times measured so far (shorter than the model, or None entries,
     where not measured); any other :class:`Profile` field by keyword.
@@ -384,6 +385,7 @@ def profile_from_model(model, *, input_shape: Sequence[int], freeze: int, batch_
         raise ValueError(f"unknown wire dtype {wire_dtype!r}; known: "
                          f"{', '.join(wire.TORCH_DTYPES)}")
     input_shape = tuple(input_shape)
+    frame_samples = measurements.get("storage_batch") or Profile.storage_batch
     storage = list(storage_s) + [None] * (len(model) - len(storage_s))
     layers = [LayerProfile(name=name, trainer_forward_s=trainer.forward_s[i],
                            trainer_train_s=trainer.train_s[i] if i >= freeze else None,
@@ -391,7 +393,8 @@ def profile_from_model(model, *, input_shape: Sequence[int], freeze: int, batch_
               for i, name in enumerate(model.layer_names)]
     return Profile(model=model.name, input_shape=tuple(input_shape), batch_size=batch_size,
                    freeze=freeze, layers=layers,
-                   boundary_bytes=model.boundary_bytes(input_shape, wire.TORCH_DTYPES[wire_dtype]),
+                   boundary_bytes=[math.ceil(wire.feature_bytes(shape, wire_dtype, frame_samples))
+                                   for shape in model.boundary_shapes(input_shape)],
                    activation_bytes=model.boundary_bytes(input_shape, torch.float32),
                    raw_bytes=raw_bytes, bandwidth_bytes_per_s=bandwidth_bytes_per_s,
                    wire_dtype=wire_dtype,

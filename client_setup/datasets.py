@@ -115,19 +115,38 @@ def digits():
     return Source([str(name) for name in data.target_names], count, samples)
 
 
-def synthetic(count, size=224, classes=10, seed=0, quality=90):
-    """``count`` photo-like ``size`` x ``size`` RGB JPEGs in ``classes`` classes.
+IMAGENET_LIKE = "imagenet"
+# Sides of the ImageNet-like images, drawn per image (inclusive): about 400 x 350 on
+# average, as ImageNet's photos, which the storage tier resizes (preset imagenet-224).
+IMAGENET_WIDTHS = (300, 500)
+IMAGENET_HEIGHTS = (250, 450)
+# Fine grain and flat-coloured shapes on top of the 1/f field: with these, quality-90
+# JPEGs come out at about 110 KB on average, the mean size of ImageNet's photos.
+IMAGENET_GRAIN = 1.55
+IMAGENET_SHAPES = 12
 
+
+def synthetic(count, size=224, classes=10, seed=0, quality=90):
+    """``count`` photo-like RGB JPEGs in ``classes`` classes.
+
+    ``size``: the side of square images in pixels, or :data:`IMAGENET_LIKE`
+    for images that mirror ImageNet's photos: a width and height drawn per
+    image from :data:`IMAGENET_WIDTHS` x :data:`IMAGENET_HEIGHTS`, with fine
+    grain and shapes so that their JPEGs are about 110 KB at quality 90.
     Image ``i`` depends only on ``(seed, i)`` and has label ``i % classes``.
     The images have the 1/f spectrum of natural images, so they compress like
     photos, with a class-dependent grating and tint that a classifier can learn.
     """
-    if count < 1 or size < 8 or classes < 1 or not 1 <= quality <= 100:
-        raise SourceError("synthetic needs count >= 1, size >= 8, classes >= 1 and "
-                          f"1 <= quality <= 100 (got {count}, {size}, {classes}, {quality})")
+    square = size != IMAGENET_LIKE
+    if count < 1 or (square and (not isinstance(size, int) or size < 8)) or classes < 1 \
+            or not 1 <= quality <= 100:
+        raise SourceError(f"synthetic needs count >= 1, size >= 8 or {IMAGENET_LIKE!r}, "
+                          f"classes >= 1 and 1 <= quality <= 100 (got {count}, {size}, "
+                          f"{classes}, {quality})")
+    draw = (functools.partial(synthetic_image, size=size) if square else imagenet_like_image)
     samples = (Sample(key=sample_key(i, count),
-                      image=_encode(synthetic_image(seed, i, i % classes, classes, size),
-                                    "JPEG", quality=quality),
+                      image=_encode(draw(seed, i, i % classes, classes), "JPEG",
+                                    quality=quality),
                       ext="jpg", label=i % classes)
                for i in range(count))
     return Source([f"class_{c:0{len(str(classes - 1))}d}" for c in range(classes)], count, samples)
@@ -136,11 +155,31 @@ def synthetic(count, size=224, classes=10, seed=0, quality=90):
 def synthetic_image(seed, index, label, classes, size):
     """One synthetic image as a ``size`` x ``size`` x 3 uint8 array."""
     rng = np.random.default_rng([seed, index])
-    luma = _pink_noise(rng, size, alpha=1.0)
-    chroma_a, chroma_b = (0.5 * _pink_noise(rng, size, alpha=1.5) for _ in range(2))
+    return _render(rng, label, classes, _pink_noise(rng, size, size, alpha=1.0))
+
+
+def imagenet_like_image(seed, index, label, classes):
+    """One ImageNet-like image as a height x width x 3 uint8 array (sides drawn per image).
+
+    The square images' field plus fine grain (a 1/f**0.5 field) and
+    :data:`IMAGENET_SHAPES` ellipses and rectangles of shifted colour, whose
+    edges and textured insides make the JPEGs as large as a photo's.
+    """
+    rng = np.random.default_rng([seed, index, 1])
+    width = int(rng.integers(IMAGENET_WIDTHS[0], IMAGENET_WIDTHS[1] + 1))
+    height = int(rng.integers(IMAGENET_HEIGHTS[0], IMAGENET_HEIGHTS[1] + 1))
+    luma = (_pink_noise(rng, height, width, alpha=1.0)
+            + IMAGENET_GRAIN * _pink_noise(rng, height, width, alpha=0.5))
+    return _render(rng, label, classes, luma, shapes=IMAGENET_SHAPES)
+
+
+def _render(rng, label, classes, luma, shapes=0):
+    """The class's grating and tint over the random ``luma`` field, with ``shapes``."""
+    height, width = luma.shape
+    chroma_a, chroma_b = (0.5 * _pink_noise(rng, height, width, alpha=1.5) for _ in range(2))
     angle = np.pi * label / classes
     cycles = 6 + 3 * (label % 3)
-    x, y = _unit_grid(size)
+    x, y = _unit_grid(height, width)
     luma += 0.8 * np.sin(2 * np.pi * cycles * (x * np.cos(angle) + y * np.sin(angle))
                          + rng.uniform(0, 2 * np.pi), dtype=np.float32)
     tint = 2 * np.pi * label / classes
@@ -149,28 +188,40 @@ def synthetic_image(seed, index, label, classes, size):
     rgb = np.stack([luma + chroma_a,
                     luma - 0.5 * chroma_a + chroma_b,
                     luma - 0.5 * chroma_a - chroma_b], axis=-1)
+    for _ in range(shapes):
+        rgb += _shape_mask(rng, x, y)[..., None] * rng.uniform(-1.2, 1.2, 3).astype(np.float32)
     return np.clip(128 + 40 * rgb, 0, 255).astype(np.uint8)
 
 
+def _shape_mask(rng, x, y):
+    """An ellipse or a rectangle at a random place, of random size, as a bool mask."""
+    cx, cy = rng.uniform(0, 1, 2)
+    rx, ry = rng.uniform(0.03, 0.25, 2)
+    if rng.random() < 0.5:
+        return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 < 1
+    return (np.abs(x - cx) < rx) & (np.abs(y - cy) < ry)
+
+
 @functools.cache
-def _unit_grid(size):
+def _unit_grid(height, width):
     """Pixel coordinates ``(x, y)`` scaled to [0, 1), float32."""
-    return np.meshgrid(*(np.arange(size, dtype=np.float32) / size,) * 2)
+    return np.meshgrid(np.arange(width, dtype=np.float32) / width,
+                       np.arange(height, dtype=np.float32) / height)
 
 
 @functools.cache
-def _spectral_filter(size, alpha):
+def _spectral_filter(height, width, alpha):
     """The 1/f**alpha amplitudes of an rfft2 spectrum, zero at f = 0."""
-    freq = np.hypot(np.fft.fftfreq(size)[:, None], np.fft.rfftfreq(size)[None, :])
+    freq = np.hypot(np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :])
     freq[0, 0] = np.inf
     return (freq ** -alpha).astype(np.float32)
 
 
-def _pink_noise(rng, size, alpha):
-    """A ``size`` x ``size`` float32 random field with a 1/f**alpha spectrum, unit variance."""
-    gain = _spectral_filter(size, alpha)
+def _pink_noise(rng, height, width, alpha):
+    """A ``height`` x ``width`` float32 random field with a 1/f**alpha spectrum, unit variance."""
+    gain = _spectral_filter(height, width, alpha)
     spectrum = rng.standard_normal((2, *gain.shape), dtype=np.float32) * gain
-    field = np.fft.irfft2(spectrum[0] + 1j * spectrum[1], s=(size, size)).astype(np.float32)
+    field = np.fft.irfft2(spectrum[0] + 1j * spectrum[1], s=(height, width)).astype(np.float32)
     return field / field.std()
 
 

@@ -188,13 +188,25 @@ def build_parser():
     synth = sources.add_parser("synthetic", parents=[common], help="synthetic photo-like JPEGs")
     synth = synth.add_argument_group("source")
     synth.add_argument("--count", type=positive_int, default=1000, help="images (default 1000)")
-    synth.add_argument("--size", type=positive_int, default=224,
-                       help="side in pixels (default 224)")
+    synth.add_argument("--size", type=synthetic_size, default=224, metavar="N|imagenet",
+                       help="side in pixels, or 'imagenet': sides of 300-500 x 250-450 px "
+                       "drawn per image, JPEGs of about 110 KB at quality 90, as ImageNet's "
+                       "photos (default 224)")
     synth.add_argument("--classes", type=positive_int, default=10, help="classes (default 10)")
     synth.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     synth.add_argument("--quality", type=int, default=90, choices=range(1, 101),
                        metavar="1..100", help="JPEG quality (default 90)")
     return parser
+
+
+def synthetic_size(text):
+    """``synthetic --size``: a positive int, or ``imagenet`` for ImageNet-like sizes."""
+    if text == datasets.IMAGENET_LIKE:
+        return text
+    if not text.isdigit() or int(text) < 8:
+        raise argparse.ArgumentTypeError(
+            f"a side in pixels of at least 8, or {datasets.IMAGENET_LIKE!r}; got {text!r}")
+    return int(text)
 
 
 def positive_int(text):

@@ -110,11 +110,11 @@ def quantize(x):
     maximum to 255. A constant channel gets scale 1 (no division by zero)."""
     if x.dim() < 2:
         raise ValueError(f"uint8 features need a channel dimension, got shape {list(x.shape)}")
-    per_channel = x.detach().transpose(0, 1).reshape(x.shape[1], -1).float()
-    if per_channel.shape[1] == 0:
+    others = [0, *range(2, x.dim())]
+    if x.numel() == 0:
         lo = hi = torch.zeros(x.shape[1], device=x.device)
     else:
-        lo, hi = per_channel.aminmax(dim=1)
+        lo, hi = x.amin(dim=others).float(), x.amax(dim=others).float()
     span = hi - lo
     holds_zero = (lo <= 0) & (hi >= 0)
     zero = torch.round(-lo / span.clamp_min(torch.finfo(torch.float32).tiny) * QUANT_LEVELS)
@@ -125,7 +125,8 @@ def quantize(x):
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero_point = torch.where(holds_zero, zero, -lo / scale)
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    q = x.float() / scale.view(shape)
+    # One float32 temporary the size of x, worked on in place.
+    q = x.to(torch.float32, copy=True).div_(scale.view(shape))
     q.add_(zero_point.view(shape)).round_().clamp_(0, QUANT_LEVELS)
     return q.to(torch.uint8), scale, zero_point
 

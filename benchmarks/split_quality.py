@@ -1,4 +1,4 @@
-"""Split quality (issue 5): is the automatic split the best one, or within 5% of it?
+"""Split quality: is the automatic split the best one, or within 5% of it?
 
 As the HAPI paper measured it: for every model x bandwidth x training batch
 size, on the shaped two-tier set-up of ``benchmarks/shaped.py``,

@@ -87,7 +87,7 @@ from swift.common.utils import close_if_possible, get_logger
 from swift.common.wsgi import make_subrequest
 
 from hapi import protocol, zoo
-from hapi.middleware.pipeline import (
+from hapi.middleware.effects import (
     AwaitGrant,
     BodyBroken,
     ClientGone,
@@ -100,8 +100,8 @@ from hapi.middleware.pipeline import (
     Run,
     Send,
     Start,
-    StorageTier,
 )
+from hapi.middleware.pipeline import StorageTier
 from hapi.middleware.responses import RequestError
 from hapi.middleware.settings import Settings
 from hapi.preprocess import PRESETS
@@ -229,7 +229,8 @@ class FeatureResponse:
         path = wsgi_quote(str_to_wsgi(effect.path)) + "?" + effect.query
         headers = {k: str_to_wsgi(v) for k, v in effect.headers.items()}
         resp = make_subrequest(self.req.environ, method=effect.method, path=path,
-                               headers=headers, swift_source=SWIFT_SOURCE).get_response(self.app)
+                               headers=headers, body=effect.body,
+                               swift_source=SWIFT_SOURCE).get_response(self.app)
         return Reply(status=resp.status_int, reason=resp.status.partition(" ")[2],
                      headers=resp.headers, native=resp, body=iter(resp.app_iter),
                      release=lambda: close_if_possible(resp.app_iter))
@@ -281,6 +282,7 @@ def filter_factory(global_conf, **local_conf):
         max_concurrent=settings.max_concurrent,
         min_batch=settings.min_batch,
         file_weights=limits.weights_dir_enabled,
+        feature_cache=bool(settings.feature_cache_container),
     )
 
     def hapi_filter(app):

@@ -20,6 +20,8 @@ OPTION_DEFAULTS = {
     "memory_budget": "auto",
     "queue_timeout": 10,
     "min_batch": 1,
+    "feature_cache_container": "",
+    "feature_cache_max_bytes": "10G",
 }
 
 OPTION_HELP = {
@@ -40,4 +42,9 @@ OPTION_HELP = {
                      "auto: free GPU memory less 10%, or half the available memory on the CPU",
     "queue_timeout": "seconds a request waits for memory in the FIFO queue before a 503",
     "min_batch": "smallest storage batch a request is reduced to before it waits for memory",
+    "feature_cache_container": "container, in each shard's own account, where extracted "
+                               "features are kept and reused while the shard is unchanged "
+                               "(empty: no feature cache)",
+    "feature_cache_max_bytes": "bytes the feature cache container may hold in an account "
+                               "(k/M/G/T suffix); no entry is written beyond it",
 }

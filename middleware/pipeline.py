@@ -46,10 +46,26 @@ import json
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hapi import protocol
 from hapi.middleware.admission import OverBudget
+from hapi.middleware.effects import (
+    AwaitGrant,
+    BodyBroken,
+    ClientGone,
+    Fetch,
+    Join,
+    NextChunk,
+    Relay,
+    Respond,
+    Run,
+    Send,
+    Signal,
+    Start,
+    StreamEnded,
+    SwiftRefused,
+)
 from hapi.middleware.responses import (
     REQUEST_FAILURES,
     RequestError,
@@ -60,163 +76,22 @@ from hapi.middleware.responses import (
     stream_error_frame,
     summary_line,
 )
+from hapi.middleware.stored_features import CACHE_HEADER, StoredFeatures
 from hapi.shards import ShardError
 
+# A cached stream is sent in pieces of this size.
+REPLAY_CHUNK = 1 << 20
 # /<version>/<account>/<container>/<object>, the object possibly with slashes.
 OBJECT_PATH = re.compile(r"^/([^/]+)/([^/]+)/[^/]+/.+$")
 
 
-class Effect:
-    """Something the steps ask their front end to do."""
-
-
 @dataclass(frozen=True)
-class Fetch(Effect):
-    """A GET or HEAD of ``path`` (a native, unquoted string) with the caller's
-    access, ``query`` (raw) and ``headers`` sent along; the result is a
-    :class:`Reply` whose body is still unread. ``purpose`` is ``shard`` or
-    ``weights``."""
+class CacheHit:
+    """A feature request answered from the feature cache: the stored response
+    headers and frames."""
 
-    method: str
-    path: str
-    purpose: str
-    query: str = ""
-    headers: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class NextChunk(Effect):
-    """The next chunk of ``reply``'s body; ``b""`` at its end. A body that
-    breaks off raises :class:`BodyBroken` into the steps."""
-
-    reply: "Reply"
-
-
-@dataclass(frozen=True)
-class Run(Effect):
-    """``func(*args)`` in a worker thread; its result or its exception."""
-
-    func: object
-    args: tuple
-
-
-@dataclass(frozen=True)
-class Start(Effect):
-    """``func(*args)`` started in a worker thread; the result is a handle for :class:`Join`."""
-
-    func: object
-    args: tuple
-
-
-@dataclass(frozen=True)
-class Join(Effect):
-    """The result (or exception) of a :class:`Start`'s call, once it is done."""
-
-    handle: object
-
-
-@dataclass(frozen=True)
-class AwaitGrant(Effect):
-    """Wait until ``signal`` fires or ``timeout`` seconds pass, whichever is first."""
-
-    signal: "Signal"
-    timeout: float
-
-
-@dataclass(frozen=True)
-class Respond(Effect):
-    """Start the response; with ``body`` None, :class:`Send` effects follow."""
-
-    status: int
     headers: dict
-    body: bytes | None = None
-
-
-@dataclass(frozen=True)
-class Relay(Effect):
-    """Answer with Swift's own response to a :class:`Fetch`, unchanged. Last effect."""
-
-    reply: "Reply"
-
-
-@dataclass(frozen=True)
-class Send(Effect):
-    """Write bytes of the response body; a caller that is gone raises :class:`ClientGone`."""
-
-    data: bytes
-
-
-@dataclass
-class Reply:
-    """Swift's answer to a :class:`Fetch` as the front end received it:
-    ``headers`` any case-insensitive mapping, ``native`` the front end's own
-    response object, ``body`` its handle on the unread body (for
-    :class:`NextChunk`), ``release`` a plain call that closes the body."""
-
-    status: int
-    reason: str
-    headers: object
-    native: object
-    body: object
-    release: object
-
-    @property
-    def ok(self):
-        return 200 <= self.status < 300
-
-    @property
-    def status_line(self):
-        return f"{self.status} {self.reason}"
-
-    @property
-    def content_length(self):
-        value = self.headers.get("Content-Length")
-        return int(value) if value is not None and value.isdigit() else None
-
-    @property
-    def etag(self):
-        return self.headers.get("Etag", "").strip('"')
-
-
-class BodyBroken(Exception):
-    """Raised into the steps when an object's body fails part-way."""
-
-
-class ClientGone(Exception):
-    """Raised into the steps when the caller left during the stream."""
-
-
-class StreamEnded(Exception):
-    """Raised into the steps by a front end that ends a stream early (the
-    server's shutdown): the stream's last frame is an error frame."""
-
-    def __init__(self, status, message, outcome):
-        super().__init__(message)
-        self.status = status
-        self.outcome = outcome
-
-
-class SwiftRefused(Exception):
-    """Swift refused the shard read: its response goes back as it came."""
-
-    def __init__(self, reply):
-        super().__init__(reply.status_line)
-        self.reply = reply
-
-
-class Signal:
-    """A wake-up from the admission bookkeeping to a front end's wait, on
-    the scheduling thread: :meth:`fire` once granted; the front end sets
-    ``listener`` while it waits."""
-
-    def __init__(self):
-        self.fired = False
-        self.listener = None
-
-    def fire(self):
-        self.fired = True
-        if self.listener is not None:
-            self.listener()
+    body: bytes
 
 
 def model_key(feature_req, swift_path=None, swift_etag=None):
@@ -249,6 +124,9 @@ class StorageTier:
         self.budget = settings.make_budget(self.engine)
         self.events = events
         self.active = 0
+        self.stored_features = StoredFeatures(settings.feature_cache_container,
+                                              settings.feature_cache_max_bytes) \
+            if settings.feature_cache_container else None
 
     def feature_request(self, path, query, headers):
         """The steps of one feature request (a generator of effects):
@@ -271,6 +149,10 @@ class FeatureJob:
         self.entered = False
         self.ticket = None
         self.bytes_in = 0
+        self.shard_etag = ""
+        self.cache_path = None  # the feature cache's entry to write, on a miss
+        match = OBJECT_PATH.match(path)
+        self.account_path = f"/{match[1]}/{match[2]}" if match else ""
 
     # The whole request ---------------------------------------------------
 
@@ -298,7 +180,10 @@ class FeatureJob:
         except BaseException:
             self.leave()
             raise
-        yield from self.stream(*prepared)
+        if isinstance(prepared, CacheHit):
+            yield from self.replay(prepared)
+        else:
+            yield from self.stream(*prepared)
 
     def parse(self):
         if OBJECT_PATH.match(self.path) is None:
@@ -325,13 +210,30 @@ class FeatureJob:
 
     def prepare(self, feature_req):
         """Steps 2-4: the model, the batches and the first frame, computed
-        before the status goes out so that bad input there is still a 4xx."""
+        before the status goes out so that bad input there is still a 4xx;
+        or, from the feature cache, a :class:`CacheHit`."""
         conditions = {name: self.headers[name] for name in protocol.CONDITIONAL_HEADERS
                       if name in self.headers}
+        key, weights_path = yield from self.weights_key(feature_req)
+        cache = self.tier.stored_features
+        if cache is not None:
+            # The shard's ETag, read with the caller's access; a refusal here is
+            # answered by the GET below, as without the cache.
+            head = yield Fetch("HEAD", self.path, "shard", self.query, conditions)
+            head.release()
+            if head.ok:
+                path = cache.entry_path(self.account_path, self.path, head.etag, feature_req,
+                                        key[1])
+                found = yield from cache.lookup(self.read, path)
+                if found is not None:
+                    return CacheHit(*found)
         data = yield from self.read(Fetch("GET", self.path, "shard", self.query, conditions))
         self.bytes_in = len(data)
         self.events.update_stats("bytes_in", len(data))
-        model = yield from self.model_for(feature_req)
+        if cache is not None:
+            self.cache_path = cache.entry_path(self.account_path, self.path, self.shard_etag,
+                                               feature_req, key[1])
+        model = yield from self.model_for(feature_req, key, weights_path)
         samples = yield Run(self.engine.open_shard, (data, feature_req.preset))
         asked = feature_req.batch
         granted = yield from self.admit(model, feature_req, len(samples))
@@ -343,7 +245,7 @@ class FeatureJob:
 
     # Reading from Swift --------------------------------------------------
 
-    def read(self, fetch):
+    def read(self, fetch, limit=None):
         """The body of ``fetch``'s object, whole. Swift's refusal raises
         :class:`SwiftRefused` (its body unread); an object above
         max_shard_bytes is a 413, whether its length is declared (checked
@@ -354,7 +256,9 @@ class FeatureJob:
         reply = yield fetch
         if not reply.ok:
             raise SwiftRefused(reply)
-        limit = self.tier.settings.max_shard_bytes
+        if fetch.purpose == "shard":
+            self.shard_etag = reply.etag
+        limit = limit or self.tier.settings.max_shard_bytes
         length = reply.content_length
         chunks, size = [], 0
         try:
@@ -377,27 +281,32 @@ class FeatureJob:
             raise RequestError.body_broken(fetch.path, size, length)
         return b"".join(chunks)
 
-    def model_for(self, feature_req):
-        """The cached model, built in a worker thread on first use. A
+    def weights_key(self, feature_req):
+        """The model's cache key and, for ``swift:`` weights, their path. A
         ``swift:`` weights object is checked with a HEAD under the caller's
-        access on every request; its bytes are read only to build."""
+        access on every request and identified by its ETag."""
         ref = feature_req.weights
-        key, fetched = model_key(feature_req), None
-        if ref.kind == "swift":
-            account = OBJECT_PATH.match(self.path)
-            path = f"/{account[1]}/{account[2]}/{ref.value}"
-            head = yield Fetch("HEAD", path, "weights")
-            head.release()
-            if not head.ok:
-                raise weights_failure(head, path)
-            key = model_key(feature_req, path, head.etag)
-            if self.engine.cached_model(key) is None:
-                try:
-                    fetched = yield from self.read(Fetch("GET", path, "weights"))
-                except SwiftRefused as refused:
-                    refused.reply.release()
-                    raise weights_failure(refused.reply, path) from None
-        return (yield Run(self.engine.load_model, (key, feature_req.model, ref, fetched)))
+        if ref.kind != "swift":
+            return model_key(feature_req), None
+        path = f"{self.account_path}/{ref.value}"
+        head = yield Fetch("HEAD", path, "weights")
+        head.release()
+        if not head.ok:
+            raise weights_failure(head, path)
+        return model_key(feature_req, path, head.etag), path
+
+    def model_for(self, feature_req, key, weights_path):
+        """The cached model, built in a worker thread on first use; the bytes
+        of ``swift:`` weights are read only to build."""
+        fetched = None
+        if weights_path is not None and self.engine.cached_model(key) is None:
+            try:
+                fetched = yield from self.read(Fetch("GET", weights_path, "weights"))
+            except SwiftRefused as refused:
+                refused.reply.release()
+                raise weights_failure(refused.reply, weights_path) from None
+        return (yield Run(self.engine.load_model,
+                          (key, feature_req.model, feature_req.weights, fetched)))
 
     # Admission -----------------------------------------------------------
 
@@ -451,22 +360,29 @@ class FeatureJob:
         what the request holds and log its line, however the stream ended."""
         sent, outcome, pending = 0, "client disconnected", None
         samples = sum(map(len, batches))
+        headers = self.engine.response_headers(feature_req, samples)
+        kept = [] if self.cache_path is not None else None
         try:
-            yield Respond(200, self.engine.response_headers(feature_req, samples))
+            yield Respond(200, {**headers, CACHE_HEADER: "off" if kept is None else "miss"})
             frame = first
             for index in range(1, len(batches)):
                 pending = yield Start(self.engine.extract,
                                       (model, batches[index], feature_req, index))
                 yield Send(frame)
                 sent += len(frame)
+                if kept is not None:
+                    kept.append(frame)
                 current, pending = pending, None
                 frame = yield Join(current)
-            yield Send(frame)
-            sent += len(frame)
-            frame = end_frame(samples, len(batches), time.monotonic() - self.started)
-            yield Send(frame)
-            sent += len(frame)
+            last = end_frame(samples, len(batches), time.monotonic() - self.started)
+            for tail in (frame, last):
+                yield Send(tail)
+                sent += len(tail)
+                if kept is not None:
+                    kept.append(tail)
             outcome = "complete"
+            if kept is not None:
+                yield from self.keep(headers, b"".join(kept))
         except ClientGone:
             pass
         except StreamEnded as err:
@@ -495,6 +411,40 @@ class FeatureJob:
             self.events.timing_since("extraction_time", self.started)
             self.events.info(summary_line(self.path, feature_req, asked, samples, self.bytes_in,
                                           sent, time.monotonic() - self.started, outcome))
+
+    def replay(self, hit):
+        """A cache hit: the stored frames, with the stored headers; no extraction."""
+        self.events.increment("cache_hit")
+        sent, outcome = 0, "client disconnected"
+        try:
+            yield Respond(200, {**hit.headers, CACHE_HEADER: "hit"})
+            for start in range(0, len(hit.body), REPLAY_CHUNK):
+                chunk = hit.body[start:start + REPLAY_CHUNK]
+                yield Send(chunk)
+                sent += len(chunk)
+            outcome = "complete from the feature cache"
+        except ClientGone:
+            pass
+        finally:
+            self.leave()
+            self.events.update_stats("bytes_out", sent)
+            self.events.info(f"{self.quoted} served from the feature cache: bytes_out={sent} "
+                             f"seconds={time.monotonic() - self.started:.3f} outcome={outcome}")
+
+    def keep(self, headers, body):
+        """Write the stream just sent to the feature cache (never failing the request)."""
+        self.events.increment("cache_miss")
+        cache = self.tier.stored_features
+        try:
+            why_not = yield from cache.store(
+                lambda fetch: self.read(fetch, limit=cache.max_bytes), self.account_path,
+                self.path, self.cache_path, headers, body)
+        except (RequestError, SwiftRefused) as err:
+            why_not = str(err)
+        if why_not is None:
+            self.events.increment("cache_stored")
+        else:
+            self.events.info(f"{self.quoted} features not cached: {why_not}")
 
     @staticmethod
     def last_frame(frame):

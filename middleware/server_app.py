@@ -15,7 +15,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from hapi import protocol
-from hapi.middleware.pipeline import (
+from hapi.middleware.effects import (
     AwaitGrant,
     BodyBroken,
     ClientGone,
@@ -28,9 +28,9 @@ from hapi.middleware.pipeline import (
     Run,
     Send,
     Start,
-    StorageTier,
     StreamEnded,
 )
+from hapi.middleware.pipeline import StorageTier
 from hapi.middleware.responses import RequestError, quote, refusal_line
 
 log = logging.getLogger("hapi.server")
@@ -286,7 +286,7 @@ class FeatureResponse:
         with swift_answers(effect.path):
             resp = await self.server.session.request(
                 effect.method, url, headers={**self.auth, **effect.headers},
-                allow_redirects=False)
+                data=effect.body, allow_redirects=False)
         return Reply(status=resp.status, reason=resp.reason or "", headers=resp.headers,
                      native=resp, body=resp.content, release=resp.release)
 

@@ -28,6 +28,8 @@ class Settings:
     memory_budget: int | None
     queue_timeout: float
     min_batch: int
+    feature_cache_container: str = ""
+    feature_cache_max_bytes: int = 10 << 30
 
     @classmethod
     def from_conf(cls, conf):
@@ -62,6 +64,10 @@ class Settings:
         if limits.default_batch > limits.max_batch:
             raise ValueError(f"option default_batch ({limits.default_batch}) is above "
                              f"max_batch ({limits.max_batch})")
+        cache_container = get("feature_cache_container")
+        if "/" in cache_container:
+            raise ValueError(f"option feature_cache_container must be a container name, "
+                             f"got {cache_container!r}")
         min_batch = integer("min_batch")
         if min_batch > limits.max_batch:
             raise ValueError(f"option min_batch ({min_batch}) is above "
@@ -72,7 +78,10 @@ class Settings:
                    max_image_pixels=integer("max_image_pixels"),
                    max_cached_models=integer("max_cached_models"),
                    memory_budget=parse_memory_budget(get("memory_budget")),
-                   queue_timeout=queue_timeout, min_batch=min_batch)
+                   queue_timeout=queue_timeout, min_batch=min_batch,
+                   feature_cache_container=cache_container,
+                   feature_cache_max_bytes=parse_size("feature_cache_max_bytes",
+                                                      get("feature_cache_max_bytes")))
 
     def make_engine(self, threading_module=threading):
         """The engine these options describe; ``threading_module`` gives its
@@ -91,16 +100,21 @@ class Settings:
 
 
 def parse_memory_budget(text):
-    """``auto`` (None) or a size in bytes: digits with an optional k, M, G or
-    T suffix (powers of 1024; a trailing B or iB is allowed)."""
+    """``auto`` (None) or a size in bytes (:func:`parse_size`)."""
     if text.lower() == "auto":
         return None
+    return parse_size("memory_budget", text, "'auto' or ")
+
+
+def parse_size(name, text, alternatives=""):
+    """A size in bytes of option ``name``: digits with an optional k, M, G or
+    T suffix (powers of 1024; a trailing B or iB is allowed)."""
     match = _SIZE.match(text)
     if match is None:
-        raise ValueError(f"option memory_budget must be 'auto' or a size such as 512M or "
+        raise ValueError(f"option {name} must be {alternatives}a size such as 512M or "
                          f"2G, got {text!r}")
     number, unit = match.groups()
     size = int(float(number) * 1024 ** " kmgt".index(unit.lower() or " "))
     if size <= 0:
-        raise ValueError(f"option memory_budget must be above zero, got {text!r}")
+        raise ValueError(f"option {name} must be above zero, got {text!r}")
     return size

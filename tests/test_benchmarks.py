@@ -22,7 +22,7 @@ BENCHMARK = REPO / "benchmarks" / "tl_benchmark.py"
 SPLIT_QUALITY = REPO / "benchmarks" / "split_quality.py"
 MODES = ["vanilla", "hapi_auto", "hapi_freeze", "hapi_sequential", "all_in_cos"]
 PLOTS = ("epoch_time.png", "bytes.png", "split.png")
-# What issue 6 asks of every run (each record has more).
+# What every run must record (each record has more).
 FIELDS = {"model", "mode", "bandwidth_mbit", "epoch_s", "link_bytes", "trainer_bytes",
           "trainer_compute_s", "trainer_wait_s", "storage_compute_s", "storage_wait_s",
           "split", "accuracy"}

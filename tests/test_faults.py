@@ -1,4 +1,4 @@
-"""Faults a training job survives (issue 7), and the retry policy behind it.
+"""Faults a training job survives, and the retry policy behind it.
 
 Without Swift: which failures the policy retries and how long it waits, and
 a shard whose stream is cut half way delivered once, whole.

@@ -1,4 +1,4 @@
-"""Overload (issue 7): 20 trainers at once against one proxy with a small
+"""Overload: 20 trainers at once against one proxy with a small
 memory budget and few request slots.
 
 Every trainer is a client/main.py run in a thread of this process (a tiny

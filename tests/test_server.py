@@ -462,7 +462,10 @@ async def test_slow_reader_does_not_grow_server_memory(conn, server):
           f"peak growth {growth / 1e6:.1f} MB")
     assert frames[-1].kind == "end" and frames[-1].meta["samples"] == str(BIG_SAMPLES)
     assert slow_read < total / 10
-    assert growth < 8 * FRAME_BYTES < total / 4
+    # While the reader is slow: a few frames. Afterwards, at full speed, the
+    # worker threads' arenas may keep a few more; never the stream's size.
+    assert slow_peak - baseline < 8 * FRAME_BYTES < total / 4
+    assert growth < total / 3
 
 
 def frames_via(server_url, conn, name, req):

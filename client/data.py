@@ -358,7 +358,7 @@ class ShardSource:
                             storage_early_s=sum(compute[:1]))
         storage = {"device": stream.device, "batch_used": stream.batch_used,
                    "compute_s": sum(compute)}
-        inputs = torch.cat([f.features for f in frames])
+        inputs = torch.cat([f.float_features() for f in frames])
         labels = torch.cat([f.labels for f in frames])
         if self.cache is not None:
             self.cache.put(ref.name, request.split, inputs, labels, keys)

@@ -64,11 +64,11 @@ class FeatureStream:
         return int(self.headers[protocol.SAMPLES.lower()])
 
     def __iter__(self):
-        """Yield the batch frames, their features decompressed and, from uint8,
-        dequantized to float32; raises wire.StreamError on an in-stream error."""
+        """Yield the batch frames, their features decompressed, in the wire
+        dtype (``frame.float_features()`` dequantizes uint8 to float32);
+        raises wire.StreamError on an in-stream error."""
         for frame in wire.read_frames(self.reader.read, self.max_frame_bytes):
             if frame.kind == "batch":
-                frame.features = frame.float_features()
                 yield frame
             else:
                 self.end = frame

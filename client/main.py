@@ -186,7 +186,12 @@ def build_parser(prog=None):
                               "(default: a quarter of the largest shard, at most 64, so that "
                               "each shard streams as several frames)")
     storage.add_argument("--wire_dtype", default="float32", choices=names.WIRE_DTYPES,
-                         help="dtype of the features on the wire (default: %(default)s)")
+                         help="dtype of the features on the wire; uint8 is per-channel "
+                              "affine quantization, dequantized here (default: %(default)s)")
+    storage.add_argument("--wire_encoding", default=names.DEFAULT_WIRE_ENCODING,
+                         choices=names.WIRE_ENCODINGS,
+                         help="compression of the features on the wire: zstd (lossless) or "
+                              "raw (default: %(default)s)")
     storage.add_argument("--prefetch", type=int, default=4, help="shard requests in flight "
                          "at most while the trainer computes (default: %(default)s)")
     storage.add_argument("--prefetch_samples", type=int,
@@ -433,6 +438,7 @@ def train_config(args, log=print):
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, seed=args.seed,
         storage_batch=args.storage_batch, wire_dtype=args.wire_dtype,
+        wire_encoding=args.wire_encoding,
         holdout=0.0 if args.testonly else args.holdout, start=args.start, end=args.end,
         prefetch=0 if args.sequential else args.prefetch,
         prefetch_samples=args.prefetch_samples, max_buffered_bytes=args.max_buffered_mb << 20,

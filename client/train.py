@@ -68,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     storage_batch: int | None = None  # None: data.streaming_batch of the largest shard
     wire_dtype: str = "float32"
+    wire_encoding: str = "raw"
     holdout: float = 0.2
     start: int = 0
     end: int | None = None
@@ -294,7 +295,7 @@ class Trainer:
         return protocol.FeatureRequest(
             model=config.model, split=config.freeze, freeze=config.freeze,
             batch=config.storage_batch, weights=config.weights, preset=config.preset,
-            dtype=config.wire_dtype)
+            dtype=config.wire_dtype, encoding=config.wire_encoding)
 
     def close(self):
         self.loader.close()

@@ -23,6 +23,10 @@ DTYPE = "X-Hapi-Dtype"
 ENCODING = "X-Hapi-Encoding"
 REQUEST_HEADERS = (MODEL, SPLIT, FREEZE, BATCH, WEIGHTS, PRESET, DTYPE, ENCODING)
 
+# Where the storage tier answers what each layer costs on its device:
+# GET COSTS_PATH?model=M&preset=P&batch=B, a JSON document.
+COSTS_PATH = "/hapi/costs"
+
 # Response headers.
 DEVICE = "X-Hapi-Device"
 BATCH_USED = "X-Hapi-Batch-Used"

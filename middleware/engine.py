@@ -59,6 +59,7 @@ class FeatureEngine:
         self.models = ModelCache(max_cached_models, threading_module)
         self._layer_counts = {}
         self._costs = {}
+        self._layer_costs = {}
 
     # Models -------------------------------------------------------------
 
@@ -112,6 +113,34 @@ class FeatureEngine:
             with open(self.weights_file(weights_ref.value), "rb") as f:
                 fetched_bytes = f.read()
         return weights_mod.load_state_dict_bytes(fetched_bytes, source=str(weights_ref))
+
+    # Layer costs --------------------------------------------------------
+
+    def layer_costs(self, model, request):
+        """Per-sample seconds of each layer of the model on this device, at
+        the request's preset size and storage batch: measured once per
+        (model, size, batch), with a batch of zeros, in a device slot.
+        The trainer reads them (``/hapi/costs``) to choose a split before its
+        first feature request. Blocking: run it in a worker thread."""
+        size = preset_size(request.preset)
+        key = (request.model, size, request.batch)
+        costs = self._layer_costs.get(key)
+        if costs is None:
+            layer_times = []
+            with self.slots.slot(), torch.inference_mode():
+                x = torch.zeros((request.batch, 3, size, size), device=self.device)
+                for layer in model.layers:
+                    t0 = time.perf_counter()
+                    x = layer(x)
+                    if x.is_cuda:
+                        torch.cuda.synchronize(x.device)
+                    layer_times.append((time.perf_counter() - t0) / request.batch)
+            costs = self._layer_costs[key] = layer_times
+        return costs
+
+    def known_layer_costs(self, name, preset, batch):
+        """The costs :meth:`layer_costs` measured, or None."""
+        return self._layer_costs.get((name, preset_size(preset), batch))
 
     # Memory -------------------------------------------------------------
 
@@ -237,19 +266,3 @@ class FeatureEngine:
             protocol.SPLIT: str(feature_req.split),
             protocol.MODEL: feature_req.model,
         }
-
-
-def model_key(feature_req, swift_path=None, swift_etag=None):
-    """Cache key of a request's model: its name and an identity of its weights.
-
-    A ``swift:`` weights object is identified by its path and ETag (from a
-    HEAD made with the caller's access), so replacing the object replaces
-    the model; other references identify themselves.
-    """
-    if feature_req.weights.kind == "swift":
-        return feature_req.model, f"{swift_path}@{swift_etag}"
-    return feature_req.model, str(feature_req.weights)
-
-
-def split_batches(samples, batch):
-    return [samples[i:i + batch] for i in range(0, len(samples), batch)]

@@ -77,6 +77,8 @@ with a JSON body naming ``X-Hapi-Weights`` (another failure to read it is
 a 400 naming it).
 """
 
+import json
+
 from eventlet import Timeout, spawn, tpool
 from eventlet.event import Event
 from eventlet.patcher import original
@@ -87,21 +89,8 @@ from swift.common.utils import close_if_possible, get_logger
 from swift.common.wsgi import make_subrequest
 
 from hapi import protocol, zoo
-from hapi.middleware.effects import (
-    AwaitGrant,
-    BodyBroken,
-    ClientGone,
-    Fetch,
-    Join,
-    NextChunk,
-    Relay,
-    Reply,
-    Respond,
-    Run,
-    Send,
-    Start,
-)
-from hapi.middleware.pipeline import StorageTier
+from hapi.middleware import effects
+from hapi.middleware.pipeline import Events, StorageTier
 from hapi.middleware.responses import RequestError
 from hapi.middleware.settings import Settings
 from hapi.preprocess import PRESETS
@@ -111,24 +100,15 @@ SWIFT_SOURCE = "HAPI"
 TEMPURL_USER = ".wsgi.tempurl"
 
 
-class ProxyEvents:
-    """The pipeline's log lines through the proxy's logger, marked ``HAPI:``
-    among the other middlewares' lines, and its statsd metrics."""
+class ProxyEvents(Events):
+    """The steps' log lines through the proxy's logger, marked ``HAPI:``
+    among the other middlewares' lines, and their statsd metrics."""
 
     def __init__(self, logger):
-        self.logger = logger
+        super().__init__(logger, prefix="HAPI: ")
         self.increment = logger.increment
         self.update_stats = logger.update_stats
         self.timing_since = logger.timing_since
-
-    def info(self, message):
-        self.logger.info("HAPI: %s", message)
-
-    def warning(self, message):
-        self.logger.warning("HAPI: %s", message)
-
-    def exception(self, message):
-        self.logger.exception("HAPI: %s", message)
 
 
 class HapiMiddleware:
@@ -141,6 +121,10 @@ class HapiMiddleware:
                                 threading_module=original("threading"))
 
     def __call__(self, env, start_response):
+        if env["REQUEST_METHOD"] == "GET" and env.get("PATH_INFO") == protocol.COSTS_PATH:
+            status, doc = self.tier.layer_costs(env.get("QUERY_STRING", ""))
+            return Response(status=status, body=json.dumps(doc).encode(),
+                            content_type="application/json")(env, start_response)
         if env["REQUEST_METHOD"] != "GET" or "HTTP_X_HAPI_MODEL" not in env:
             return self.app(env, start_response)
         return FeatureResponse(self.app, Request(env), self.tier).respond(start_response)
@@ -167,13 +151,13 @@ class FeatureResponse:
         value, error = None, None
         while True:
             effect = self.advance(value, error)
-            if isinstance(effect, Relay):
+            if isinstance(effect, effects.Relay):
                 return effect.reply.native(self.req.environ, start_response)
-            if isinstance(effect, Respond) and effect.body is not None:
+            if isinstance(effect, effects.Respond) and effect.body is not None:
                 self.advance(None, None)  # the steps end with their answer
                 return Response(status=effect.status, headers=effect.headers,
                                 body=effect.body)(self.req.environ, start_response)
-            if isinstance(effect, Respond):
+            if isinstance(effect, effects.Respond):
                 start_response("200 OK", list(effect.headers.items()))
                 return self.body()
             value, error = self.perform(effect)
@@ -184,16 +168,16 @@ class FeatureResponse:
         yielding, so that the request gives back what it holds."""
         value, error, gone = None, None, False
         while (effect := self.advance(value, error)) is not None:
-            if not isinstance(effect, Send):
+            if not isinstance(effect, effects.Send):
                 value, error = self.perform(effect)
             elif gone:
-                value, error = None, ClientGone()
+                value, error = None, effects.ClientGone()
             else:
                 try:
                     yield effect.data
                     value, error = None, None
                 except GeneratorExit:
-                    gone, value, error = True, None, ClientGone()
+                    gone, value, error = True, None, effects.ClientGone()
 
     def advance(self, value, error):
         """The steps' next effect, given the last one's result; None at their end."""
@@ -205,17 +189,17 @@ class FeatureResponse:
     def perform(self, effect):
         """(result, None), or (None, the exception to raise into the steps)."""
         try:
-            if isinstance(effect, Fetch):
+            if isinstance(effect, effects.Fetch):
                 return self.fetch(effect), None
-            if isinstance(effect, NextChunk):
+            if isinstance(effect, effects.NextChunk):
                 return self.next_chunk(effect.reply), None
-            if isinstance(effect, Run):
+            if isinstance(effect, effects.Run):
                 return tpool.execute(effect.func, *effect.args), None
-            if isinstance(effect, Start):
+            if isinstance(effect, effects.Start):
                 return spawn(tpool.execute, effect.func, *effect.args), None
-            if isinstance(effect, Join):
+            if isinstance(effect, effects.Join):
                 return effect.handle.wait(), None
-            if isinstance(effect, AwaitGrant):
+            if isinstance(effect, effects.AwaitGrant):
                 return self.await_grant(effect), None
             raise TypeError(f"no way to perform {effect!r}")
         except Exception as err:
@@ -231,7 +215,7 @@ class FeatureResponse:
         resp = make_subrequest(self.req.environ, method=effect.method, path=path,
                                headers=headers, body=effect.body,
                                swift_source=SWIFT_SOURCE).get_response(self.app)
-        return Reply(status=resp.status_int, reason=resp.status.partition(" ")[2],
+        return effects.Reply(status=resp.status_int, reason=resp.status.partition(" ")[2],
                      headers=resp.headers, native=resp, body=iter(resp.app_iter),
                      release=lambda: close_if_possible(resp.app_iter))
 
@@ -240,7 +224,7 @@ class FeatureResponse:
         try:
             return next(reply.body, b"")
         except Exception as err:
-            raise BodyBroken(f"{type(err).__name__}: {err}") from err
+            raise effects.BodyBroken(f"{type(err).__name__}: {err}") from err
 
     @staticmethod
     def await_grant(effect):

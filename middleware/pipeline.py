@@ -46,9 +46,10 @@ import json
 import re
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 
-from hapi import protocol
+from hapi import names, protocol
 from hapi.middleware.admission import OverBudget
 from hapi.middleware.effects import (
     AwaitGrant,
@@ -110,12 +111,30 @@ def split_batches(samples, batch):
     return [samples[i:i + batch] for i in range(0, len(samples), batch)]
 
 
+class Events:
+    """Where the steps' log lines go: ``logger``, each line after ``prefix``.
+    A front end adds the statsd metrics: ``increment``, ``update_stats`` and
+    ``timing_since``."""
+
+    def __init__(self, logger, prefix=""):
+        self.logger = logger
+        self.prefix = prefix
+
+    def info(self, message):
+        self.logger.info("%s%s", self.prefix, message)
+
+    def warning(self, message):
+        self.logger.warning("%s%s", self.prefix, message)
+
+    def exception(self, message):
+        self.logger.exception("%s%s", self.prefix, message)
+
+
 class StorageTier:
     """What the feature requests of one front end share: the operator's
     settings, the engine, the memory budget, the count of requests in
-    progress, and ``events``, where log lines and statsd metrics go (an
-    object with ``info``, ``warning``, ``exception``, ``increment``,
-    ``update_stats`` and ``timing_since``)."""
+    progress, and ``events`` (:class:`Events`), where log lines and statsd
+    metrics go."""
 
     def __init__(self, settings, events, threading_module=threading):
         self.settings = settings
@@ -127,6 +146,29 @@ class StorageTier:
         self.stored_features = StoredFeatures(settings.feature_cache_container,
                                               settings.feature_cache_max_bytes) \
             if settings.feature_cache_container else None
+
+    def layer_costs(self, query):
+        """The answer to ``GET /hapi/costs?model=M&preset=P&batch=B``
+        (:data:`hapi.protocol.COSTS_PATH`): (status,
+        JSON body). 200 with the per-sample seconds of each layer measured on
+        this tier's device, 404 when no request has used that model at that
+        preset and storage batch yet, 400 naming a bad parameter."""
+        params = dict(urllib.parse.parse_qsl(query))
+        model = params.get("model", "")
+        if model not in self.limits.models:
+            return 400, {"error": f"unknown model {model[:40]!r}", "parameter": "model"}
+        preset = params.get("preset", protocol.DEFAULT_PRESET)
+        if preset not in names.PRESETS:
+            return 400, {"error": f"unknown preset {preset[:40]!r}", "parameter": "preset"}
+        batch = protocol.parse_integer(params.get("batch", ""), protocol.INT_DIGITS)
+        if batch is None or not 1 <= batch <= self.limits.max_batch:
+            return 400, {"error": f"batch must be 1..{self.limits.max_batch}",
+                         "parameter": "batch"}
+        costs = self.engine.known_layer_costs(model, preset, batch)
+        if costs is None:
+            return 404, {"error": f"{model} has not run at {preset}, batch {batch} here yet"}
+        return 200, {"model": model, "preset": preset, "batch": batch,
+                     "device": str(self.engine.device), "layers_s_per_sample": costs}
 
     def feature_request(self, path, query, headers):
         """The steps of one feature request (a generator of effects):
@@ -234,6 +276,9 @@ class FeatureJob:
             self.cache_path = cache.entry_path(self.account_path, self.path, self.shard_etag,
                                                feature_req, key[1])
         model = yield from self.model_for(feature_req, key, weights_path)
+        if self.engine.known_layer_costs(feature_req.model, feature_req.preset,
+                                         feature_req.batch) is None:
+            yield Run(self.engine.layer_costs, (model, feature_req))
         samples = yield Run(self.engine.open_shard, (data, feature_req.preset))
         asked = feature_req.batch
         granted = yield from self.admit(model, feature_req, len(samples))

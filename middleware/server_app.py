@@ -15,22 +15,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from hapi import protocol
-from hapi.middleware.effects import (
-    AwaitGrant,
-    BodyBroken,
-    ClientGone,
-    Fetch,
-    Join,
-    NextChunk,
-    Relay,
-    Reply,
-    Respond,
-    Run,
-    Send,
-    Start,
-    StreamEnded,
-)
-from hapi.middleware.pipeline import StorageTier
+from hapi.middleware import effects
+from hapi.middleware.pipeline import Events, StorageTier
 from hapi.middleware.responses import RequestError, quote, refusal_line
 
 log = logging.getLogger("hapi.server")
@@ -46,22 +32,13 @@ READ_CHUNK = 1 << 20
 FINAL_FRAME_S = 5.0
 
 
-class ServerEvents:
-    """The pipeline's log lines through standard logging; its statsd
-    metrics counted in :attr:`counts`."""
+class ServerEvents(Events):
+    """The steps' log lines through standard logging; their statsd metrics
+    counted in :attr:`counts`."""
 
     def __init__(self, logger):
-        self.logger = logger
+        super().__init__(logger)
         self.counts = collections.Counter()
-
-    def info(self, message):
-        self.logger.info("%s", message)
-
-    def warning(self, message):
-        self.logger.warning("%s", message)
-
-    def exception(self, message):
-        self.logger.exception("%s", message)
 
     def increment(self, name):
         self.counts[name] += 1
@@ -140,6 +117,7 @@ class HapiServer:
     def make_app(self):
         app = web.Application()
         app.router.add_get("/healthcheck", self.healthcheck, allow_head=False)
+        app.router.add_get(protocol.COSTS_PATH, self.layer_costs, allow_head=False)
         app.router.add_get("/{path:.*}", self.handle, allow_head=False)
         app.on_startup.append(self.start)
         app.on_shutdown.append(self.drain)
@@ -192,6 +170,10 @@ class HapiServer:
     async def healthcheck(self, _request):
         return web.Response(text="OK")
 
+    async def layer_costs(self, request):
+        status, doc = self.tier.layer_costs(request.rel_url.raw_query_string)
+        return web.json_response(doc, status=status)
+
     async def handle(self, request):
         """A feature request: the pipeline's steps, performed the asyncio way."""
         if protocol.MODEL not in request.headers:
@@ -238,30 +220,30 @@ class FeatureResponse:
     async def perform(self, effect):
         """(result, None), or (None, the exception to raise into the steps)."""
         try:
-            if isinstance(effect, Send):
+            if isinstance(effect, effects.Send):
                 return await self.send(effect.data), None
-            if isinstance(effect, Respond):
+            if isinstance(effect, effects.Respond):
                 return await self.start_response(effect), None
-            if isinstance(effect, Relay):
+            if isinstance(effect, effects.Relay):
                 self.response = await relayed(effect.reply.native)
                 effect.reply.release()
                 return None, None
-            if isinstance(effect, Fetch):
+            if isinstance(effect, effects.Fetch):
                 return await self.fetch(effect), None
-            if isinstance(effect, NextChunk):
+            if isinstance(effect, effects.NextChunk):
                 return await self.next_chunk(effect.reply), None
-            if isinstance(effect, Run):
+            if isinstance(effect, effects.Run):
                 return await self.server.run(effect.func, *effect.args), None
-            if isinstance(effect, Start):
+            if isinstance(effect, effects.Start):
                 return self.server.run(effect.func, *effect.args), None
-            if isinstance(effect, Join):
+            if isinstance(effect, effects.Join):
                 # A cancelled request cannot stop the thread: the steps wait for it.
                 return await asyncio.shield(effect.handle), None
-            if isinstance(effect, AwaitGrant):
+            if isinstance(effect, effects.AwaitGrant):
                 return await self.await_grant(effect), None
             raise TypeError(f"no way to perform {effect!r}")
         except ConnectionError:
-            return None, ClientGone()
+            return None, effects.ClientGone()
         except Exception as err:
             return None, err
 
@@ -277,7 +259,7 @@ class FeatureResponse:
     async def send(self, data):
         if self.server.expired and not self.shutdown_told:
             self.shutdown_told = True
-            raise StreamEnded(503, "HAPI server is shutting down; retry", "shutdown")
+            raise effects.StreamEnded(503, "HAPI server is shutting down; retry", "shutdown")
         await self.response.write(data)  # waits while the reader's socket is full
 
     async def fetch(self, effect):
@@ -287,7 +269,7 @@ class FeatureResponse:
             resp = await self.server.session.request(
                 effect.method, url, headers={**self.auth, **effect.headers},
                 data=effect.body, allow_redirects=False)
-        return Reply(status=resp.status, reason=resp.reason or "", headers=resp.headers,
+        return effects.Reply(status=resp.status, reason=resp.reason or "", headers=resp.headers,
                      native=resp, body=resp.content, release=resp.release)
 
     @staticmethod
@@ -296,7 +278,7 @@ class FeatureResponse:
             try:
                 return await reply.body.read(READ_CHUNK)
             except aiohttp.ClientPayloadError as err:
-                raise BodyBroken(str(err)) from err
+                raise effects.BodyBroken(str(err)) from err
 
     @staticmethod
     async def await_grant(effect):

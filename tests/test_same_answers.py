@@ -247,3 +247,28 @@ def test_seeded_models_built_concurrently_are_exact(swift_cluster, conn, tmp_pat
             preprocess([s.image for s in images], "imagenet-64", model), 0, 2)
         for tensor in (first, second, cached):
             torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_costs_are_served_once_a_model_has_run(swift_cluster, server, conn):
+    """Each front end measures the layers on its own device the first time
+    a model runs at a preset size and storage batch, and serves the figures
+    at /hapi/costs, so a trainer can choose its split before it asks for
+    features. Bad parameters are 400s naming them."""
+    req = feature_request("resnet18", batch=3, preset="imagenet-64")
+    query = "model=resnet18&preset=imagenet-64&batch=3"
+    for base in (swift_cluster.proxy_url, server.url):
+        status, _, body = exchange(f"{base}{protocol.COSTS_PATH}?{query}", {})
+        assert status == 404 and "has not run" in json.loads(body)["error"]
+        for bad, parameter in (("model=lenet&batch=3", "model"),
+                               ("model=resnet18&batch=0", "batch"),
+                               ("model=resnet18&batch=3&preset=huge", "preset")):
+            status, _, body = exchange(f"{base}{protocol.COSTS_PATH}?{bad}", {})
+            assert status == 400 and json.loads(body)["parameter"] == parameter
+        status, _, body = exchange(url_of(base, conn, "small.tar"),
+                                   {**hapi(req), "X-Auth-Token": conn.token})
+        assert status == 200
+        status, _, body = exchange(f"{base}{protocol.COSTS_PATH}?{query}", {})
+        doc = json.loads(body)
+        assert status == 200 and doc["device"] == "cpu"
+        assert len(doc["layers_s_per_sample"]) == len(zoo.build_model("resnet18", seed=0))
+        assert all(seconds > 0 for seconds in doc["layers_s_per_sample"])

@@ -78,6 +78,16 @@ def test_float16_features_train_like_float32(cluster, monkeypatch):
     assert half_loss == approx(full_loss, rel=0.02)
 
 
+def test_zstd_features_train_exactly_like_raw_ones_with_fewer_bytes(cluster):
+    """--wire_encoding zstd: lossless, so the same loss at every step; the
+    ReLU features compress, so fewer bytes cross the network."""
+    runs = {encoding: train(cluster, "--freeze", "--split_idx", str(FREEZE),
+                            "--wire_encoding", encoding)[0]
+            for encoding in ("raw", "zstd")}
+    assert runs["zstd"]["epochs"][0]["step_loss"] == runs["raw"]["epochs"][0]["step_loss"]
+    assert runs["zstd"]["bytes_received"] < runs["raw"]["bytes_received"]
+
+
 def test_a_freeze_index_reaches_the_storage_tier_and_sets_the_trained_layers(
         cluster, swift_conn, tmp_path):
     """ResNet-18's layers 12 (avgpool) and 13 (flatten) have no parameters:

@@ -16,10 +16,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from hapi import zoo
-from hapi.wire import TORCH_DTYPES
+from hapi.hostmem import available_memory_bytes
+from hapi.wire import to_wire_dtype
 
 # memory_budget = auto on the CPU: this share of MemAvailable when the process
-# starts (DEFAULT_CPU_BUDGET where /proc/meminfo is missing).
+# starts (DEFAULT_CPU_BUDGET where it cannot be read).
 AUTO_BUDGET_SHARE = 0.5
 DEFAULT_CPU_BUDGET = 2 << 30
 
@@ -32,15 +33,9 @@ MEASURED_BATCHES = (1, 4)
 
 
 def auto_cpu_budget():
-    """:data:`AUTO_BUDGET_SHARE` of the memory available now, from /proc/meminfo."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(int(line.split()[1]) * 1024 * AUTO_BUDGET_SHARE)
-    except OSError:
-        pass
-    return DEFAULT_CPU_BUDGET
+    """:data:`AUTO_BUDGET_SHARE` of the memory available now."""
+    available = available_memory_bytes()
+    return DEFAULT_CPU_BUDGET if available is None else int(available * AUTO_BUDGET_SHARE)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -90,7 +85,7 @@ def trace_forward(name, size, split, dtype, batches=MEASURED_BATCHES):
             input_bytes = x.nbytes
             for layer in model.layers[:split]:
                 x = layer(x)
-            wire = x.to(TORCH_DTYPES[dtype])
+            wire = to_wire_dtype(x, dtype)["features"]
         traces[batch] = ForwardTrace(peak=trace.peak, input=input_bytes, output=x.nbytes,
                                      wire=wire.nbytes)
     return traces
@@ -101,8 +96,9 @@ def cpu_request_peak(trace):
     the largest of its three moments (preprocessing: the per-image tensors
     and their stacked batch; the forward with the wire-dtype copy; encoding:
     the features, their wire copy when the dtype changes, the safetensors
-    blob and the length-prefixed frame), plus the previous frame, still
-    being sent while this batch is computed."""
+    blob and the length-prefixed frame; a compressed frame holds less), plus
+    the previous frame, still being sent while this batch is computed. The
+    uint8 quantization's float32 temporary is in the traced peak."""
     cast = trace.wire if trace.wire != trace.output else 0  # float32 on the wire: no copy
     encode = trace.output + cast + 2 * trace.wire
     return max(2 * trace.input, trace.peak, encode) + trace.wire

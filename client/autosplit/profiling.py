@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from swiftclient import ClientException
 
 from hapi import wire
 from hapi.client import data
+from hapi.hostmem import available_memory_bytes
 from hapi.preprocess import DecodeError, preprocess, preset_size
 
 __all__ = [
@@ -355,17 +355,7 @@ def free_memory_bytes(device: str | torch.device = "cpu") -> int | None:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    return available_memory_bytes()
 
 
 def profile_from_model(model, *, input_shape: Sequence[int], freeze: int, batch_size: int,

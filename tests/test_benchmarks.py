@@ -1,11 +1,12 @@
 """benchmarks/tl_benchmark.py and split_quality.py end to end, with tiny
-settings, as their real commands.
+settings, as their real commands; the ImageNet-like images they load by default.
 
 As root the storage tier runs in a shaped network namespace; elsewhere the
 benchmark falls back to loopback, and these tests say so (a warning) and
 check that fallback instead.
 """
 
+import io
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from hapi.client_setup import datasets
+
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARK = REPO / "benchmarks" / "tl_benchmark.py"
 SPLIT_QUALITY = REPO / "benchmarks" / "split_quality.py"
@@ -27,11 +30,18 @@ FIELDS = {"model", "mode", "bandwidth_mbit", "epoch_s", "link_bytes", "trainer_b
           "trainer_compute_s", "trainer_wait_s", "storage_compute_s", "storage_wait_s",
           "split", "accuracy"}
 SHAPED = os.geteuid() == 0
+FEATURE_MODES = {"hapi_auto", "hapi_freeze", "hapi_sequential"}
+# A tiny data set of the default ImageNet-like images.
+TINY_DATA = ["--bandwidths", "200", "--images", "24", "--shard_size", "8", "--batch_size", "8",
+             "--epochs", "1", "--holdout", "0.34"]
 # The zoo's fastest model, whose trained layers are small for ALL_IN_COS to fetch.
-TINY = ["--models", "mobilenet_v3_small", "--bandwidths", "200", "--images", "24",
-        "--shard_size", "8", "--batch_size", "8", "--epochs", "1", "--holdout", "0.34"]
+TINY = ["--models", "mobilenet_v3_small", *TINY_DATA, "--repeats", "1", "--encodings", "float32"]
 
-pytestmark = [pytest.mark.swift, pytest.mark.timeout(900)]
+
+
+def benchmark(test):
+    """A test that runs a benchmark: it starts Swift and may take minutes."""
+    return pytest.mark.swift(pytest.mark.timeout(900)(test))
 
 
 def start_benchmark(out, script=BENCHMARK, flags=TINY):
@@ -64,6 +74,7 @@ def running(pid):
     return state != "Z"
 
 
+@benchmark
 def test_smoke_run_writes_every_mode_field_and_plot(tmp_path):
     out = tmp_path / "bench"
     proc = start_benchmark(out)
@@ -74,6 +85,9 @@ def test_smoke_run_writes_every_mode_field_and_plot(tmp_path):
     assert doc["setup"]["shaped"] is SHAPED
     records = doc["results"]
     assert [r["mode"] for r in records] == MODES
+    assert [r["encoding"] for r in records] == [
+        "float32" if mode in FEATURE_MODES else None for mode in MODES]
+    assert {r["repeat"] for r in records} == {1}
     assert FIELDS.issubset(records[0])
     assert all(list(r) == list(records[0]) for r in records)
     for record in records:
@@ -105,6 +119,7 @@ def test_smoke_run_writes_every_mode_field_and_plot(tmp_path):
     assert not any(running(pid) for pid in swift_pids(out))
 
 
+@benchmark
 def test_sigterm_stops_swift_and_removes_the_namespaces(tmp_path):
     out = tmp_path / "bench"
     proc = start_benchmark(out)
@@ -127,6 +142,80 @@ def test_sigterm_stops_swift_and_removes_the_namespaces(tmp_path):
     assert not namespaces_of(proc.pid)
 
 
+@benchmark
+def test_repeats_interleave_and_encodings_shrink_the_features(tmp_path):
+    """Two rounds of a grid with two encodings: every cell once per round, in
+    round order; medians and spreads per cell; quantized, compressed features
+    cross the link in fewer bytes than float32 ones."""
+    out = tmp_path / "bench"
+    proc = start_benchmark(out, flags=[
+        "--models", "resnet18", *TINY_DATA, "--modes", "vanilla", "hapi_freeze",
+        "--encodings", "float32", "uint8+zstd", "--repeats", "2"])
+    stdout, _ = proc.communicate(timeout=850)
+    assert proc.returncode == 0, stdout[-4000:]
+
+    doc = json.loads((out / "results.json").read_text())
+    cell_order = [("vanilla", None), ("hapi_freeze", "float32"), ("hapi_freeze", "uint8+zstd")]
+    assert [(r["repeat"], r["mode"], r["encoding"]) for r in doc["results"]] == [
+        (repeat, mode, encoding) for repeat in (1, 2) for mode, encoding in cell_order]
+    cells = doc["cells"]
+    assert [(c["mode"], c["encoding"], c["repeats"]) for c in cells] == [
+        (mode, encoding, 2) for mode, encoding in cell_order]
+    for cell in cells:
+        records = [r for r in doc["results"]
+                   if (r["mode"], r["encoding"]) == (cell["mode"], cell["encoding"])]
+        times = sorted(r["epoch_s"] for r in records)
+        assert cell["epoch_s"] == {"median": pytest.approx(sum(times) / 2),
+                                   "min": times[0], "max": times[1]}
+        assert len(cell["runs"]) == 2 and cell["splits"] == [records[0]["split"]] * 2
+    freeze = {c["encoding"]: c for c in cells if c["mode"] == "hapi_freeze"}
+    assert freeze["uint8+zstd"]["trainer_bytes"]["max"] \
+        < 0.5 * freeze["float32"]["trainer_bytes"]["min"]
+
+    [summary] = doc["summary"].values()
+    assert summary["encoding"] == "float32" and set(summary["by_encoding"]) == {
+        "float32", "uint8+zstd"}
+    for encoding, targets in summary["by_encoding"].items():
+        low, high = targets["bytes_vanilla_over_freeze_spread"]
+        assert low <= targets["bytes_vanilla_over_freeze"] <= high
+        per_round = [
+            _bytes_of(doc, "vanilla", None, repeat) / _bytes_of(doc, "hapi_freeze", encoding,
+                                                                 repeat)
+            for repeat in (1, 2)]
+        assert sorted(per_round) == pytest.approx([low, high])
+    assert summary["bytes_vanilla_over_freeze"] == \
+        summary["by_encoding"]["float32"]["bytes_vanilla_over_freeze"]
+    assert "medians of 2 round(s)" in stdout and "uint8+zstd" in stdout
+    for name in PLOTS:
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
+
+
+def _bytes_of(doc, mode, encoding, repeat):
+    """The bytes of one run as the summary counts them: the link's, else the trainer's."""
+    [record] = [r for r in doc["results"]
+                if (r["mode"], r["encoding"], r["repeat"]) == (mode, encoding, repeat)]
+    return record["link_bytes"] if record["link_bytes"] is not None else record["trainer_bytes"]
+
+
+def test_imagenet_like_images_have_photo_sizes_and_jpeg_sizes():
+    """The benchmark's default data: sides drawn within 300-500 x 250-450 px,
+    about 400 x 350 on average, and JPEGs of about 110 KB on average, as ImageNet's."""
+    from PIL import Image
+
+    samples = list(datasets.synthetic(64, size=datasets.IMAGENET_LIKE, seed=1).samples)
+    sides = [Image.open(io.BytesIO(s.image)).size for s in samples]
+    widths, heights = zip(*sides, strict=True)
+    assert min(widths) >= 300 and max(widths) <= 500
+    assert min(heights) >= 250 and max(heights) <= 450
+    assert len(set(sides)) > 32
+    assert 370 < sum(widths) / 64 < 430 and 320 < sum(heights) / 64 < 380
+    mean_kb = sum(len(s.image) for s in samples) / 64 / 1e3
+    assert 95 < mean_kb < 125, mean_kb
+    again = next(iter(datasets.synthetic(1, size=datasets.IMAGENET_LIKE, seed=1).samples))
+    assert again.image == samples[0].image
+
+
+@benchmark
 def test_split_quality_times_every_split_and_judges_the_choice(tmp_path):
     """One case, no cutoff: every split s <= f has a measured time, the
     contenders a second run, and the verdict follows from those times."""

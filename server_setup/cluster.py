@@ -10,9 +10,15 @@ Everything lives in one folder chosen by the user (nothing is written to
     ROOT/run/NAME.pid   each server's pid
 
 Each server (account, container, object, proxy) runs as its own process with
-``workers = 0``, so SIGTERM stops it at once. The confs and rings are written
-again on every start from the current options; data, the hash path settings
-and the fernet key are created once and kept.
+``workers = 0``, so SIGTERM stops it at once. With ``proxies=N`` (``--proxies``)
+N proxy servers run, named proxy, proxy2, proxy3... (conf, log and pid file
+each), on consecutive ports from ``--proxy-port`` (else free ones), each with
+the same pipeline, tempauth fernet key and rings over the same account,
+container and object servers: a token from one is good at all of them.
+
+The confs and rings are written again on every start from the current
+options; data, the hash path settings and the fernet key are created once and
+kept.
 
 Known limits, all from Swift itself:
 
@@ -32,8 +38,8 @@ versioning (``X-Versions-Enabled``, ``?version-id=``) are enabled.
 
 CLI (``hapi-swift`` or ``python -m hapi.server_setup.cluster``)::
 
-    hapi-swift start DIR [--proxy-port N] [--host ADDR] [--devices D] [--without-hapi]
-                         [--hapi-option KEY=VALUE ...]
+    hapi-swift start DIR [--proxies N] [--proxy-port N] [--host ADDR] [--devices D]
+                         [--without-hapi] [--hapi-option KEY=VALUE ...]
     hapi-swift stop DIR
     hapi-swift status DIR
     hapi-swift env DIR
@@ -63,7 +69,7 @@ from swift.common.ring import RingBuilder
 from swift.common.utils import Timestamp
 from swiftclient.client import Connection
 
-SERVERS = ("account", "container", "object", "proxy")
+SERVERS = ("account", "container", "object", "proxy")  # of a cluster with one proxy
 BACKENDS = ("account", "container", "object")
 HOST = "127.0.0.1"
 DEVICE = "d1"
@@ -123,17 +129,22 @@ class Cluster:
     address every server binds and the rings name (default: the folder's,
     else 127.0.0.1); it must be local to the network namespace that starts
     the cluster, e.g. a veth address inside a namespace of its own, where
-    the cluster is then started (see benchmarks/shaped.py).
+    the cluster is then started (see benchmarks/shaped.py). ``proxies`` is
+    the number of proxy servers (default: the folder's, else 1); the first
+    is ``proxy_port``'s, the others follow it.
     """
 
     def __init__(self, root, *, proxy_port=None, with_hapi=True, hapi_conf=None,
-                 devices=None, host=None):
+                 devices=None, host=None, proxies=None):
+        if proxies is not None and proxies < 1:
+            raise ClusterError(f"proxies={proxies}: a cluster needs at least 1 proxy")
         self.root = Path(root).absolute()
         self.with_hapi = with_hapi
         self.hapi_conf = dict(hapi_conf or {})
         self._requested_proxy_port = proxy_port
         self._requested_devices = devices
         self._requested_host = host
+        self._requested_proxies = proxies
         self.state = self._load_state()
         self.users = {name: (user, key) for name, (user, key, _) in _TEMPAUTH_USERS.items()}
 
@@ -168,8 +179,29 @@ class Cluster:
         return self._requested_host or self.state.get("host") or HOST
 
     @property
+    def proxies(self):
+        """How many proxy servers run (or will run at the next start)."""
+        return self._requested_proxies or self.state.get("proxies") or 1
+
+    @property
+    def proxy_names(self):
+        """The proxy servers' names: proxy, proxy2, proxy3..."""
+        return _proxy_names(self.proxies)
+
+    @property
+    def servers(self):
+        """Every server of the cluster, backends first."""
+        return [*BACKENDS, *self.proxy_names]
+
+    @property
     def proxy_url(self):
-        return f"http://{self.host}:{self._port('proxy')}"
+        """The first proxy's base URL (where auth_url is)."""
+        return self.proxy_urls[0]
+
+    @property
+    def proxy_urls(self):
+        """Every proxy's base URL, ``http://host:port``, the first proxy first."""
+        return [f"http://{self.host}:{self._port(name)}" for name in self.proxy_names]
 
     @property
     def auth_url(self):
@@ -205,13 +237,10 @@ class Cluster:
         their logs.
         """
         began = time.monotonic()
+        running = self._running()
         alive = [name for name, info in self.status().items() if info["alive"]]
-        if len(alive) == len(SERVERS):
-            running = self.ports["proxy"]
-            if self._requested_proxy_port and int(self._requested_proxy_port) != running:
-                raise ClusterError(
-                    f"cluster in {self.root} is already running with its proxy on port "
-                    f"{running}, not {self._requested_proxy_port}; stop it first to move it")
+        if alive and all(info["alive"] for info in running.values()):
+            self._check_running_matches()
             print(f"already running: {self.auth_url}", flush=True)
             return
         if alive:
@@ -229,10 +258,28 @@ class Cluster:
             raise
         print(f"ready in {time.monotonic() - began:.1f} s: {self.auth_url}", flush=True)
 
+    def _running(self):
+        """status() of the servers the folder was last started with."""
+        started = [*BACKENDS, *_proxy_names(self.state.get("proxies") or 1)]
+        return {name: info for name, info in self.status().items() if name in started}
+
+    def _check_running_matches(self):
+        """A running cluster cannot move its proxies or change their number."""
+        proxies = self.state.get("proxies") or 1
+        if self._requested_proxies and self._requested_proxies != proxies:
+            raise ClusterError(
+                f"cluster in {self.root} is already running with {proxies} proxies, not "
+                f"{self._requested_proxies}; stop it first to change that")
+        running = self.ports["proxy"]
+        if self._requested_proxy_port and int(self._requested_proxy_port) != running:
+            raise ClusterError(
+                f"cluster in {self.root} is already running with its proxy on port "
+                f"{running}, not {self._requested_proxy_port}; stop it first to move it")
+
     def stop(self, quiet=False):
-        """SIGTERM every running server (proxy first) and wait for it to exit."""
+        """SIGTERM every running server (proxies first) and wait for it to exit."""
         stopped = 0
-        for server in reversed(SERVERS):
+        for server in reversed(self._known_servers()):
             pid = self._live_pid(server)
             if pid is not None:
                 _terminate(pid)
@@ -244,7 +291,8 @@ class Cluster:
             print(f"not running: {self.root}", flush=True)
 
     def status(self):
-        """Return {server: {"pid", "alive", "port", "log"}} for the four servers."""
+        """Return {server: {"pid", "alive", "port", "log"}} for every server
+        (account, container, object, proxy, then proxy2... with several)."""
         return {
             server: {
                 "pid": _read_pid(self.pid_path(server)),
@@ -252,8 +300,16 @@ class Cluster:
                 "port": self.ports.get(server),
                 "log": str(self.log_path(server)),
             }
-            for server in SERVERS
+            for server in self._known_servers()
         }
+
+    def _known_servers(self):
+        """This cluster's servers, and any proxy the folder has a pid file for
+        (left from a start with more proxies)."""
+        servers = self.servers
+        extra = sorted(path.stem for path in self.run_dir.glob("proxy*.pid")
+                       if path.stem not in servers)
+        return servers + extra
 
     def __enter__(self):
         self.start()
@@ -309,23 +365,25 @@ class Cluster:
         _check_xattrs(self.devices / DEVICE)
         self.state["host"] = self.host
         self.state["ports"] = ports
+        self.state["proxies"] = self.proxies
         self.state.setdefault("fernet_key", _new_fernet_key())
         _write_private(self.state_file, json.dumps(self.state, indent=2) + "\n")
         self._write_swift_conf()
         self._write_rings()
-        for server in SERVERS:
+        for server in self.servers:
             _write_private(self.conf_path(server), self._server_conf(server))
 
     def _choose_ports(self):
-        """Requested proxy port, else stored ports still free, else new free ones."""
+        """The requested proxy port and the ones after it for the other
+        proxies, else stored ports still free, else new free ones."""
         ports = {}
-        for server in SERVERS:
+        for index, server in enumerate([*self.proxy_names, *BACKENDS]):
             stored = self.ports.get(server)
-            if server == "proxy" and self._requested_proxy_port:
-                port = int(self._requested_proxy_port)
+            if _kind(server) == "proxy" and self._requested_proxy_port:
+                port = int(self._requested_proxy_port) + index
                 if not _port_free(self.host, port):
                     raise ClusterError(f"proxy port {port} is already in use")
-            elif stored and _port_free(self.host, stored):
+            elif stored and _port_free(self.host, stored) and stored not in ports.values():
                 port = stored
             else:
                 port = _free_port(self.host, exclude=ports.values())
@@ -375,7 +433,7 @@ class Cluster:
             "workers": 0,
             "log_name": f"{server}-server",
         }
-        if server != "proxy":
+        if _kind(server) != "proxy":
             default.update(devices=self.devices, mount_check="false")
             return _ini([
                 ("DEFAULT", default),
@@ -412,8 +470,8 @@ class Cluster:
     # -- running ----------------------------------------------------------------
 
     def _launch_all(self):
-        for server in SERVERS:
-            binary = _server_binary(server)
+        for server in self.servers:
+            binary = _server_binary(_kind(server))
             log_path = self.log_path(server)
             with open(log_path, "ab") as log:
                 log.write(f"==== hapi-swift start {time.ctime()} ====\n".encode())
@@ -432,13 +490,14 @@ class Cluster:
         """Backends accept connections, /healthcheck answers, tempauth logs in."""
         checks = [(f"{b}-server port {self.ports[b]}", _port_check(self.host, self.ports[b]))
                   for b in BACKENDS]
-        checks.append(("proxy /healthcheck", _http_check(f"{self.proxy_url}/healthcheck")))
+        checks += [(f"{name} /healthcheck", _http_check(f"{url}/healthcheck"))
+                   for name, url in zip(self.proxy_names, self.proxy_urls, strict=True)]
         user, key = self.users["tester"]
         checks.append((f"tempauth login as {user}", _http_check(
             self.auth_url, {"X-Auth-User": user, "X-Auth-Key": key})))
         for what, check in checks:
             while not check():
-                dead = [s for s in SERVERS if self._live_pid(s) is None]
+                dead = [s for s in self.servers if self._live_pid(s) is None]
                 if dead:
                     raise ClusterError(self._failure(f"{', '.join(dead)} exited"))
                 if time.monotonic() > deadline:
@@ -477,7 +536,7 @@ class Cluster:
 
     def _failure(self, reason):
         parts = [f"Swift cluster in {self.root}: {reason}. Server logs:"]
-        for server in SERVERS:
+        for server in self.servers:
             path = self.log_path(server)
             parts.append(f"--- {path} (last {LOG_TAIL_LINES} lines) ---")
             parts.append(_tail(path, LOG_TAIL_LINES))
@@ -485,6 +544,15 @@ class Cluster:
 
 
 # -- helpers ---------------------------------------------------------------------
+
+
+def _proxy_names(count):
+    return ["proxy"] + [f"proxy{index}" for index in range(2, count + 1)]
+
+
+def _kind(server):
+    """The Swift server a name runs: proxy2 is a proxy server."""
+    return "proxy" if server.startswith("proxy") else server
 
 
 def _write_private(path, text):
@@ -645,8 +713,12 @@ def _parse_args(argv):
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("start", help="set up (first time) and start the cluster")
     start.add_argument("dir", help="folder for the cluster's confs, data, logs")
+    start.add_argument("--proxies", type=_positive, metavar="N",
+                       help="proxy servers to run, on consecutive ports from the first "
+                            "(default: the folder's, else 1)")
     start.add_argument("--proxy-port", type=int,
-                       help=f"proxy port (default: the folder's, else {CLI_PROXY_PORT})")
+                       help=f"the first proxy's port (default: the folder's, else "
+                            f"{CLI_PROXY_PORT})")
     start.add_argument("--host", help=f"address the servers bind (default: the folder's, "
                        f"else {HOST})")
     start.add_argument("--devices", help="folder for the storage device "
@@ -658,9 +730,19 @@ def _parse_args(argv):
                        "section, e.g. threads=1 (repeatable)")
     start.add_argument("--timeout", type=float, default=60, help="seconds to wait for start")
     for name, text in (("stop", "stop all servers"), ("status", "show servers"),
-                       ("env", "print ST_AUTH/ST_USER/ST_KEY exports")):
+                       ("env", "print ST_AUTH/ST_USER/ST_KEY/HAPI_STORAGE_URLS exports")):
         commands.add_parser(name, help=text).add_argument("dir")
     return parser.parse_args(argv)
+
+
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def _option(text):
@@ -685,13 +767,17 @@ def _start(args):
     if port is None and not Cluster(args.dir).is_set_up():
         port = CLI_PROXY_PORT
     cluster = Cluster(args.dir, proxy_port=port, devices=args.devices, host=args.host,
-                      with_hapi=not args.without_hapi, hapi_conf=dict(args.hapi_option))
+                      with_hapi=not args.without_hapi, hapi_conf=dict(args.hapi_option),
+                      proxies=args.proxies)
     cluster.start(timeout=args.timeout)
 
 
 def _print_env(cluster):
+    """Exports for swiftclient (the first proxy's auth) and for the trainer's
+    --storage_urls (every proxy)."""
     user, key = cluster.users["tester"]
-    print(f"export ST_AUTH={cluster.auth_url} ST_USER={user} ST_KEY={key}")
+    print(f"export ST_AUTH={cluster.auth_url} ST_USER={user} ST_KEY={key} "
+          f"HAPI_STORAGE_URLS={','.join(cluster.proxy_urls)}")
 
 
 def main(argv=None):

@@ -204,3 +204,57 @@ def test_normal_operation_logs_no_missing_cache(swift_cluster):
     assert "tempauth" in read_conf(swift_cluster.conf_path("proxy"))["pipeline:main"]["pipeline"]
     assert "GET /v1/AUTH_test/test-cluster-cache/obj-2" in log
     assert "swift.cache" not in log
+
+
+@pytest.mark.swift
+def test_cli_with_two_proxies(tmp_path, capsys):
+    """--proxies 2: two proxy processes on consecutive ports, each serving the
+    same account with the first one's token; env lists both; stop stops both."""
+    root = tmp_path / "cluster"
+    port = free_port()
+    while not cluster_mod._port_free("127.0.0.1", port + 1):
+        port = free_port()
+    assert main(["start", str(root), "--proxies", "2", "--proxy-port", str(port),
+                 "--without-hapi"]) == 0
+    capsys.readouterr()
+    try:
+        status = Cluster(root).status()
+        assert list(status) == [*SERVERS, "proxy2"]
+        assert all(info["alive"] for info in status.values()), status
+        assert [status["proxy"]["port"], status["proxy2"]["port"]] == [port, port + 1]
+        assert status["proxy"]["pid"] != status["proxy2"]["pid"]
+
+        assert main(["env", str(root)]) == 0
+        env = parse_env(capsys.readouterr().out.strip())
+        urls = [f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"]
+        assert env["HAPI_STORAGE_URLS"] == ",".join(urls)
+        assert Cluster(root).proxy_urls == urls
+        first = Connection(authurl=env["ST_AUTH"], user=env["ST_USER"], key=env["ST_KEY"])
+        first.put_container("two")
+        first.put_object("two", "obj", b"payload")
+        url, token = first.get_auth()
+        second = Connection(preauthurl=url.replace(f":{port}/", f":{port + 1}/"),
+                            preauthtoken=token)
+        assert second.get_object("two", "obj")[1] == b"payload"
+        log = (root / "log" / "proxy2.log").read_text()
+        assert "GET /v1/AUTH_test/two/obj" in log
+
+        assert main(["start", str(root), "--proxies", "3"]) == 1
+        assert "already running with 2 proxies, not 3" in capsys.readouterr().err
+        assert main(["status", str(root)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split()[0] for line in lines] == [
+            *(f"{s}-server" for s in SERVERS), "proxy2-server"]
+    finally:
+        assert main(["stop", str(root)]) == 0
+    assert "stopped proxy2-server" in capsys.readouterr().out
+    assert not any(info["alive"] for info in Cluster(root).status().values())
+
+
+def test_proxies_must_be_at_least_one(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["start", str(tmp_path), "--proxies", "0"])
+    assert "--proxies: expected a whole number of at least 1, got '0'" in \
+        capsys.readouterr().err
+    with pytest.raises(ClusterError, match="at least 1 proxy"):
+        Cluster(tmp_path, proxies=0)

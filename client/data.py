@@ -32,6 +32,7 @@ import hashlib
 import itertools
 import threading
 import time
+import urllib.parse
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,7 +41,9 @@ import torch
 from swiftclient import ClientException
 
 from hapi import protocol
-from hapi.client.features import CHUNK_BYTES, fetch_features, intermediate_connection
+from hapi.client.endpoints import Endpoints, merged_report
+from hapi.client.features import CHUNK_BYTES, endpoint_connection, fetch_features
+from hapi.client.retry import transient
 from hapi.preprocess import DecodeError, preprocess
 from hapi.shards import MANIFEST_NAME, Manifest, ShardError, read_shard
 
@@ -237,6 +240,17 @@ def epoch_order(refs, seed, epoch):
     return [refs[i] for i in order.tolist()]
 
 
+def rank_share(ordered, rank, world_size):
+    """Rank ``rank``'s shards of an epoch's seeded order: every ``world_size``-th
+    shard from its ``rank``-th. Every rank derives the same order from the
+    seed and the epoch, so the shares are disjoint and cover every shard,
+    and each sample is trained on once per epoch across the ranks."""
+    if len(ordered) < world_size:
+        raise DataError(f"{len(ordered)} training shards cannot be shared among {world_size} "
+                        f"ranks: use at most {len(ordered)} ranks, or smaller shards")
+    return ordered[rank::world_size]
+
+
 def resume_point(ordered, consumed):
     """Where an epoch continues after ``consumed`` samples: (shards to skip,
     samples to skip in the next shard)."""
@@ -274,18 +288,33 @@ class FixedSplit:
 
 @dataclass
 class Channel:
-    """A loader thread's connections: ``swift`` for raw shards, ``features``
-    for feature requests (``swift`` itself, or a connection with the same
-    token to the standalone HAPI server)."""
+    """A loader thread's connections, one per storage endpoint
+    (``hapi.client.endpoints``): for the endpoint None, ``swift`` (to the
+    storage URL the auth returned) for raw shards and ``features`` for
+    feature requests (``swift`` itself, or a connection with the same token
+    to the standalone HAPI server); for each listed endpoint, a connection
+    with the same token, opened when first used."""
 
     swift: object
     features: object
+    listed: dict = field(default_factory=dict)
+
+    def connection(self, url, for_features):
+        """The connection to endpoint ``url`` (None: ``swift`` or ``features``)."""
+        if url is None:
+            return self.features if for_features else self.swift
+        conn = self.listed.get(url)
+        if conn is None:
+            conn = self.listed[url] = endpoint_connection(self.swift, url)
+        return conn
 
     def close(self):
         """Drop the sockets (after a failure); the next request opens new ones."""
         self.swift.close()
         if self.features is not self.swift:
             self.features.close()
+        for conn in self.listed.values():
+            conn.close()
 
 
 class ShardSource:
@@ -296,6 +325,15 @@ class ShardSource:
     Swift proxy's filter, or with ``intermediate_url`` to the standalone HAPI
     server there; raw shards always come from Swift.
 
+    ``storage_urls`` spreads the requests over several endpoints (base URLs,
+    round robin per request, :class:`hapi.client.endpoints.Endpoints`): Swift
+    proxies in front of the same cluster, which then serve both raw shards
+    and features; with ``intermediate_url``, standalone HAPI servers, which
+    then serve the features in its place (raw shards still come from the
+    storage URL the auth returned). A request that fails in a way worth
+    retrying counts against its endpoint, which is skipped for a while, so
+    that the loader's retry of the shard goes to another endpoint.
+
     ``load`` returns only once the shard's response has been read to its end
     and checked, and raises what the request raised (``ClientException``,
     ``wire.FrameError``, connection errors) for the loader to retry.
@@ -305,17 +343,24 @@ class ShardSource:
     (no request at all), and kept there once they have arrived whole.
     """
 
-    def __init__(self, container, request, intermediate_url=None, cache=None):
+    def __init__(self, container, request, intermediate_url=None, cache=None,
+                 storage_urls=None):
         self.container = container
         self.request = request
         self.intermediate_url = intermediate_url
         self.cache = cache
+        urls = list(storage_urls or [None])
+        if intermediate_url is None:
+            self.raw_endpoints = self.feature_endpoints = Endpoints(urls)
+        else:
+            self.raw_endpoints = Endpoints([None])
+            self.feature_endpoints = Endpoints(urls, none_name=intermediate_url)
 
     def open_channel(self, conn):
         """The :class:`Channel` for a loader thread whose Swift connection is ``conn``."""
-        if self.intermediate_url is None:
+        if self.intermediate_url is None or None not in self.feature_endpoints.urls:
             return Channel(conn, conn)
-        return Channel(conn, intermediate_connection(conn, self.intermediate_url))
+        return Channel(conn, endpoint_connection(conn, self.intermediate_url))
 
     def describe(self, ref, split):
         """What loading ``ref`` at ``split`` asks for, in a log line."""
@@ -323,25 +368,53 @@ class ShardSource:
             return f"raw shard {self.container}/{ref.name}"
         via = f" from the HAPI server at {self.intermediate_url}" if self.intermediate_url \
             else ""
+        if len(self.feature_endpoints.urls) > 1:
+            via = f" from {', '.join(self.feature_endpoints.urls)}"
         return f"features of {self.container}/{ref.name}{via}"
+
+    def endpoints_report(self):
+        """Requests and failures per endpoint, for the metrics."""
+        return merged_report(self.raw_endpoints, self.feature_endpoints)
 
     def load(self, channel, ref, split):
         if split == 0:
-            return self._load_raw(channel.swift, ref)
-        return self._load_features(channel.features, ref,
-                                   dataclasses.replace(self.request, split=split))
+            return self._on_endpoint(self.raw_endpoints, channel, False,
+                                     lambda conn: self._load_raw(conn, ref))
+        request = dataclasses.replace(self.request, split=split)
+        if self.cache is not None:
+            began = time.perf_counter()
+            entry = self.cache.get(ref.name, split)
+            if entry is not None:
+                return self._cached(ref, split, entry, began)
+        return self._on_endpoint(self.feature_endpoints, channel, True,
+                                 lambda conn: self._load_features(conn, ref, request))
+
+    @staticmethod
+    def _on_endpoint(endpoints, channel, for_features, fetch):
+        """``fetch(conn)`` over the connection to the next of ``endpoints``; a
+        failure worth retrying counts against that endpoint (and drops its
+        socket), so that the retry goes elsewhere."""
+        url = endpoints.pick()
+        conn = channel.connection(url, for_features)
+        try:
+            result = fetch(conn)
+        except Exception as err:
+            if transient(err) is not None:
+                endpoints.failed(url)
+                conn.close()
+            raise
+        endpoints.succeeded(url)
+        return result
 
     def _load_features(self, conn, ref, request):
         began = time.perf_counter()
-        if self.cache is not None:
-            entry = self.cache.get(ref.name, request.split)
-            if entry is not None:
-                return self._cached(ref, request.split, entry, began)
         stream = fetch_features(conn, self.container, ref.name, request)
         answered = time.perf_counter()
         if protocol.SAMPLES.lower() not in stream.headers:
-            why = f"{self.intermediate_url} is not a HAPI server" if self.intermediate_url \
-                else "the proxy has no hapi filter in its pipeline"
+            where = urllib.parse.urlsplit(conn.url)
+            where = f"{where.scheme}://{where.netloc}"
+            why = f"{where} is not a HAPI server" if self.intermediate_url \
+                else f"the proxy at {where} has no hapi filter in its pipeline"
             raise DataError(f"GET {self.container}/{ref.name} returned the object, not "
                             f"features: {why}")
         frames = list(stream)

@@ -85,12 +85,13 @@ def fetch_features(conn, container, name, feature_req,
                          max_frame_bytes=max_frame_bytes)
 
 
-def intermediate_connection(conn, server_url):
+def endpoint_connection(conn, base_url):
     """A copy of ``conn`` (a ``swiftclient.Connection``) that sends its requests
-    to the standalone HAPI server at ``server_url`` (``http://host:port``)
-    instead of Swift's proxy: the same account path, the same token, and the
-    same credentials to log in again with Swift's auth when the token expires.
-    :func:`fetch_features` works unchanged over it.
+    to another storage endpoint at ``base_url`` (``http://host:port``): another
+    Swift proxy in front of the same cluster, or the standalone HAPI server.
+    The same account path, the same token, and the same credentials to log in
+    again with Swift's auth when the token expires. :func:`fetch_features`
+    works unchanged over it.
     """
     if not conn.url or not conn.token:
         conn.get_auth()
@@ -98,4 +99,8 @@ def intermediate_connection(conn, server_url):
     return Connection(authurl=conn.authurl, user=conn.user, key=conn.key,
                       retries=conn.retries, auth_version=conn.auth_version,
                       os_options=conn.os_options, timeout=conn.timeout,
-                      preauthurl=server_url.rstrip("/") + path, preauthtoken=conn.token)
+                      preauthurl=base_url.rstrip("/") + path, preauthtoken=conn.token)
+
+
+# The standalone HAPI server is one such endpoint.
+intermediate_connection = endpoint_connection

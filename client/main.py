@@ -61,11 +61,12 @@ def expected_errors():
     from hapi.client.autosplit import SplitSelectionError
     from hapi.client.checkpoint import CheckpointError
     from hapi.client.data import DataError
+    from hapi.client.distributed import RankLost
     from hapi.client.train import TrainingError
 
     return (SwiftAuthError, TrainingError, DataError, CheckpointError, ClientException,
             SplitSelectionError, RetriesExhausted, weights.WeightsError, wire.FrameError,
-            RequestException)
+            RequestException, RankLost)
 
 
 def __getattr__(name):
@@ -204,6 +205,15 @@ def build_parser(prog=None):
     storage.add_argument("--intermediate_url", default=env("HAPI_INTERMEDIATE_URL"),
                          help="the standalone HAPI server, http://HOST:PORT, for "
                               "--use_intermediate [HAPI_INTERMEDIATE_URL]")
+    storage.add_argument("--storage_urls", default=env("HAPI_STORAGE_URLS"),
+                         metavar="URL,URL...",
+                         help="spread the shard requests over these endpoints, round robin, "
+                              "each http://HOST:PORT: Swift proxies of the cluster (the "
+                              "account path comes from the auth's storage URL), or with "
+                              "--use_intermediate standalone HAPI servers instead of "
+                              "--intermediate_url; a failed request is retried on another, "
+                              "and an endpoint that fails is skipped for a while "
+                              "[HAPI_STORAGE_URLS]")
     storage.add_argument("--timeout", type=float, default=120,
                          help="seconds without a byte from Swift or the HAPI server before a "
                               "request counts as failed (and is retried) (default: "
@@ -308,7 +318,10 @@ def check_args(args):
     if args.checkpoint_every and not store:
         raise ConfigError("--checkpoint_every needs --checkpoint_dir or "
                           "--checkpoint_container (where to write the checkpoints)")
-    if args.use_intermediate:
+    args.storage_urls = storage_urls(args.storage_urls)
+    if args.use_intermediate and args.storage_urls:
+        args.intermediate_url = args.storage_urls[0]  # the HAPI servers are the list
+    elif args.use_intermediate:
         args.intermediate_url = intermediate_url(args.intermediate_url)
 
     from hapi import zoo  # torch: only once the flags parsed
@@ -405,11 +418,36 @@ def intermediate_url(url):
     if not url:
         raise ConfigError("--use_intermediate needs the standalone HAPI server's URL: "
                           "--intermediate_url http://HOST:PORT or HAPI_INTERMEDIATE_URL")
+    return base_url("--intermediate_url", url, "the standalone HAPI server")
+
+
+def storage_urls(text):
+    """--storage_urls as a tuple of base URLs, checked (None when not given)."""
+    if text is None:
+        return None
+    urls = [item.strip() for item in text.split(",")]
+    if not any(urls):
+        raise ConfigError("--storage_urls is empty: give URL,URL... (http://HOST:PORT each), "
+                          "or leave it out to use the auth's storage URL")
+    checked = [base_url("--storage_urls", url, "a Swift proxy or standalone HAPI server")
+               for url in urls]
+    repeated = sorted({url for url in checked if checked.count(url) > 1})
+    if repeated:
+        raise ConfigError(f"--storage_urls names {', '.join(repeated)} more than once: "
+                          "list each endpoint once")
+    return tuple(checked)
+
+
+def base_url(flag, url, what):
+    """``url`` without its trailing slash, if it is a base URL ``http(s)://HOST:PORT``."""
     parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        parts = parts._replace(scheme="")
     if parts.scheme not in ("http", "https") or not parts.hostname or \
             parts.path.strip("/") or parts.query:
-        raise ConfigError(f"--intermediate_url {url!r}: expected http://HOST:PORT "
-                          "(the standalone HAPI server)")
+        raise ConfigError(f"{flag} {url!r}: expected http://HOST:PORT ({what})")
     return url.rstrip("/")
 
 
@@ -445,6 +483,7 @@ def train_config(args, log=print):
         device="cuda" if torch.cuda.is_available() and not args.cpuonly else "cpu",
         checkpoint_every=args.checkpoint_every, retries=args.retries,
         intermediate_url=args.intermediate_url if args.use_intermediate else None,
+        storage_urls=args.storage_urls,
         cache_dir=args.cache_dir, cache_bytes=args.cache_size)
 
 
@@ -507,14 +546,21 @@ def run(args, on_step=None, log=print):
     metrics document (``hapi.client.train``), also written to ``--metrics``.
     With ``--resume`` on a run whose epochs are all trained, say so and
     return None: nothing trains, and ``--metrics`` keeps what it holds."""
+    import dataclasses
+
     import torch
 
+    from hapi.client import distributed
     from hapi.client.train import RunComplete, Trainer
     from hapi.stores import DirectoryStore, SwiftStore
 
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone speaks
+        log = _silent
     config = train_config(args, log)
     if args.threads:
         torch.set_num_threads(args.threads)
+    ranks, device = distributed.from_environment(config.device)
+    config = dataclasses.replace(config, device=device)
     connect = swift_connector(args)
     with contextlib.ExitStack() as stack:
         store = None
@@ -524,14 +570,19 @@ def run(args, on_step=None, log=print):
             conn = connect()
             stack.callback(conn.close)
             store = SwiftStore(conn, args.checkpoint_container)
-        trainer = stack.enter_context(Trainer(config, connect, store, on_step=on_step,
-                                              progress=args.progress, log=log))
+        trainer = stack.enter_context(Trainer(
+            config, connect, store, on_step=on_step, log=log, ranks=ranks,
+            progress=args.progress if ranks.leader else False))
         plan = trainer.plan
         samples = f"evaluating {plan.train_samples + plan.holdout_samples} samples" \
             if args.testonly else \
             f"{plan.train_samples} training and {plan.holdout_samples} held-out samples"
         log(f"{config.model}: {len(trainer.model)} layers, freeze {config.freeze}, "
-            f"{data_path(config)}; {samples}; trainer on {config.device}")
+            f"{data_path(config)}; {samples}; trainer on {config.device}"
+            + (f", rank 0 of {ranks.world_size}" if ranks.distributed else ""))
+        if args.testonly and not ranks.leader:  # rank 0 evaluates on its own
+            ranks.close()
+            return None
         try:
             metrics = trainer.evaluate() if args.testonly else trainer.train(resume=args.resume)
         except RunComplete as complete:
@@ -541,11 +592,18 @@ def run(args, on_step=None, log=print):
         if plot and trainer.selector.automatic and trainer.selector.plot(plot):
             metrics["split_selection"]["plot"] = plot
             log(f"split decision plotted to {plot}")
+    ranks.close()
+    if not ranks.leader:
+        return metrics
     if args.metrics:
         with open(args.metrics, "w") as out:
             json.dump(metrics, out, indent=1)
     log(traffic_line(metrics, features_from(config)))
     return metrics
+
+
+def _silent(line):
+    """The log of a rank other than 0."""
 
 
 def features_from(config):

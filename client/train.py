@@ -21,10 +21,26 @@ therefore the same computation whatever the split, the storage batch, the
 prefetch depth, the timing or the requests that failed and were retried
 (``hapi.client.retry``), and a run resumed from a checkpoint continues
 exactly where the interrupted one stopped.
+
+Under torchrun (``hapi.client.distributed``) each rank trains on its share
+of each epoch's shards (``hapi.client.data.rank_share``) through
+DistributedDataParallel over the trained layers; ``--batch_size`` is then
+the batch of each rank. Each step's gradient is the mean over the step's
+samples on every rank: each rank's loss is weighted by its share of the
+step's samples, known in advance from the partition. Every rank takes the
+same number of steps: a rank whose share runs out first takes its remaining
+steps on no samples (a zero gradient that still joins the all-reduce), so
+uneven shares never hang. The split is fixed for the whole run (the freeze
+index unless ``--split_idx`` says otherwise), so every rank asks for the
+same features. Rank 0 alone writes checkpoints and metrics and runs the
+held-out evaluation while the others go on to the next epoch; a run is
+resumed by as many ranks as wrote its checkpoint.
 """
 
 import contextlib
 import dataclasses
+import itertools
+import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -32,12 +48,14 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from hapi import protocol, weights, zoo
-from hapi.client import checkpoint, data, feature_cache
+from hapi.client import checkpoint, data, distributed, feature_cache
 from hapi.client.autosplit import AutomaticSplit
 from hapi.client.retry import DEFAULT_RETRIES, RetryPolicy
+from hapi.preprocess import preset_size
 
 METRICS_FORMAT = "hapi-metrics/1"
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -79,6 +97,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     retries: int = DEFAULT_RETRIES
     intermediate_url: str | None = None  # the standalone HAPI server, else the proxy
+    # Several endpoints the shard requests are spread over (data.ShardSource)
+    storage_urls: tuple | None = None
     cache_dir: str | None = None  # the feature cache's folder (hapi.client.feature_cache)
     cache_bytes: int = feature_cache.DEFAULT_MAX_BYTES
 
@@ -168,19 +188,51 @@ class EpochMetrics:
     holdout: PassMetrics | None = None
     step_loss: list = field(default_factory=list)
     step_batch: list = field(default_factory=list)
+    rank_samples: list | None = None  # under torchrun: each rank's training samples
 
     def to_dict(self):
-        return {"epoch": self.epoch, "loss": self.train.loss,
-                "accuracy": self.holdout.accuracy if self.holdout else None,
-                "time_s": self.train.time_s, "train": self.train.to_dict(),
-                "holdout": self.holdout.to_dict() if self.holdout else None,
-                "step_loss": self.step_loss, "step_batch": self.step_batch}
+        doc = {"epoch": self.epoch, "loss": self.train.loss,
+               "accuracy": self.holdout.accuracy if self.holdout else None,
+               "time_s": self.train.time_s, "train": self.train.to_dict(),
+               "holdout": self.holdout.to_dict() if self.holdout else None,
+               "step_loss": self.step_loss, "step_batch": self.step_batch}
+        if self.rank_samples is not None:
+            doc["rank_samples"] = self.rank_samples
+        return doc
 
     @classmethod
     def from_dict(cls, doc):
         return cls(epoch=doc["epoch"], train=PassMetrics.from_dict(doc["train"]),
                    holdout=PassMetrics.from_dict(doc["holdout"]) if doc["holdout"] else None,
-                   step_loss=list(doc["step_loss"]), step_batch=list(doc["step_batch"]))
+                   step_loss=list(doc["step_loss"]), step_batch=list(doc["step_batch"]),
+                   rank_samples=doc.get("rank_samples"))
+
+    @classmethod
+    def combined(cls, ranks):
+        """One epoch from each rank's share of it (``ranks``, in rank order):
+        counts and traffic add up; ``steps`` are the optimizer's (every rank
+        takes them all); ``time_s`` and ``fetch_s`` are the longest rank's,
+        ``wait_s`` and ``compute_s`` the ranks' mean; each step's loss is the
+        mean over the step's samples on every rank."""
+        trains = [r.train for r in ranks]
+        train = PassMetrics(
+            samples=sum(t.samples for t in trains), steps=max(t.steps for t in trains),
+            loss_sum=sum(t.loss_sum for t in trains), correct=sum(t.correct for t in trains),
+            time_s=max(t.time_s for t in trains),
+            wait_s=sum(t.wait_s for t in trains) / len(trains),
+            compute_s=sum(t.compute_s for t in trains) / len(trains),
+            traffic=Traffic(**{f.name: sum(getattr(t.traffic, f.name) for t in trains)
+                               for f in fields(Traffic)}))
+        train.traffic.fetch_s = max(t.traffic.fetch_s for t in trains)
+        step_loss, step_batch = [], []
+        for step in range(train.steps):
+            taken = [(r.step_loss[step], r.step_batch[step]) for r in ranks
+                     if step < len(r.step_batch)]
+            samples = sum(n for _, n in taken)
+            step_loss.append(sum(loss * n for loss, n in taken) / samples)
+            step_batch.append(samples)
+        return cls(ranks[0].epoch, train, step_loss=step_loss, step_batch=step_batch,
+                   rank_samples=[t.samples for t in trains])
 
 
 @dataclass(frozen=True)
@@ -241,15 +293,21 @@ class Trainer:
     ``store`` is a checkpoint store (``hapi.client.checkpoint``) or None;
     ``on_step(StepRecord)`` is called after every optimizer step, after any
     checkpoint of that step (an exception it raises stops the run there);
-    ``progress`` shows tqdm bars (None: only on a terminal).
+    ``progress`` shows tqdm bars (None: only on a terminal); ``ranks``
+    (``hapi.client.distributed``) places the process among torchrun's.
     """
 
     def __init__(self, config, connect, store=None, on_step=None, progress=None,
-                 log=print):
+                 log=print, ranks=distributed.SINGLE):
+        if ranks.distributed and config.split is None:
+            config = dataclasses.replace(config, split=config.freeze)
+            log(f"{ranks.world_size} ranks: the split stays at the freeze index "
+                f"{config.freeze} for the whole run (--manual_split --split_idx N sets another)")
         if config.split is not None and not 0 <= config.split <= config.freeze:
             raise TrainingError(f"split {config.split} must be between 0 and the freeze "
                                 f"index {config.freeze}")
         self.config = config
+        self.ranks = ranks
         self.connect = connect
         self.store = store
         self.on_step = on_step
@@ -275,11 +333,13 @@ class Trainer:
             self.conn.close()
             raise
         self.optimizer = None
+        self.trained = self.model  # what the training steps call: under torchrun, DDP's
+        self.step_samples = None  # under torchrun: the epoch's samples per step, all ranks
         self.criterion = nn.CrossEntropyLoss()
         self.retry = RetryPolicy(config.retries, log=log)
         self.loader = data.ShardLoader(
             data.ShardSource(config.container, self._request(), config.intermediate_url,
-                             self.cache),
+                             self.cache, config.storage_urls),
             connect, config.prefetch, _FetchedOnly(self.selector), self.retry,
             lookahead_samples=config.prefetch_samples or 2 * config.batch_size + largest,
             max_buffered_bytes=config.max_buffered_bytes)
@@ -319,31 +379,43 @@ class Trainer:
             raise TrainingError(f"freeze index {config.freeze} leaves none of the "
                                 f"{len(self.model)} layers of {config.model} to train")
         self._check_last_batch()
+        if self.ranks.distributed:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self.trained = DistributedDataParallel(self.model, device_ids=device_ids)
         self.optimizer = make_optimizer(self.model, config)
         self._began, self._wall_before = time.perf_counter(), 0.0
-        done, current = [], None
+        done, current, mine = [], None, None
         if resume:
-            done, current = self._resume()
+            done, current, mine = self._resume()
         resumed_from = _position(done, current) if resume else None
         global_step = sum(e.train.steps for e in done) + (current.train.steps if current else 0)
         for epoch in range(len(done), config.epochs):
-            metrics = current if current is not None else EpochMetrics(epoch + 1)
-            current = None
-            order = data.epoch_order(self.plan.train, config.seed, epoch)
+            metrics = mine if mine is not None else EpochMetrics(epoch + 1)
+            resumed_steps = current.train.steps if current is not None else 0
+            current = mine = None
+            order = self._share(data.epoch_order(self.plan.train, config.seed, epoch))
             self.model.train()
             steps = self._pass(order, metrics.train, partial(self._train_step, epoch=epoch),
                                shuffle_epoch=epoch, desc=f"epoch {epoch + 1}")
+            padding = self._padding(epoch, metrics.train, resumed_steps)
             with contextlib.closing(steps):
-                for batch, loss in steps:
+                for batch, loss in itertools.chain(steps, padding):
                     global_step += 1
-                    metrics.step_loss.append(loss)
-                    metrics.step_batch.append(len(batch))
+                    if batch is not None:
+                        metrics.step_loss.append(loss)
+                        metrics.step_batch.append(len(batch))
                     if config.checkpoint_every and global_step % config.checkpoint_every == 0:
                         self._save(global_step, epoch, done, metrics)
-                    if self.on_step is not None:
+                    if self.on_step is not None and batch is not None:
                         self.on_step(StepRecord(epoch, metrics.train.steps, global_step, loss,
                                                 batch.keys, metrics.train.wait_s,
                                                 metrics.train.compute_s))
+            if self.ranks.distributed:
+                metrics = EpochMetrics.combined([EpochMetrics.from_dict(doc) for doc in
+                                                 self.ranks.gather_json(metrics.to_dict())])
+                if not self.ranks.leader:
+                    done.append(metrics)
+                    continue
             if self.plan.holdout:
                 metrics.holdout = self._evaluate(self.plan.holdout, f"held-out {epoch + 1}")
             done.append(metrics)
@@ -375,15 +447,66 @@ class Trainer:
         with torch.no_grad():
             x = self._inputs_at(batch, config.freeze)
         y = batch.labels.to(self.device, non_blocking=True)
-        logits = self.model(x, config.freeze)
-        timed = self.selector.wants_step_times
-        loss, loss_s = self._timed(timed, self.criterion, logits, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        _, step_s = self._timed(timed, self.optimizer.step)
+        with self._collectives():
+            logits = self.trained(x, config.freeze)
+            timed = self.selector.wants_step_times
+            loss, loss_s = self._timed(timed, self.criterion, logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            self._objective(loss, len(batch), step).backward()
+            _, step_s = self._timed(timed, self.optimizer.step)
         if timed:
             self.selector.observe_step(loss_s + step_s)
         return loss.item(), (logits.argmax(1) == y).sum().item()
+
+    def _objective(self, loss, samples, step):
+        """What a step differentiates: its mean loss, or under torchrun the
+        rank's loss weighted by its share of the step's samples on every rank
+        (DDP averages the ranks' gradients: the result is the mean over all of
+        them)."""
+        if self.step_samples is None:
+            return loss
+        return loss * (samples * self.ranks.world_size / self.step_samples[step])
+
+    def _collectives(self):
+        """Where the ranks exchange tensors: a lost rank ends this one with one line."""
+        if not self.ranks.distributed:
+            return contextlib.nullcontext()
+        return distributed.lost_rank_errors(self.ranks.rank)
+
+    def _share(self, order):
+        """This rank's shards of the epoch's ``order`` (all of them in a single
+        process), noting the epoch's samples per step on every rank."""
+        if not self.ranks.distributed:
+            return order
+        size = self.config.batch_size
+        shares = [data.rank_share(order, rank, self.ranks.world_size)
+                  for rank in range(self.ranks.world_size)]
+        totals = [sum(ref.selected for ref in share) for share in shares]
+        steps = max(math.ceil(total / size) for total in totals)
+        self.step_samples = [sum(min(size, max(0, total - step * size)) for total in totals)
+                             for step in range(steps)]
+        return shares[self.ranks.rank]
+
+    def _padding(self, epoch, metrics, resumed_steps):
+        """Under torchrun, the steps this rank takes on no samples once its
+        share of the epoch is trained, until every rank has taken the epoch's
+        steps; yields (None, None) after each. Reads ``metrics.steps`` when
+        the share is done (the steps taken on samples)."""
+        if self.step_samples is None:
+            return
+        config = self.config
+        size = preset_size(config.preset)
+        for step in range(max(metrics.steps, resumed_steps), len(self.step_samples)):
+            torch.manual_seed(data.derived_seed("step", config.seed, epoch, step))
+            with torch.no_grad():
+                nothing = self.model(torch.zeros(0, 3, size, size, device=self.device), 0,
+                                     config.freeze)
+            with self._collectives():
+                logits = self.trained(nothing, config.freeze)
+                self.optimizer.zero_grad(set_to_none=True)
+                (logits.sum() * 0).backward()
+                self.optimizer.step()
+            yield None, None
 
     def _inputs_at(self, batch, stop):
         """The batch at boundary ``stop``: each part runs layers [its split, stop) here."""
@@ -505,13 +628,26 @@ class Trainer:
     # Checkpoints -----------------------------------------------------------------
 
     def _save(self, global_step, epoch, done, current):
+        """Checkpoint (rank 0 only). Under torchrun, within an epoch, every rank
+        calls this at the same step: the checkpoint keeps each rank's part of
+        the epoch (``current_ranks``) as well as the whole (``current``)."""
         if self.store is None:
             return
+        state = {"current": current.to_dict() if current else None}
+        if self.ranks.distributed:
+            state["world_size"] = self.ranks.world_size
+            if current is not None:
+                parts = self.ranks.gather_json(current.to_dict())
+                state["current_ranks"] = parts
+                state["current"] = EpochMetrics.combined(
+                    [EpochMetrics.from_dict(doc) for doc in parts]).to_dict()
+            if not self.ranks.leader:
+                return
         checkpoint.save_checkpoint(self.store, self.model, self.config.freeze, self.optimizer, {
             "step": global_step, "epoch": epoch, "run": self.config.identity(),
             "wall_s": self._wall_s(),
             "epochs": [e.to_dict() for e in done],
-            "current": current.to_dict() if current else None,
+            **state,
         })
 
     def _resume(self):
@@ -522,6 +658,12 @@ class Trainer:
         if ckpt is None:
             raise TrainingError(f"--resume: there is no checkpoint in {self.store}")
         self._check_identity(ckpt.state, tuple(self.config.identity()))
+        saved_ranks = ckpt.state.get("world_size", 1)
+        if saved_ranks != self.ranks.world_size:
+            raise TrainingError(
+                f"the checkpoint in {self.store} was written by {saved_ranks} rank(s) and this "
+                f"run has {self.ranks.world_size}: resume it with {saved_ranks} (torchrun "
+                f"--nproc_per_node {saved_ranks}, or without torchrun for 1)")
         done = [EpochMetrics.from_dict(doc) for doc in ckpt.state["epochs"]]
         if len(done) >= self.config.epochs:
             raise RunComplete(f"the run in {self.store} is already complete: {len(done)} of "
@@ -531,10 +673,13 @@ class Trainer:
         self._wall_before = ckpt.state["wall_s"]
         current = ckpt.state["current"]
         current = EpochMetrics.from_dict(current) if current else None
+        mine = current
+        if current is not None and self.ranks.distributed:
+            mine = EpochMetrics.from_dict(ckpt.state["current_ranks"][self.ranks.rank])
         position = _position(done, current)
         self.log(f"resuming from {self.store}: epoch {position['epoch']} after its step "
                  f"{position['step']} (global step {ckpt.state['step']})")
-        return done, current
+        return done, current, mine
 
     def _wall_s(self):
         """The training's wall time: this process's, plus that of the runs it
@@ -568,6 +713,9 @@ class Trainer:
         feature cache's use by the passes (:class:`Traffic`), and ``cache``
         the cache itself (folder, size bound, size now, this process's
         entries written, evicted and found corrupt), or None without one.
+        ``endpoints``: per storage endpoint (``hapi.client.endpoints``), the
+        shard requests sent to it and those of them that failed in a way
+        worth retrying (feature cache hits send none).
         ``accuracy`` is the last epoch's held-out accuracy
         (``--testonly``: the test accuracy); ``resumed_from``, for a resumed
         run, the epoch it continued in and the steps of it already trained.
@@ -575,7 +723,7 @@ class Trainer:
         config = self.config
         split = self.selector.split
         return {
-            "format": METRICS_FORMAT,
+            "format": METRICS_FORMAT, "world_size": self.ranks.world_size,
             "dataset": config.container, "model": config.model, "weights": str(config.weights),
             "mode": "split" if split else "vanilla", "split": split, "freeze": config.freeze,
             "split_selection": {**self.selector.report(), "samples_per_split": {
@@ -585,6 +733,7 @@ class Trainer:
                               "used": sorted(self.storage_batches),
                               "reduced_shards": self.reduced_shards},
             "storage_endpoint": config.intermediate_url or "proxy",
+            "endpoints": self.loader.source.endpoints_report(),
             "retries": self.retry.report(),
             "prefetch": config.prefetch, "preset": config.preset, "seed": config.seed,
             "devices": {"trainer": str(self.device),

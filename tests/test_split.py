@@ -11,11 +11,15 @@ time of each split, independently of the cost model's formula.
 """
 
 import heapq
+import http.server
 import io
 import json
 import math
+import random
 import subprocess
 import sys
+import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -24,16 +28,23 @@ from PIL import Image
 from tqdm import tqdm
 
 from hapi import zoo
-from hapi.client.autosplit import AutomaticSplit
+from hapi.client.autosplit import AutomaticSplit, profiling
 from hapi.client.autosplit.costmodel import (
     Decision,
     choose_split,
     evaluate_split,
     storage_layer_times,
 )
-from hapi.client.autosplit.estimator import OnlineEstimator
+from hapi.client.autosplit.estimator import LinkClock, OnlineEstimator
 from hapi.client.autosplit.plot import plot_decision
+from hapi.client.autosplit.profilecache import (
+    CACHE_ENV,
+    TrainerTimesCache,
+    default_cache_dir,
+    times_key,
+)
 from hapi.client.autosplit.profiling import (
+    PROFILE_BATCH,
     LayerProfile,
     Profile,
     TrainerTimes,
@@ -41,6 +52,13 @@ from hapi.client.autosplit.profiling import (
     measure_decode,
     measure_trainer_layers,
     profile_from_model,
+    trainer_times,
+)
+from hapi.client.autosplit.storagecosts import (
+    StorageCosts,
+    fetch_layer_costs,
+    storage_base_url,
+    with_storage_costs,
 )
 from hapi.client.data import FrameStats, ShardData, ShardRef, Transfer
 
@@ -634,19 +652,23 @@ class StorageTier:
         self.frames, self.samples = frames, samples
         self.clock = 0.0
 
-    def shard(self, split, bandwidth):
+    def shard(self, split, bandwidth, slowdown=1.0, queued_s=0.0):
+        """One shard at ``split``; the storage tier ``slowdown`` times slower
+        than ``truth``, its first frame ``queued_s`` in the queue for its device."""
         p, n = self.profile, self.frames * self.samples
         if split:
             feature_bytes = self.samples * p.boundary_bytes[split]
-            timings = {"decode_s": self.samples * p.storage_decode_s,
-                       "layers_s": [self.samples * t for t in self.truth[:split]],
+            timings = {"decode_s": self.samples * p.storage_decode_s * slowdown,
+                       "layers_s": [self.samples * t * slowdown for t in self.truth[:split]],
                        "to_wire_s": 0.0}
-            frames = [FrameStats(timings, self.samples, feature_bytes)] * self.frames
+            frames = [FrameStats({**timings, "slot_wait_s": queued_s}, self.samples,
+                                 feature_bytes)] + \
+                [FrameStats(timings, self.samples, feature_bytes)] * (self.frames - 1)
             nbytes = n * (p.boundary_bytes[split] + p.frame_overhead_bytes)
         else:
             frames, nbytes = [], n * p.raw_bytes
         sent = self.clock
-        answered = sent + p.request_latency_s
+        answered = sent + p.request_latency_s + queued_s
         self.clock = answered + nbytes / bandwidth
         return ShardData(ref=ShardRef(f"shard-{sent}", n, int(nbytes), 0, n), split=split,
                          inputs=torch.zeros(n, 1), labels=torch.zeros(n, dtype=torch.int64),
@@ -786,6 +808,166 @@ def test_stale_storage_layers_follow_the_storage_drift():
         [pytest.approx(2e-3), pytest.approx(3e-3), pytest.approx(6e-3)]
 
 
+def test_latency_leaves_out_the_storage_tiers_queue_wait():
+    """A request's latency is its wait for the headers less the first
+    frame's compute and its wait for a device slot (``slot_wait_s``):
+    requests queued at a busy storage tier do not read as a slow link."""
+    profile = recorded("resnet18-112.json").with_measurements(request_latency_s=0.01)
+    truth, _, _, _ = storage_layer_times(profile)
+    tier = StorageTier(profile, truth)
+    auto = AutomaticSplit(profile, log=[].append)
+    for queued in (0.5, 2.0, 0.0, 1.0):
+        auto.observe(tier.shard(auto.split, 1e7, queued_s=queued))
+    assert auto.current_profile().request_latency_s == pytest.approx(0.01)
+    link = LinkClock(OnlineEstimator())
+    link.observe(Transfer(10**6, sent_at=0.0, answered_at=1.3, done_at=2.0, storage_s=0.4,
+                          storage_early_s=0.1), queued_s=1.0)
+    assert link.estimator.request_latency_s == pytest.approx(0.2)
+
+
+def noisy_run(seed, epoch_shards, shards=60):
+    """The recorded AlexNet profile, blind to the storage tier as before a
+    first request, run for ``shards`` shards on an unshaped link: each
+    transfer's bandwidth and each shard's storage speed scattered
+    (log-normal, 35% and 25%) around 22 Mbit/s and the recorded speed, where
+    two splits are predicted within 1% of each other. Returns after which
+    shards the split changed."""
+    recorded_profile = recorded("alexnet-224.json")
+    truth, _, _, _ = storage_layer_times(recorded_profile)
+    blind = recorded_profile.with_measurements(bandwidth_bytes_per_s=1.0)
+    for layer in blind.layers:
+        layer.storage_s = None
+    auto = AutomaticSplit(blind, epoch_shards=epoch_shards, log=[].append)
+    tier = StorageTier(recorded_profile, truth)
+    rng = random.Random(seed)
+    for _ in range(shards):
+        auto.observe(tier.shard(auto.split, 22 * MBIT * math.exp(rng.gauss(0, 0.35)),
+                                math.exp(rng.gauss(0, 0.25))))
+    return [step["shard"] for step in auto.history if step["from"] != step["to"]]
+
+
+def changes_per_epoch(changes, epoch_shards):
+    return Counter((shard - 1) // epoch_shards for shard in changes)
+
+
+def test_noise_changes_the_split_at_most_once_an_epoch():
+    """Over the same noisy observations, the selector without hysteresis
+    changes the split twice within an epoch of 10 shards on some seeds; with
+    it (``epoch_shards``), never more than once an epoch, on any."""
+    seeds = range(10)
+    without = [changes_per_epoch(noisy_run(seed, None), 10) for seed in seeds]
+    assert any(count > 1 for counts in without for count in counts.values())
+    for seed in seeds:
+        changes = noisy_run(seed, 10)
+        assert all(count <= 1 for count in changes_per_epoch(changes, 10).values()), \
+            (seed, changes)
+
+
+def test_a_large_drift_re_decides_within_the_epoch():
+    """Hysteresis holds back a change by the noise, not a shaped link: a
+    bandwidth cut to a tenth re-decides at once, in the epoch of the last change."""
+    recorded_profile = recorded("alexnet-224.json")
+    truth, _, _, _ = storage_layer_times(recorded_profile)
+    auto = AutomaticSplit(recorded_profile, epoch_shards=100, log=[].append)
+    tier = StorageTier(recorded_profile, truth)
+    tier.run(auto, 1000 * MBIT, 4)
+    assert auto.history[-1]["why"] == "profiled" and auto.split != recorded_profile.freeze
+    fast_split = auto.split
+    tier.run(auto, 10 * MBIT, 6)
+    assert len(auto.history) == 2 and auto.history[1]["why"].startswith("drift: bandwidth -9")
+    assert auto.split != fast_split and auto.history[1]["shard"] <= 4 + 4
+
+
+def costs_server(routes):
+    """A local HTTP server answering GET paths from ``routes`` (path and
+    query -> (status, JSON document)), 404 for the others; yields its URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            status, doc = routes.get(self.path, (404, {"error": "not here"}))
+            body = json.dumps(doc).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server
+
+
+def test_layer_costs_are_asked_of_the_storage_tier():
+    query = "/hapi/costs?model=resnet18&preset=imagenet-112&batch=16"
+    costs = [1e-3 * (i + 1) for i in range(4)]
+    server = costs_server({
+        query: (200, {"model": "resnet18", "preset": "imagenet-112", "batch": 16,
+                      "device": "cuda:0", "layers_s_per_sample": costs}),
+        query.replace("16", "8"): (200, {"layers_s_per_sample": [1.0, "fast"]}),
+    })
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        known = fetch_layer_costs(base, "resnet18", "imagenet-112", 16, 4)
+        assert known.known and known.layers_s_per_sample == costs
+        assert known.device == "cuda:0" and known.url == base + query
+        unknown = fetch_layer_costs(base, "resnet18", "imagenet-112", 32, 4)
+        assert not unknown.known and unknown.note == "not measured there yet: not here"
+        wrong = fetch_layer_costs(base, "resnet18", "imagenet-112", 16, 5)
+        assert not wrong.known and "4 layer costs for a model of 5 layers" in wrong.note
+        garbled = fetch_layer_costs(base, "resnet18", "imagenet-112", 8, 2)
+        assert not garbled.known and garbled.note.startswith("unreadable answer")
+    finally:
+        server.shutdown()
+        server.server_close()
+    gone = fetch_layer_costs(base, "resnet18", "imagenet-112", 16, 4, timeout=2)
+    assert not gone.known and gone.note.startswith("no answer")
+
+
+def test_storage_base_url_is_the_proxy_or_the_standalone_server():
+    class Conn:
+        url = "http://127.0.0.1:8080/v1/AUTH_test"
+
+    assert storage_base_url(Conn()) == "http://127.0.0.1:8080"
+    assert storage_base_url(Conn(), "http://10.0.0.2:8090/") == "http://10.0.0.2:8090"
+
+
+def test_with_the_storage_tiers_costs_the_first_decision_comes_before_any_request():
+    """The storage tier's layer costs fill every frozen layer's storage time
+    (and, until frames tell it, the trainer's decode time stands for the
+    storage tier's): the decision from them is the one the full profile
+    makes, taken before any shard; the measured decision still follows and
+    is counted as the first change, with the hysteresis after it."""
+    recorded_profile = recorded("alexnet-224.json")
+    truth, _, _, _ = storage_layer_times(recorded_profile)
+    blind = recorded_profile.with_measurements(bandwidth_bytes_per_s=1000 * MBIT,
+                                               storage_decode_s=0.0)
+    for layer in blind.layers:
+        layer.storage_s = None
+    full_costs = StorageCosts("http://storage/hapi/costs", truth + [1.0] * 3, device="cpu")
+    seeded = with_storage_costs(blind, full_costs)
+    assert [layer.storage_s for layer in seeded.layers[:seeded.freeze]] == truth
+    assert all(layer.storage_s is None for layer in seeded.layers[seeded.freeze:])
+    assert seeded.storage_decode_s == seeded.trainer_decode_s > 0
+    assert blind.layers[0].storage_s is None  # a copy
+
+    lines = []
+    auto = AutomaticSplit(seeded, epoch_shards=50, log=lines.append)
+    auto.decide_now("the storage tier's layer costs")
+    expected = choose_split(seeded, current=seeded.freeze, margin=0.05).split
+    assert auto.split == expected != seeded.freeze
+    assert auto.history[0]["shard"] == 0
+    assert lines[0] == (f"split selection after 0 shard(s), the storage tier's layer costs: "
+                        f"split {seeded.freeze} -> {expected}")
+    tier = StorageTier(recorded_profile, truth)
+    tier.run(auto, 1000 * MBIT, 4)
+    assert [step["why"] for step in auto.history] == ["the storage tier's layer costs",
+                                                      "profiled"]
+
+
 # The profiler --------------------------------------------------------------------------------
 
 
@@ -819,6 +1001,54 @@ def test_profiler_handles_inplace_layers_in_the_trainable_part():
     model = zoo.build_model("alexnet", seed=0).freeze(14)  # ReLU(inplace) above the freeze
     times = measure_trainer_layers(model, torch.randn(2, 3, 64, 64), iterations=1, warmup=0)
     assert all(t > 0 for t in times.train_s[14:])
+
+
+def test_trainer_times_are_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """The trainer times its layers at a small batch once per model, device,
+    batch and library versions; a second run reads them (JSON) from the
+    cache; a file that does not match, or a cache that cannot be written,
+    only means measuring again."""
+    model = zoo.build_model("resnet18", seed=0).freeze(11)
+    cache = TrainerTimesCache(tmp_path / "profiles")
+    first, cached = trainer_times(model, (3, 32, 32), 11, 32, "cpu", 0, cache)
+    assert not cached and first.batch_size == PROFILE_BATCH
+    [stored] = (tmp_path / "profiles").iterdir()
+    doc = json.loads(stored.read_text())
+    assert doc["key"] == times_key(model, (3, 32, 32), 11, PROFILE_BATCH, "cpu")
+    assert doc["key"]["torch"] == torch.__version__
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(profiling, "measure_trainer_layers", no_measuring)
+    second, cached = trainer_times(model, (3, 32, 32), 11, 32, "cpu", 0, cache)
+    assert cached and second == first
+    with pytest.raises(AssertionError, match="measured again"):  # another freeze index
+        trainer_times(model, (3, 32, 32), 12, 32, "cpu", 0, cache)
+    with pytest.raises(AssertionError, match="measured again"):  # another input size
+        trainer_times(model, (3, 64, 64), 11, 32, "cpu", 0, cache)
+    monkeypatch.undo()
+
+    stored.write_text(json.dumps({**doc, "key": {**doc["key"], "torch": "0.0"}}))
+    again, cached = trainer_times(model, (3, 32, 32), 11, 4, "cpu", 0, cache)
+    assert not cached and again.batch_size == 4
+    stored.write_text("{not json")
+    assert not trainer_times(model, (3, 32, 32), 11, 32, "cpu", 0, cache)[1]
+    assert trainer_times(model, (3, 32, 32), 11, 32, "cpu", 0, cache)[1]
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    times, cached = trainer_times(model, (3, 32, 32), 11, 32, "cpu", 0,
+                                  TrainerTimesCache(blocked / "profiles"))
+    assert not cached and len(times.forward_s) == len(model)
+
+
+def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    assert TrainerTimesCache().folder == tmp_path / "mine"
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "hapi" / "profiles"
 
 
 def test_decode_and_copy_measurements():

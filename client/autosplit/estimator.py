@@ -253,7 +253,9 @@ class LinkClock:
     in the order they were sent, as link time.
 
     A request's latency is its wait for the response headers less the
-    storage compute before them (the first frame). Its link time is the part
+    storage tier's work before them: the first frame's compute and its wait
+    for a device slot (``queued_s``, the frame's ``slot_wait_s``): queueing
+    at the storage tier is not the link's latency. Its link time is the part
     of its body's interval (headers to last byte) not already covered by the
     bodies before it: requests in flight together share the link, so their
     bytes count over the union of their intervals, not over each interval.
@@ -268,9 +270,9 @@ class LinkClock:
         self.estimator = estimator
         self.covered_until = -math.inf
 
-    def observe(self, transfer) -> None:
+    def observe(self, transfer, queued_s: float = 0.0) -> None:
         self.estimator.observe_latency(
-            transfer.answered_at - transfer.sent_at - transfer.storage_early_s)
+            transfer.answered_at - transfer.sent_at - transfer.storage_early_s - queued_s)
         link_s = transfer.done_at - max(transfer.answered_at, self.covered_until)
         self.covered_until = max(self.covered_until, transfer.done_at)
         if link_s > PACED * transfer.storage_s:

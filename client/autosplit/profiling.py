@@ -9,8 +9,11 @@ folds in what the stream measures during it):
   dataclasses that round-trip through JSON. Times are seconds *per sample*,
   sizes bytes *per sample*, so one profile serves any batch size.
 - :func:`measure_trainer_layers`: per-layer forward time of every layer and
-  forward+backward time of the trainable ones, on the trainer, at the
-  training batch size (a few timed passes after a warm-up).
+  forward+backward time of the trainable ones, on the trainer (a few timed
+  passes after a warm-up); :func:`trainer_times` runs it at a small batch
+  and keeps the result on local disk
+  (``hapi.client.autosplit.profilecache``), so that a second run of the
+  same model does not measure again.
 - :func:`measure_decode` (vanilla's decode + preprocess on the trainer) and
   :func:`measure_copy_rate` (deserialising and copying received features).
 - :func:`profile_from_model`: a :class:`Profile` from a
@@ -36,17 +39,19 @@ from swiftclient import ClientException
 
 from hapi import wire
 from hapi.client import data
+from hapi.client.autosplit.profilecache import TrainerTimesCache, times_key
 from hapi.hostmem import available_memory_bytes
 from hapi.preprocess import DecodeError, preprocess, preset_size
 
 __all__ = [
     "PROFILE_FORMAT", "LayerProfile", "Profile", "TrainerTimes",
     "free_memory_bytes", "measure_copy_rate", "measure_decode", "measure_profile",
-    "measure_trainer_layers", "profile_from_model",
+    "measure_trainer_layers", "profile_from_model", "trainer_times",
 ]
 
 PROFILE_FORMAT = "hapi-profile/1"
 DECODE_PROBE_SAMPLES = 32  # images of the probe shard decoded to time vanilla's decode
+PROFILE_BATCH = 8  # samples per pass when the trainer times its layers
 
 
 # The profile -----------------------------------------------------------------------
@@ -391,9 +396,30 @@ def profile_from_model(model, *, input_shape: Sequence[int], freeze: int, batch_
                    trainer_device=trainer.device, **measurements)
 
 
-def measure_profile(model, config, plan, conn, link):
+def trainer_times(model, input_shape, freeze: int, batch_size: int, device, seed: int,
+                  cache: TrainerTimesCache | None = None) -> tuple[TrainerTimes, bool]:
+    """Every layer's per-sample time on the trainer (:func:`measure_trainer_layers`)
+    at a small batch (at most :data:`PROFILE_BATCH` samples: the per-sample
+    times are what the cost model uses), from ``cache`` when it holds them
+    for this model, device, batch and library versions, else measured and
+    stored there. Returns (times, whether they came from the cache)."""
+    device = torch.device(device)
+    batch = min(batch_size, PROFILE_BATCH)
+    key = times_key(model, input_shape, freeze, batch, device) if cache else None
+    if cache is not None and (doc := cache.get(key)) is not None:
+        with contextlib.suppress(TypeError, ValueError):
+            return TrainerTimes(**doc), True
+    inputs = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(seed))
+    times = measure_trainer_layers(model, inputs.to(device), freeze)
+    if cache is not None:
+        cache.put(key, asdict(times))
+    return times, False
+
+
+def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | None = None):
     """What the trainer measures before its first request, as a
-    :class:`Profile`: every layer's time here at the training batch, the
+    :class:`Profile`: every layer's time here (:func:`trainer_times`, from
+    ``cache`` when it has them), the
     boundary sizes, the bytes per raw sample, vanilla's decode time (on a raw
     shard of median size, downloaded once; its transfer goes to ``link``, a
     :class:`hapi.client.autosplit.estimator.LinkClock`, and gives the first
@@ -402,9 +428,10 @@ def measure_profile(model, config, plan, conn, link):
     side = preset_size(config.preset)
     input_shape = (3, side, side)
     device = torch.device(config.device)
-    inputs = torch.randn(config.batch_size, *input_shape,
-                         generator=torch.Generator().manual_seed(config.seed))
-    trainer = measure_trainer_layers(model, inputs.to(device), config.freeze)
+    began = time.perf_counter()
+    trainer, cached = trainer_times(model, input_shape, config.freeze, config.batch_size,
+                                    device, config.seed, cache)
+    trainer_s = time.perf_counter() - began
     refs = plan.train + plan.holdout
     probe = sorted(refs, key=lambda ref: ref.bytes)[len(refs) // 2]  # a typical shard
     try:
@@ -428,4 +455,6 @@ def measure_profile(model, config, plan, conn, link):
         trainer_free_bytes=free_memory_bytes(device),
         trainer_host_free_bytes=free_memory_bytes("cpu") if device.type == "cuda" else None,
         epoch_samples=plan.train_samples)
-    return profile, {"probe_shard": probe.name, "probe_bytes": transfer.nbytes}
+    return profile, {"probe_shard": probe.name, "probe_bytes": transfer.nbytes,
+                     "trainer_times": "cached" if cached else "measured",
+                     "trainer_times_s": trainer_s, "trainer_times_batch": trainer.batch_size}

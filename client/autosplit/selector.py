@@ -3,12 +3,17 @@
 :class:`AutomaticSplit` is the trainer's split selector when no split is
 fixed (``hapi.client.data.FixedSplit`` is the other). It starts from what
 the trainer measured on its own before the first request
-(:func:`hapi.client.autosplit.profiling.measure_profile`), learns from every
-loaded shard (its frames' timings and its transfer) and from the optimizer
-steps, decides with the cost model (``hapi.client.autosplit.costmodel``)
-and re-decides when the bandwidth or the storage tier's speed drifts.
+(:func:`hapi.client.autosplit.profiling.measure_profile`) and, when the
+storage tier has already run the model, from its layer costs
+(``hapi.client.autosplit.storagecosts``); learns from every loaded shard
+(its frames' timings and its transfer) and from the optimizer steps,
+decides with the cost model (``hapi.client.autosplit.costmodel``) and
+re-decides when the bandwidth or the storage tier's speed drifts beyond
+the noise of their measurements, at most once an epoch unless the change
+is large.
 """
 
+import math
 import statistics
 import time
 
@@ -17,7 +22,13 @@ from tqdm import tqdm
 from hapi.client.autosplit.costmodel import Decision, choose_split
 from hapi.client.autosplit.estimator import LinkClock, OnlineEstimator
 from hapi.client.autosplit.plot import plot_decision
+from hapi.client.autosplit.profilecache import TrainerTimesCache
 from hapi.client.autosplit.profiling import Profile, measure_profile
+from hapi.client.autosplit.storagecosts import (
+    fetch_layer_costs,
+    storage_base_url,
+    with_storage_costs,
+)
 
 __all__ = ["AutomaticSplit", "SplitSelectionError"]
 
@@ -34,6 +45,7 @@ MARGIN = 0.05  # a new split must be predicted this much faster to replace the o
 DRIFT_WINDOW = 8  # drift is judged on up to this many observations since the last decision
 DRIFT_MIN_OBSERVATIONS = 4  # ... once there are at least this many
 STEP_SAMPLES = 16  # optimizer steps timed for the profile's trainer_step_s
+LARGE_DRIFT_FACTOR = 2.0  # a drift by this factor either way re-decides at once (a shaped link)
 
 
 def default_estimator() -> OnlineEstimator:
@@ -60,11 +72,18 @@ class AutomaticSplit:
     time), :meth:`report` and :meth:`plot`; :attr:`decisions` and
     :attr:`history` are there to read.
 
-    The first decision comes once ``profile_frames`` shards with frames and
-    the estimator's ``min_observations`` transfers have arrived, and at the
+    When the profile already holds the storage tier's time of every frozen
+    layer (its ``/hapi/costs``), :meth:`measured` takes a first decision
+    (:meth:`decide_now`) before any request. Either way, the measured
+    decision comes once ``profile_frames`` shards with frames and the
+    estimator's ``min_observations`` transfers have arrived, and at the
     latest after ``max_profile_shards`` shards. After it, a drift of the
-    bandwidth or the storage speed beyond ``drift_threshold`` re-evaluates
-    the choice. Every decision, the first one too (the split in use is then
+    bandwidth or the storage speed beyond ``drift_threshold`` and beyond the
+    noise of the observations (``OnlineEstimator.drifted``) re-evaluates the
+    choice; with hysteresis: once the split changed, it changes again only
+    after ``epoch_shards`` more shards (an epoch's requests), unless the
+    drift is a factor of ``LARGE_DRIFT_FACTOR`` or more either way, as a
+    shaped link makes it. Every decision, the first one too (the split in use is then
     the start), moves the split only when the new best is predicted more
     than ``margin`` faster: predictions a few percent apart are within the
     noise of the measurements they come from, and the start, ``f``, is the
@@ -82,7 +101,8 @@ class AutomaticSplit:
                  start: int | None = None, profile_frames: int = PROFILE_FRAMES,
                  max_profile_shards: int = MAX_PROFILE_SHARDS,
                  drift_threshold: float = DRIFT_THRESHOLD, margin: float = MARGIN,
-                 epoch_samples: int | None = None, profiling: dict | None = None, log=print):
+                 epoch_samples: int | None = None, epoch_shards: int | None = None,
+                 profiling: dict | None = None, log=print):
         self._profile = profile
         self._split = profile.freeze if start is None else start
         if not 0 <= self._split <= profile.freeze:
@@ -94,6 +114,9 @@ class AutomaticSplit:
         self._drift_threshold = drift_threshold
         self._margin = margin
         self._epoch_samples = epoch_samples
+        self._epoch_shards = epoch_shards
+        self._last_change = -math.inf  # the shard after which the split last changed
+        self._profiled = False
         self._profiling = profiling or {}
         self._log = log
         self._step_times: list[float] = []
@@ -103,14 +126,41 @@ class AutomaticSplit:
         self._history: list[dict] = []
 
     @classmethod
-    def measured(cls, model, config, plan, conn, log=print) -> "AutomaticSplit":
-        """The selector of a training run: measures the trainer and one probe
-        shard first (:func:`measure_profile`)."""
+    def measured(cls, model, config, plan, conn, log=print, *,
+                 cache: TrainerTimesCache | None = None,
+                 fetch_costs=fetch_layer_costs) -> "AutomaticSplit":
+        """The selector of a training run: measures the trainer (or reads its
+        times from ``cache``, default :class:`TrainerTimesCache`) and one
+        probe shard first (:func:`measure_profile`), then asks the storage
+        tier for its layer costs (``fetch_costs``, with the arguments of
+        :func:`fetch_layer_costs`). When it knows them, the first decision
+        is taken here, before any feature request; else the run starts at
+        the freeze index. The log says which."""
         began = time.perf_counter()
         link = LinkClock(default_estimator())
-        profile, probe = measure_profile(model, config, plan, conn, link)
-        return cls(profile, link=link, epoch_samples=plan.train_samples, log=log,
-                   profiling={**probe, "seconds": time.perf_counter() - began})
+        profile, probe = measure_profile(model, config, plan, conn, link,
+                                         cache or TrainerTimesCache())
+        costs = fetch_costs(storage_base_url(conn, config.intermediate_url), config.model,
+                            config.preset, config.storage_batch, len(model))
+        if costs.known:
+            profile = with_storage_costs(profile, costs)
+        probe["storage_costs"] = {"url": costs.url, "known": costs.known,
+                                  "device": costs.device, "note": costs.note}
+        selector = cls(profile, link=link, epoch_samples=plan.train_samples,
+                       epoch_shards=len(plan.train) + len(plan.holdout), log=log,
+                       profiling={**probe, "seconds": time.perf_counter() - began})
+        where = f"the storage tier ({costs.url.split('?')[0]})"
+        if costs.known:
+            selector._write([f"split selection: {where} knows {config.model}'s layer costs "
+                             f"on {costs.device or 'its device'}; deciding before the first "
+                             "feature request"])
+            selector.decide_now("the storage tier's layer costs")
+        else:
+            selector._write([f"split selection: {where} has no layer costs of "
+                             f"{config.model} at {config.preset}, storage batch "
+                             f"{config.storage_batch} ({costs.note}); starting at the freeze "
+                             f"index {profile.freeze}"])
+        return selector
 
     # What the trainer calls ----------------------------------------------------------
 
@@ -127,17 +177,26 @@ class AutomaticSplit:
         """One iteration's loss and optimizer step, besides the layers."""
         self._step_times.append(seconds)
 
+    def decide_now(self, why: str) -> None:
+        """Decide from the profile as it stands, before any request (the
+        start, not a change of split: the measured decision still comes)."""
+        self._decide(why)
+
     def observe(self, shard) -> None:
         """Learn from a loaded shard (``hapi.client.data.ShardData``), then
         decide or re-decide when it is time."""
+        queued = 0.0
         if shard.frames:
+            # The storage tier's queue wait for its device before the first
+            # frame came before the headers too: queueing, not latency.
+            queued = shard.frames[0].timings.get("slot_wait_s", 0.0)
             # One observation per shard: per-sample times over all its frames,
             # so that a small last frame does not weigh like a full one.
             features = sum(frame.feature_bytes for frame in shard.frames)
             samples = sum(frame.samples for frame in shard.frames)
             self._estimator.observe_frame(_summed_timings(shard.frames), samples, features)
             self._frame_overhead_bytes = (shard.bytes_received - features) / samples
-        self._link.observe(shard.transfer)
+        self._link.observe(shard.transfer, queued_s=queued)
         try:
             self._update()
         except ValueError as err:
@@ -189,14 +248,17 @@ class AutomaticSplit:
         """Account one more shard; decide or re-decide when it is time."""
         self._shards += 1
         est = self._estimator
-        if self.decision is None:
+        if not self._profiled:
             measured = est.frames >= self._profile_frames and \
                 est.transfers >= est.min_observations
             if measured or self._shards >= self._max_profile_shards:
+                self._profiled = True
                 self._decide("profiled" if measured else
                              f"profiling bound reached ({self._shards} shards)")
         elif est.drifted(self._drift_threshold):
             change = est.drift()
+            if self._settling() and not _large(change):
+                return  # hysteresis: the drift re-decides once the epoch is over
             est.keep_recent()
             self._decide("drift: " + ", ".join(f"{name} {value:+.0%}"
                                                for name, value in change.items()
@@ -211,6 +273,8 @@ class AutomaticSplit:
                 "reason": decision.reason, "table": decision.format_table()}
         self._decisions.append(decision)
         self._history.append(step)
+        if decision.split != self._split and self._shards > 0:
+            self._last_change = self._shards
         self._split = decision.split
         headline = (f"split selection after {step['shard']} shard(s), {why}: "
                     f"split {step['from']} -> {step['to']}")
@@ -219,12 +283,25 @@ class AutomaticSplit:
         else:
             self._write([f"{headline}; {decision.summary()} (table in the metrics)"])
 
+    def _settling(self) -> bool:
+        """Whether the split changed less than an epoch's requests ago."""
+        return self._epoch_shards is not None and \
+            self._shards - self._last_change < self._epoch_shards
+
     def _write(self, lines: list[str]) -> None:
         """Each line in its own ``log`` call, with tqdm's bars cleared first and
         redrawn after, so that no line starts on a progress bar's."""
         with tqdm.external_write_mode():
             for line in lines:
                 self._log(line)
+
+
+def _large(change: dict) -> bool:
+    """Whether a drift (``OnlineEstimator.drift``) is a factor of
+    ``LARGE_DRIFT_FACTOR`` or more either way in bandwidth or storage speed."""
+    return any(value is not None and (value <= 1 / LARGE_DRIFT_FACTOR - 1 or
+                                      value >= LARGE_DRIFT_FACTOR - 1)
+               for value in change.values())
 
 
 def _summed_timings(frames) -> dict:

@@ -196,13 +196,23 @@ def storage_busy_s(measured):
 
     Swift's CPU over the whole run, times that pass's share of the samples
     the run fetched: each sample costs the storage tier the same whichever
-    pass asks for it. Not the frames' own compute times, which add up the
-    wall time of requests that shared the storage core.
+    pass asks for it; shards read from the trainer's feature cache cost it
+    nothing. Not the frames' own compute times, which add up the wall time
+    of requests that shared the storage core.
     """
     epochs = measured.metrics["epochs"]
-    served = sum(e["train"]["samples"] + (e["holdout"] or {"samples": 0})["samples"]
-                 for e in epochs)
-    return measured.storage_cpu_s * epochs[-1]["train"]["samples"] / served if served else 0.0
+    passes = [p for e in epochs for p in (e["train"], e["holdout"]) if p]
+    served = sum(map(_fetched_samples, passes))
+    last = _fetched_samples(epochs[-1]["train"])
+    return measured.storage_cpu_s * last / served if served else 0.0
+
+
+def _fetched_samples(metrics_pass):
+    """The samples of a pass that came from the storage tier, not from the feature cache."""
+    traffic = metrics_pass["traffic"]
+    if not traffic["shards"]:
+        return metrics_pass["samples"]
+    return metrics_pass["samples"] * (1 - traffic["cache_hits"] / traffic["shards"])
 
 
 def trainer_record(measured, where, shaped, runs):

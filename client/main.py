@@ -320,6 +320,10 @@ def check_args(args):
                           "--checkpoint_container (where to write the checkpoints)")
     args.storage_urls = storage_urls(args.storage_urls)
     if args.use_intermediate and args.storage_urls:
+        if args.intermediate_url:
+            raise ConfigError("--use_intermediate takes the standalone HAPI servers from "
+                              "--storage_urls or from --intermediate_url, and both are given "
+                              "(or set: HAPI_STORAGE_URLS, HAPI_INTERMEDIATE_URL): drop one")
         args.intermediate_url = args.storage_urls[0]  # the HAPI servers are the list
     elif args.use_intermediate:
         args.intermediate_url = intermediate_url(args.intermediate_url)

@@ -105,6 +105,14 @@ def test_with_use_intermediate_the_list_is_the_hapi_servers():
     assert config.storage_urls == ("http://127.0.0.1:8090", "http://127.0.0.1:8091")
 
 
+def test_with_use_intermediate_two_lists_of_hapi_servers_are_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("HAPI_STORAGE_URLS", "http://127.0.0.1:8080,http://127.0.0.1:8081")
+    assert cli.main([*FLAGS_WITHOUT_SWIFT, "--use_intermediate", "--intermediate_url",
+                     "http://127.0.0.1:8090"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "both are given" in err, err
+
+
 # Against Swift with two proxies ------------------------------------------------------
 
 CONTAINER = "hapi-endpoints-digits"

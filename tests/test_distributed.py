@@ -184,3 +184,19 @@ def test_resume_at_another_world_size_is_refused(cluster, two_ranks, capsys):
     assert status == 1
     assert err[-1].startswith("error: the checkpoint in ") and \
         "written by 2 rank(s) and this run has 1" in err[-1], err
+
+
+def test_uneven_shares_pad_with_empty_steps_and_keep_the_global_mean(cluster, tmp_path):
+    # 7 training shards: rank 0 trains on 4 (4 steps), rank 1 on 3 (3 steps, then one on
+    # no samples); the last step is rank 0's shard alone, as the single process's is.
+    flags = [*FLAGS, "--holdout", "0.3", "--num_epochs", "2", *credentials(cluster)]
+    rc, _, err = finished(torchrun(
+        "client/main.py", *flags, "--batch_size", "12", "--checkpoint_every", "1",
+        "--checkpoint_dir", str(tmp_path / "ckpt"), "--metrics", str(tmp_path / "m.json")))
+    assert rc == 0, err[-3000:]
+    two = json.loads((tmp_path / "m.json").read_text())
+    one = cli.run(cli.parse_args([*flags, "--batch_size", "24"]))
+    for after, before in zip(two["epochs"], one["epochs"], strict=True):
+        assert after["step_batch"] == before["step_batch"] == [24, 24, 24, 12]
+        assert sorted(after["rank_samples"]) == [36, 48]
+        assert after["step_loss"] == approx(before["step_loss"], rel=1e-4)

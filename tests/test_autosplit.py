@@ -4,10 +4,13 @@ The data set is the first 240 of scikit-learn's digits in 10 shards of 24
 (8 to train on, 2 held out); EfficientNet-Lite0 with its pre-trained
 weights at 32 px, frozen below layer 21. A run starts at the freeze index,
 decides after at most ``MAX_PROFILE_SHARDS`` shards and re-decides when the
-storage tier's speed or the bandwidth drifts. The timings of this shared VM
-are noisy, so the tests assert what the selection must do (decide in time,
-explain itself, follow a drift, compute what a fixed split computes), not
-which split it picks.
+storage tier's speed or the bandwidth drifts; once the storage tier has run
+the model at the run's preset and storage batch, the next run decides
+before its first feature request, from the layer costs the storage tier
+serves. The trainer's layer times are cached in a folder of this module's
+own. The timings of this shared VM are noisy, so the tests assert what the
+selection must do (decide in time, explain itself, follow a drift, compute
+what a fixed split computes), not which split it picks.
 """
 
 import inspect
@@ -23,6 +26,7 @@ from hapi import wire
 from hapi.client import main as cli
 from hapi.client.autosplit import AutomaticSplit
 from hapi.client.autosplit.estimator import LinkClock, OnlineEstimator
+from hapi.client.autosplit.profilecache import CACHE_ENV
 from hapi.client.data import Part, ShardData, ShardRef, Transfer, rebatch
 
 CONTAINER = "hapi-autosplit-digits"
@@ -32,6 +36,15 @@ MAX_PROFILE_SHARDS = inspect.signature(AutomaticSplit).parameters["max_profile_s
 FLAGS = ["--dataset", CONTAINER, "--model", "myefficientnet_lite0", "--freeze",
          "--preset", "resize-32", "--batch_size", "20", "--storage_batch", "7",
          "--lr", "0.05", "--threads", "1", "--num_epochs", "2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def profile_cache(tmp_path_factory):
+    """The trainer's layer times are cached here, not in the user's cache."""
+    folder = tmp_path_factory.mktemp("profiles")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="module")
@@ -126,13 +139,51 @@ def test_a_drift_of_the_storage_speed_re_decides(cluster, fixed_run, monkeypatch
     monkeypatch.setattr(wire.Frame, "timings", property(scaled))
     metrics, _ = train(cluster, on_step=slow_down)
     history = metrics["split_selection"]["history"]
-    first = history[0]
+    # The storage tier ran this job before (fixed_run): a decision from its
+    # layer costs comes first, then the one from the frames.
+    assert history[0]["shard"] == 0
+    first = next(step for step in history if step["why"] == "profiled")
     assert first["shard"] <= MAX_PROFILE_SHARDS and first["to"] > 0
     drifts = [step for step in history[1:] if re.search(r"storage \+\d{3,}%", step["why"])]
     assert drifts, history
     assert drifts[0]["to"] < drifts[0]["from"]
     assert len(metrics["split_selection"]["samples_per_split"]) >= 2
     assert_same_losses(metrics, fixed_run)
+
+
+def test_a_second_run_decides_before_its_first_feature_request(cluster, tmp_path, monkeypatch):
+    """The first run of a job (a storage batch no other test uses) finds no
+    layer costs at the storage tier and starts at the freeze index; its
+    feature requests have the storage tier measure them, so the second run
+    of the same job decides before its first feature request, and reads the
+    trainer's layer times from the cache instead of measuring them."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # empty: the first run measures
+    job = ("--storage_batch", "5", "--num_epochs", "1")
+    first, first_lines = train(cluster, *job)
+    second, second_lines = train(cluster, *job)
+    before, after = (run["split_selection"] for run in (first, second))
+    assert before["profiling"]["storage_costs"]["known"] is False
+    assert "not measured there yet" in before["profiling"]["storage_costs"]["note"]
+    assert any(line.startswith("split selection: the storage tier (http://") and
+               f"has no layer costs of {first['model']} at resize-32, storage batch 5" in line
+               for line in first_lines)
+    assert before["history"][0]["shard"] > 0 and before["history"][0]["from"] == FREEZE
+    assert before["samples_per_split"][str(FREEZE)] > 0
+
+    assert after["profiling"]["storage_costs"]["known"] is True
+    assert any(f"knows {second['model']}'s layer costs on cpu; deciding before the first "
+               "feature request" in line for line in second_lines)
+    decided = after["history"][0]
+    assert decided["shard"] == 0 and decided["why"] == "the storage tier's layer costs"
+    assert after["samples_per_split"].get(str(decided["to"]), 0) > 0
+    measured = after["history"][1]  # the frames' decision still comes, within the bound
+    assert measured["from"] == decided["to"] and measured["shard"] <= MAX_PROFILE_SHARDS
+    assert measured["why"] == "profiled" or measured["why"].startswith("profiling bound")
+    assert before["profiling"]["trainer_times"] == "measured"
+    assert after["profiling"]["trainer_times"] == "cached"
+    assert after["profiling"]["trainer_times_s"] < before["profiling"]["trainer_times_s"]
+    assert after["profile"]["layers"][0]["storage_s"] > 0
+    assert len(list(tmp_path.iterdir())) == 1
 
 
 # Pieces, without Swift ---------------------------------------------------------------

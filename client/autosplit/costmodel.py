@@ -102,12 +102,14 @@ Over a run
 ----------
 
 :class:`hapi.client.autosplit.selector.AutomaticSplit` drives the choice
-during training: it starts at the freeze index (the first frames time
-every frozen layer on the storage tier), decides after a few frames and
-transfers (at most ``max_profile_shards`` shards), and re-decides when the
-bandwidth or the storage speed drifts by more than a threshold
-(``OnlineEstimator.drifted``), keeping the split in use unless the new best
-is more than ``margin`` faster.
+during training: it decides before the first request when the storage tier
+serves its layer costs, else starts at the freeze index (the first frames
+time every frozen layer on the storage tier); it decides after a few frames
+and transfers (at most ``max_profile_shards`` shards), and re-decides when
+the bandwidth or the storage speed drifts by more than a threshold and
+their noise (``OnlineEstimator.drifted``), at most once an epoch unless the
+drift is large, keeping the split in use unless the new best is more than
+``margin`` faster.
 """
 
 from __future__ import annotations

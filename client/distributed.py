@@ -106,9 +106,20 @@ class lost_rank_errors:
         return self
 
     def __exit__(self, kind, err, tb):
-        if kind is not None and issubclass(kind, RuntimeError) and \
-                not issubclass(kind, RankLost):
+        if kind is not None and _peer_gone(err):
             raise RankLost(f"rank {self.rank} lost contact with the other ranks (one failed "
                            f"or was killed: {str(err).splitlines()[0]}); --resume continues "
                            "from the last checkpoint") from None
         return False
+
+
+def _peer_gone(err):
+    """Whether a collective failed because a peer went away: torch's
+    distributed errors, and the plain RuntimeError that DDP's gradient
+    all-reduce raises with the transport's message (gloo: "Connection reset
+    by peer")."""
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and not isinstance(err, RankLost) and \
+        any(word in text for word in ("gloo", "nccl", "connection"))

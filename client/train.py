@@ -427,16 +427,28 @@ class Trainer:
     def _check_last_batch(self):
         """Refuse, before any step, an epoch whose last batch would be a single
         sample when a trained layer holds a BatchNorm: in training mode it
-        cannot normalise one sample, and the epoch would fail at its end."""
+        cannot normalise one sample, and the epoch would fail at its end.
+        Under torchrun, each rank's last batch of each epoch is checked."""
         config = self.config
-        if self.plan.train_samples % config.batch_size != 1:
+        single = None
+        if self.plan.train_samples % config.batch_size == 1 and not self.ranks.distributed:
+            single = (f"the last batch of each epoch would hold 1 of the "
+                      f"{self.plan.train_samples} training samples")
+        for epoch in range(config.epochs if self.ranks.distributed else 0):
+            order = data.epoch_order(self.plan.train, config.seed, epoch)
+            for rank in range(self.ranks.world_size):
+                share = sum(ref.selected for ref in
+                            data.rank_share(order, rank, self.ranks.world_size))
+                if single is None and share % config.batch_size == 1:
+                    single = (f"rank {rank}'s last batch of epoch {epoch + 1} would hold 1 of "
+                              f"its {share} training samples")
+        if single is None:
             return
         trained = self.model.layers[config.freeze:]
         if any(isinstance(module, BATCH_NORMS) for layer in trained
                for module in layer.modules()):
             raise TrainingError(
-                f"the last batch of each epoch would hold 1 of the {self.plan.train_samples} "
-                f"training samples, and the trained layers of {config.model} (from "
+                f"{single}, and the trained layers of {config.model} (from "
                 f"{config.freeze}) have BatchNorm, which cannot train on one sample: change "
                 "--batch_size, --start/--end or --holdout, or freeze more layers")
 

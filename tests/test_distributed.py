@@ -20,8 +20,9 @@ import pytest
 from helpers import free_port, upload_digits
 from pytest import approx
 
-from hapi.client import data
+from hapi.client import data, distributed
 from hapi.client import main as cli
+from hapi.client.train import Trainer, TrainingError
 
 CONTAINER = "hapi-distributed-digits"
 SAMPLES, SHARD_SIZE, TRAIN_SAMPLES, EPOCHS = 120, 12, 96, 3
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RECORDING = """\
 import json, os, sys
 from hapi.client import main as cli
+from hapi.client.train import Trainer, TrainingError
 steps = []
 cli.run(cli.parse_args(sys.argv[2:]), on_step=lambda s: steps.append([s.epoch, s.keys]))
 with open(os.path.join(sys.argv[1], f"keys-{os.environ['RANK']}.json"), "w") as out:
@@ -200,3 +202,18 @@ def test_uneven_shares_pad_with_empty_steps_and_keep_the_global_mean(cluster, tm
         assert after["step_batch"] == before["step_batch"] == [24, 24, 24, 12]
         assert sorted(after["rank_samples"]) == [36, 48]
         assert after["step_loss"] == approx(before["step_loss"], rel=1e-4)
+
+
+def test_a_rank_whose_last_batch_is_one_sample_is_refused_with_batchnorm(cluster):
+    # 96 samples on 2 ranks, 48 each: batches of 47 leave 1 for each rank's last batch,
+    # and layer 19 (trained from --freeze_idx 19) is a BatchNorm. Refused before DDP starts,
+    # so this rank needs no process group; one process (96 % 47 = 2) would train.
+    args = cli.parse_args([*FLAGS, "--freeze_idx", "19", "--split_idx", "19",
+                           "--batch_size", "47", *credentials(cluster)])
+    config = cli.train_config(args, log=lambda line: None)
+    refusal = (r"^rank 0's last batch of epoch 1 would hold 1 of its 48 training samples, "
+               r"and the trained layers .* have BatchNorm")
+    with Trainer(config, cli.swift_connector(args), log=lambda line: None,
+                 ranks=distributed.Ranks(rank=1, world_size=2)) as trainer, \
+            pytest.raises(TrainingError, match=refusal):
+        trainer.train()

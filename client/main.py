@@ -23,6 +23,11 @@ instead of the proxy's filter, with the same token; the manifest, raw shards
 on the way (503 at capacity, a lost connection, a stream cut short) is
 retried whole, up to ``--retries`` times (``hapi.client.retry``).
 
+Under torchrun (``torchrun --nproc_per_node N client/main.py ...``) the
+trainer runs on N processes with DistributedDataParallel; each trains on its
+share of each epoch's shards at ``--batch_size``, and rank 0 alone logs,
+evaluates and writes the checkpoints and metrics (``hapi.client.train``).
+
 The flags are checked once, right after parsing and before any network call:
 a combination that cannot work ends the program with one line naming the
 flag and what to do (exit status 2). Until then only the standard library,
@@ -134,7 +139,8 @@ def build_parser(prog=None):
                      help=f"model of the zoo, 'my' prefix allowed: {', '.join(names.MODELS)}")
     job.add_argument("--num_epochs", type=int, default=1, help="default: %(default)s")
     job.add_argument("--batch_size", type=int, default=32,
-                     help="training batch size (default: %(default)s)")
+                     help="training batch size, of each rank under torchrun (default: "
+                          "%(default)s)")
     job.add_argument("--freeze", action="store_true",
                      help="freeze the layers below the freeze index")
     job.add_argument("--freeze_idx", type=int,

@@ -508,7 +508,7 @@ def summarise(results, encodings):
 def format_table(doc):
     """One row per cell: medians, the epoch time's min-max, and the summary lines."""
     head = (f"{'model':<19}{'Mbit/s':>7} {'mode':<16}{'encoding':<13}{'split':>6}{'epoch s':>9}"
-            f"{'min-max':>13}{'link MB':>9}{'own MB':>8}{'T comp':>8}{'T wait':>8}"
+            f"{'min-max':>14}{'link MB':>9}{'own MB':>8}{'T comp':>8}{'T wait':>8}"
             f"{'S comp':>8}{'S wait':>8}{'bound x':>8}{'acc':>6}")
     lines = [head, "-" * len(head)]
     for c in doc["cells"]:
@@ -516,10 +516,11 @@ def format_table(doc):
         link = _mb(c["link_bytes"]["median"]) if c["link_bytes"]["median"] is not None else "-"
         bound = _fixed(c["bound_ratio"]["median"])
         splits = "/".join(map(str, sorted(set(c["splits"]))))
+        epoch_range = f"{epoch['min']:.2f}-{epoch['max']:.2f}"
         lines.append(
             f"{c['model']:<19}{c['bandwidth_mbit']:>7} {c['mode']:<16}"
             f"{c['encoding'] or '-':<13}{splits:>6}{epoch['median']:>9.2f}"
-            f"{epoch['min']:>6.2f}-{epoch['max']:<6.2f}{link:>9}"
+            f" {epoch_range:>13}{link:>9}"
             f"{_mb(c['trainer_bytes']['median']):>8}"
             f"{c['trainer_compute_s']['median']:>8.2f}{c['trainer_wait_s']['median']:>8.2f}"
             f"{c['storage_compute_s']['median']:>8.2f}{c['storage_wait_s']['median']:>8.2f}"

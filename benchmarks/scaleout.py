@@ -10,9 +10,11 @@ same for every rank count (each rank's ``--batch_size`` is the global batch
 divided by the ranks), each rank has one torch thread, and nothing is held
 out: the epoch time is the training pass alone.
 
-Prints a table (epoch time, samples per second, speed-up over the first rank
-count) and writes ``OUT/scaleout.json``; the trainers' metrics and logs go
-to ``OUT/runs/``.
+Each rank count runs ``--repeats`` times, in rounds (every rank count once,
+then again), so that slow drift of the host hits them alike. Prints a table
+of medians with their min-max (epoch time, samples per second, speed-up over
+the first rank count, computed within each round) and writes
+``OUT/scaleout.json``; the trainers' metrics and logs go to ``OUT/runs/``.
 
     python benchmarks/scaleout.py --out /tmp/scaleout
     python benchmarks/scaleout.py --ranks 1 2 4 --images 512 --size 112
@@ -26,6 +28,7 @@ import contextlib
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +58,7 @@ def parse_args(argv=None):
                         help="rank counts to run (default: 1 2)")
     parser.add_argument("--proxies", type=int, default=2,
                         help="Swift proxy servers (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="default: %(default)s")
     parser.add_argument("--out", default="scaleout-results", help="default: %(default)s")
     args = parser.parse_args(argv)
     for ranks in args.ranks:
@@ -70,10 +74,10 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def train(cluster, args, ranks, runs):
+def train(cluster, args, ranks, runs, name):
     """One torchrun of the trainer on ``ranks`` ranks; its metrics document."""
     user, key = cluster.users["tester"]
-    metrics = runs / f"ranks-{ranks}.json"
+    metrics = runs / f"{name}.json"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "client/main.py",
@@ -82,11 +86,11 @@ def train(cluster, args, ranks, runs):
         "--batch_size", str(args.batch // ranks), "--num_epochs", str(args.epochs),
         "--holdout", "0", "--threads", "1", "--storage_urls", ",".join(cluster.proxy_urls),
         "--metrics", str(metrics), "-A", cluster.auth_url, "-U", user, "-K", key]
-    with open(runs / f"ranks-{ranks}.log", "w") as log:
+    with open(runs / f"{name}.log", "w") as log:
         done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode:
-        raise SystemExit(f"the run on {ranks} rank(s) failed: see {runs / f'ranks-{ranks}.log'}")
+        raise SystemExit(f"the run on {ranks} rank(s) failed: see {runs / f'{name}.log'}")
     return json.loads(metrics.read_text())
 
 
@@ -95,7 +99,7 @@ def main(argv=None):
     out = Path(args.out)
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    results = []
+    runs_done = []
     with contextlib.ExitStack() as stack:
         devices = stack.enter_context(tempfile.TemporaryDirectory(
             prefix="hapi-scaleout-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
@@ -106,30 +110,46 @@ def main(argv=None):
         source = synthetic(args.images, size=args.size)
         upload_dataset(conn, CONTAINER, source.samples, source.classes, args.shard_size)
         conn.close()
-        for ranks in args.ranks:
-            metrics = train(cluster, args, ranks, runs)
-            epochs = metrics["epochs"]
-            epoch_s = sum(e["time_s"] for e in epochs) / len(epochs)
-            results.append({"ranks": ranks, "epoch_s": epoch_s,
-                            "samples_per_s": metrics["samples"]["train"] / epoch_s,
-                            "trainer_compute_s": metrics["compute_s"] / len(epochs),
-                            "trainer_wait_s": metrics["wait_s"] / len(epochs),
-                            "rank_samples": epochs[-1].get("rank_samples")})
-    base = results[0]["epoch_s"]
-    for row in results:
-        row["speedup"] = base / row["epoch_s"]
+        for repeat in range(args.repeats):
+            for ranks in args.ranks:
+                metrics = train(cluster, args, ranks, runs, f"ranks-{ranks}-r{repeat}")
+                epochs = metrics["epochs"]
+                epoch_s = sum(e["time_s"] for e in epochs) / len(epochs)
+                runs_done.append({
+                    "repeat": repeat, "ranks": ranks, "epoch_s": epoch_s,
+                    "samples_per_s": metrics["samples"]["train"] / epoch_s,
+                    "trainer_compute_s": metrics["compute_s"] / len(epochs),
+                    "trainer_wait_s": metrics["wait_s"] / len(epochs),
+                    "rank_samples": epochs[-1].get("rank_samples")})
+    first = args.ranks[0]
+    base = {run["repeat"]: run["epoch_s"] for run in runs_done if run["ranks"] == first}
+    for run in runs_done:
+        run["speedup"] = base[run["repeat"]] / run["epoch_s"]
+    results = []
+    for ranks in args.ranks:
+        mine = [run for run in runs_done if run["ranks"] == ranks]
+        row = {"ranks": ranks, "rank_samples": mine[-1]["rank_samples"]}
+        for key in ("epoch_s", "samples_per_s", "trainer_compute_s", "trainer_wait_s",
+                    "speedup"):
+            values = [run[key] for run in mine]
+            row[key] = statistics.median(values)
+            row[f"{key}_min"], row[f"{key}_max"] = min(values), max(values)
+        results.append(row)
     report = {"model": args.model, "split": args.split, "images": args.images,
               "size": args.size, "global_batch": args.batch, "proxies": args.proxies,
-              "cpus": os.cpu_count(), "results": results}
+              "cpus": os.cpu_count(), "repeats": args.repeats, "results": results,
+              "runs": runs_done}
     (out / "scaleout.json").write_text(json.dumps(report, indent=1))
     print(f"{args.model} split {args.split}, {args.images} images at {args.size} px, global "
-          f"batch {args.batch}, {args.proxies} proxies, {os.cpu_count()} CPUs")
-    print(f"{'ranks':>5} {'epoch s':>8} {'samples/s':>10} {'compute s':>10} {'wait s':>7} "
-          f"{'speed-up':>8}")
+          f"batch {args.batch}, {args.proxies} proxies, {os.cpu_count()} CPUs; medians of "
+          f"{args.repeats} (min-max)")
+    print(f"{'ranks':>5} {'epoch s':>18} {'samples/s':>10} {'compute s':>10} {'wait s':>7} "
+          f"{'speed-up':>18}")
     for row in results:
-        print(f"{row['ranks']:>5} {row['epoch_s']:>8.1f} {row['samples_per_s']:>10.1f} "
-              f"{row['trainer_compute_s']:>10.1f} {row['trainer_wait_s']:>7.1f} "
-              f"{row['speedup']:>8.2f}")
+        print(f"{row['ranks']:>5} {row['epoch_s']:>6.2f} ({row['epoch_s_min']:.2f}-"
+              f"{row['epoch_s_max']:.2f}) {row['samples_per_s']:>10.1f} "
+              f"{row['trainer_compute_s']:>10.2f} {row['trainer_wait_s']:>7.2f} "
+              f"{row['speedup']:>6.2f} ({row['speedup_min']:.2f}-{row['speedup_max']:.2f})")
     print(f"results: {out / 'scaleout.json'}")
 
 

@@ -140,9 +140,11 @@ def test_a_drift_of_the_storage_speed_re_decides(cluster, fixed_run, monkeypatch
     metrics, _ = train(cluster, on_step=slow_down)
     history = metrics["split_selection"]["history"]
     # The storage tier ran this job before (fixed_run): a decision from its
-    # layer costs comes first, then the one from the frames.
+    # layer costs comes first, then the one from the frames ("profiled", or
+    # at the profiling bound when too few transfers were paced by the link).
     assert history[0]["shard"] == 0
-    first = next(step for step in history if step["why"] == "profiled")
+    first = history[1]
+    assert first["why"] == "profiled" or first["why"].startswith("profiling bound")
     assert first["shard"] <= MAX_PROFILE_SHARDS and first["to"] > 0
     drifts = [step for step in history[1:] if re.search(r"storage \+\d{3,}%", step["why"])]
     assert drifts, history

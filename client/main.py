@@ -476,8 +476,9 @@ def train_config(args, log=print):
         split = args.split_idx
     elif freeze:
         split = None
-        log(f"automatic split selection among splits 0 to {freeze}: profiling at the freeze "
-            "index first (fix a split with --manual_split --split_idx N)")
+        log(f"automatic split selection among splits 0 to {freeze}: from the storage tier's "
+            "layer costs when it has them, else profiling at the freeze index first (fix a "
+            "split with --manual_split --split_idx N)")
     else:
         split = 0
     return TrainConfig(

@@ -16,6 +16,16 @@ from hapi.server_setup.cluster import Cluster
 SWIFT_FIXTURES = {"swift_cluster", "swift_cluster_factory", "swift_conn"}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def profile_cache(tmp_path_factory):
+    """The trainer's cached layer times go to a folder of the test session,
+    never to the user's cache (``hapi.client.autosplit.profilecache``)."""
+    folder = tmp_path_factory.mktemp("profiles")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HAPI_PROFILE_CACHE", str(folder))
+        yield folder
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if SWIFT_FIXTURES.intersection(getattr(item, "fixturenames", ())):

@@ -16,8 +16,8 @@ and string metadata:
 Wire dtypes (:data:`WIRE_DTYPES`): ``float32``, ``float16`` and ``bfloat16``
 are casts. ``uint8`` is per-channel affine quantization: channel c of
 features ``[N, C, ...]`` is dimension 1 (the channels of a convolution's
-output, the features D of ``[N, D]``, the tokens of a transformer's
-``[N, T, D]``), quantized with the batch's own minimum and maximum of that
+output, the tokens of a transformer's ``[N, T, D]``; flat features
+``[N, D]`` are one channel), quantized with the batch's own minimum and maximum of that
 channel; the frame then also holds tensors ``scale`` and ``zero_point``
 (float32 ``[C]``), and ``x = (q - zero_point) * scale`` within ``scale / 2``.
 Where a channel's range holds 0, its zero point is an integer, so 0 is
@@ -101,8 +101,8 @@ class PackedFeatures:
 
 def quantize(x):
     """Per-channel affine uint8 quantization of ``x`` ``[N, C, ...]`` (channels
-    on dimension 1), on ``x``'s device: ``(q, scale, zero_point)``, the last two
-    float32 ``[C]``.
+    on dimension 1; flat features ``[N, D]`` are one channel), on ``x``'s
+    device: ``(q, scale, zero_point)``, the last two float32 ``[C]``.
 
     A channel whose range holds 0 gets an integer zero point and a scale
     that still covers its minimum and maximum, so 0 is exact and every value
@@ -110,6 +110,11 @@ def quantize(x):
     maximum to 255. A constant channel gets scale 1 (no division by zero)."""
     if x.dim() < 2:
         raise ValueError(f"uint8 features need a channel dimension, got shape {list(x.shape)}")
+    if x.dim() == 2:
+        # Flat features [N, D] are one channel: D scales and zero points per
+        # frame would outweigh the frame's own bytes at small storage batches.
+        q, scale, zero_point = quantize(x.unsqueeze(1))
+        return q.squeeze(1), scale, zero_point
     others = [0, *range(2, x.dim())]
     if x.numel() == 0:
         lo = hi = torch.zeros(x.shape[1], device=x.device)
@@ -129,6 +134,12 @@ def quantize(x):
     q = x.to(torch.float32, copy=True).div_(scale.view(shape))
     q.add_(zero_point.view(shape)).round_().clamp_(0, QUANT_LEVELS)
     return q.to(torch.uint8), scale, zero_point
+
+
+def quantized_channels(shape):
+    """The channels :func:`quantize` gives features of ``shape`` ``[N, ...]``
+    their own scale: dimension 1, or one for flat features ``[N, D]``."""
+    return shape[1] if len(shape) > 2 else 1
 
 
 def dequantize(q, scale, zero_point):
@@ -170,7 +181,8 @@ def feature_bytes(sample_shape, dtype, frame_samples):
     shared by its samples."""
     size = math.prod(sample_shape) * TORCH_DTYPES[dtype].itemsize
     if dtype == QUANTIZED and sample_shape:
-        size += QUANT_BYTES_PER_CHANNEL * sample_shape[0] / max(frame_samples, 1)
+        channels = quantized_channels((frame_samples, *sample_shape))
+        size += QUANT_BYTES_PER_CHANNEL * channels / max(frame_samples, 1)
     return size
 
 
@@ -265,7 +277,8 @@ def _check_quantization(features, scale, zero_point):
         if features is not None and features.dtype == torch.uint8:
             raise FrameError("uint8 features need 'scale' and 'zero_point' tensors")
         return
-    channels = features.shape[1] if features is not None and features.dim() >= 2 else None
+    channels = quantized_channels(features.shape) \
+        if features is not None and features.dim() >= 2 else None
     if features is None or features.dtype != torch.uint8 or channels is None:
         raise FrameError("'scale' and 'zero_point' go only with uint8 features [N, C, ...]")
     for name, tensor in (("scale", scale), ("zero_point", zero_point)):

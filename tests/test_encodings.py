@@ -148,6 +148,8 @@ def test_uint8_boundaries_count_each_frames_scales_and_zero_points():
         bandwidth_bytes_per_s=1e6, wire_dtype=dtype, storage_batch=16)
         for dtype in ("float32", "uint8")}
     shapes = model.boundary_shapes((3, 64, 64))
+    channels = [shape[0] if len(shape) > 1 else 1 for shape in shapes]  # flat: one channel
     assert profiles["uint8"].boundary_bytes == [
-        math.prod(shape) + math.ceil(8 * shape[0] / 16) for shape in shapes]
+        math.prod(shape) + math.ceil(8 * c / 16) for shape, c in zip(shapes, channels,
+                                                                     strict=True)]
     assert profiles["float32"].boundary_bytes == model.boundary_bytes((3, 64, 64))

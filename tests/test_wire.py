@@ -109,20 +109,22 @@ def test_uint8_round_trip_is_within_half_a_step_per_channel(shape):
     x[:, 3] = 2.5                            # constant channel: no division by zero
     packed = wire.pack_features(x, "uint8")
     frame = wire.decode_frame(wire.encode_frame("batch", features=packed)[8:])
-    assert frame.features.dtype == torch.uint8 and frame.scale.shape == (shape[1],)
+    channels = shape[1] if len(shape) > 2 else 1  # flat features are one channel
+    assert frame.features.dtype == torch.uint8 and frame.scale.shape == (channels,)
     assert torch.all(frame.scale > 0)
     assert torch.all(channel_errors(x, frame) <= frame.scale / 2 * (1 + 1e-5) + 1e-7)
     assert torch.equal(frame.float_features()[x == 0], x[x == 0])
-    assert torch.equal(frame.float_features()[:, 3], x[:, 3])
-    # A strictly positive channel uses its own range, not [0, max].
-    assert frame.scale[1] < x[:, 1].max() / 255
+    if channels > 1:
+        assert torch.equal(frame.float_features()[:, 3], x[:, 3])
+        # A strictly positive channel uses its own range, not [0, max].
+        assert frame.scale[1] < x[:, 1].max() / 255
 
 
 def test_uint8_zero_channel_and_empty_batch():
     x = torch.zeros(3, 4)
     packed = wire.pack_features(x, "uint8")
     frame = wire.decode_frame(wire.encode_frame("batch", features=packed)[8:])
-    assert torch.equal(frame.float_features(), x) and torch.equal(frame.scale, torch.ones(4))
+    assert torch.equal(frame.float_features(), x) and torch.equal(frame.scale, torch.ones(1))
     empty = wire.pack_features(torch.zeros(0, 4, 2), "uint8", "zstd")
     frame = wire.decode_frame(wire.encode_frame("batch", features=empty)[8:])
     assert frame.float_features().shape == (0, 4, 2)
@@ -202,7 +204,7 @@ def test_unknown_encoding_and_bad_quantization_tensors_are_refused():
     blob = save({"features": torch.zeros(2, 3, dtype=torch.uint8)}, metadata={"kind": "batch"})
     with pytest.raises(wire.FrameError, match="need 'scale' and 'zero_point'"):
         wire.decode_frame(blob)
-    blob = save({"features": torch.zeros(2, 3, dtype=torch.uint8), "scale": torch.ones(2),
+    blob = save({"features": torch.zeros(2, 3, 4, dtype=torch.uint8), "scale": torch.ones(2),
                  "zero_point": torch.zeros(3)}, metadata={"kind": "batch"})
     with pytest.raises(wire.FrameError, match="float32 'scale' of shape \\[3\\]"):
         wire.decode_frame(blob)

@@ -38,8 +38,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 import hapi
 
@@ -132,7 +133,7 @@ class FeatureCache:
             return None
         try:
             meta = _metadata(data)
-            tensors = safetensors.torch.load(data)
+            tensors = safetensors_load(data)
             inputs, labels, keys = tensors["features"], tensors["labels"], json.loads(meta["keys"])
             valid = meta["format"] == FORMAT and \
                 _checksum(inputs, labels, keys) == meta["sha256"] and len(keys) == len(labels)
@@ -152,7 +153,7 @@ class FeatureCache:
         0 when the entry alone would exceed the cache's size, or when the
         disk refused it (full, read-only, the folder removed: counted as a
         write error, and training goes on without that entry)."""
-        data = safetensors.torch.save(
+        data = safetensors_save(
             {"features": inputs.contiguous(), "labels": labels.contiguous()},
             metadata={"format": FORMAT, "keys": json.dumps(keys),
                       "sha256": _checksum(inputs, labels, keys)})

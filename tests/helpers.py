@@ -119,6 +119,17 @@ def upload_digits(cluster, container, samples, shard_size):
         conn.close()
 
 
+def small_shard_connection(cluster, container):
+    """The admin's authenticated connection, with ``container`` holding
+    ``small.tar`` (5 samples); closed when the generator ends (for a fixture)."""
+    connection = cluster.connection()
+    connection.put_container(container)
+    connection.put_object(container, "small.tar", write_shard(samples(5)))
+    connection.get_auth()
+    yield connection
+    connection.close()
+
+
 def raw_get(url, headers):
     """A GET with exactly ``headers`` (swiftclient would add a token): status, body."""
     parts = urllib.parse.urlsplit(url)

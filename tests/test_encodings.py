@@ -14,13 +14,12 @@ import urllib.request
 
 import pytest
 import torch
-from helpers import ServerProcess, feature_request, samples
+from helpers import ServerProcess, feature_request, small_shard_connection
 from test_same_answers import both, frames_of, hapi
 
 from hapi import protocol, wire, zoo
 from hapi.client.autosplit.profiling import TrainerTimes, measure_copy_rate, profile_from_model
 from hapi.client.features import fetch_features, intermediate_connection
-from hapi.shards import write_shard
 
 CONTAINER = "hapi-same-answers"  # the container test_same_answers.both reads
 ENCODINGS = [(dtype, encoding) for dtype in wire.WIRE_DTYPES for encoding in wire.WIRE_ENCODINGS]
@@ -28,12 +27,7 @@ ENCODINGS = [(dtype, encoding) for dtype in wire.WIRE_DTYPES for encoding in wir
 
 @pytest.fixture(scope="module")
 def conn(swift_cluster):
-    connection = swift_cluster.connection()
-    connection.put_container(CONTAINER)
-    connection.put_object(CONTAINER, "small.tar", write_shard(samples(5)))
-    connection.get_auth()
-    yield connection
-    connection.close()
+    yield from small_shard_connection(swift_cluster, CONTAINER)
 
 
 @pytest.fixture(scope="module")

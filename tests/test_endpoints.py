@@ -8,18 +8,16 @@ the first 240 of scikit-learn's digits in 10 shards of 24, EfficientNet-Lite0
 at 32 px split at its freeze index, as in tests/test_faults.py.
 """
 
-import itertools
 import os
 import re
 import signal
 
 import pytest
+from helpers import upload_digits
 from swiftclient import Connection
 
 import hapi.client.main as cli
 from hapi.client.endpoints import AUTH_STORAGE_URL, BACKOFF_S, Endpoints
-from hapi.client_setup import datasets
-from hapi.client_setup.load import upload_dataset
 from hapi.shards import MANIFEST_NAME, Manifest
 
 # Without Swift -------------------------------------------------------------------------
@@ -128,11 +126,7 @@ SHARD_GET = re.compile(rf"GET /v1/AUTH_test/{CONTAINER}/(shard-[^ ?]+)")
 @pytest.fixture(scope="module")
 def cluster(swift_cluster_factory):
     cluster = swift_cluster_factory("endpoints", hapi_conf={"threads": "1"}, proxies=2)
-    conn = cluster.connection()
-    source = datasets.digits()
-    upload_dataset(conn, CONTAINER, itertools.islice(source.samples, SAMPLES), source.classes,
-                   SHARD_SIZE)
-    conn.close()
+    upload_digits(cluster, CONTAINER, SAMPLES, SHARD_SIZE)
     return cluster
 
 

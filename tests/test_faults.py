@@ -14,7 +14,6 @@ each exactly once, the same losses.
 """
 
 import contextlib
-import itertools
 import os
 import signal
 import socket
@@ -30,7 +29,7 @@ import pytest
 import requests
 import torch
 import urllib3
-from helpers import ServerProcess
+from helpers import ServerProcess, upload_digits
 from swiftclient import ClientException
 
 from hapi import protocol, wire
@@ -46,8 +45,6 @@ from hapi.client.retry import (
     RetryPolicy,
     transient,
 )
-from hapi.client_setup import datasets
-from hapi.client_setup.load import upload_dataset
 from hapi.stores import DirectoryStore
 
 # The retry policy, without Swift ----------------------------------------------------
@@ -227,11 +224,7 @@ STEP_TIMEOUT_S = 60
 @pytest.fixture(scope="module")
 def cluster(swift_cluster_factory):
     cluster = swift_cluster_factory("faults", hapi_conf={"threads": "1"})
-    conn = cluster.connection()
-    source = datasets.digits()
-    upload_dataset(conn, CONTAINER, itertools.islice(source.samples, SAMPLES), source.classes,
-                   SHARD_SIZE)
-    conn.close()
+    upload_digits(cluster, CONTAINER, SAMPLES, SHARD_SIZE)
     return cluster
 
 

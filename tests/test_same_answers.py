@@ -16,7 +16,7 @@ import urllib.parse
 
 import pytest
 import torch
-from helpers import ServerProcess, feature_request, samples
+from helpers import ServerProcess, feature_request, samples, small_shard_connection
 
 from hapi import protocol, wire, zoo
 from hapi.preprocess import preprocess
@@ -28,12 +28,7 @@ HAPI_CONF = {"threads": "1", "max_concurrent": "8"}
 
 @pytest.fixture(scope="module")
 def conn(swift_cluster):
-    connection = swift_cluster.connection()
-    connection.put_container(CONTAINER)
-    connection.put_object(CONTAINER, "small.tar", write_shard(samples(5)))
-    connection.get_auth()
-    yield connection
-    connection.close()
+    yield from small_shard_connection(swift_cluster, CONTAINER)
 
 
 @pytest.fixture(scope="module")

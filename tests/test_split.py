@@ -932,7 +932,8 @@ def test_storage_base_url_is_the_proxy_or_the_standalone_server():
         url = "http://127.0.0.1:8080/v1/AUTH_test"
 
     assert storage_base_url(Conn()) == "http://127.0.0.1:8080"
-    assert storage_base_url(Conn(), "http://10.0.0.2:8090/") == "http://10.0.0.2:8090"
+    assert storage_base_url(Conn(), "http://hapi-server.invalid:8090/") == \
+        "http://hapi-server.invalid:8090"
 
 
 def test_with_the_storage_tiers_costs_the_first_decision_comes_before_any_request():

@@ -112,6 +112,8 @@ say = functools.partial(print, flush=True)
 def parse_encoding(text):
     """``DTYPE`` or ``DTYPE+ENCODING`` (e.g. ``uint8+zstd``) -> its label, as written
     without the default ``+raw``; argparse type of ``--encodings``."""
+    if text == names.WIRE_AUTO:
+        return text  # the trainer chooses dtype and encoding with the split
     dtype, _, encoding = text.partition("+")
     encoding = encoding or names.DEFAULT_WIRE_ENCODING
     if dtype not in names.WIRE_DTYPES or encoding not in names.WIRE_ENCODINGS:
@@ -123,9 +125,12 @@ def parse_encoding(text):
 
 
 def wire_flags(label):
-    """The trainer's ``--wire_dtype`` (and ``--wire_encoding`` unless the default, raw)."""
+    """The trainer's ``--wire_dtype`` and ``--wire_encoding`` for an encoding label."""
+    if label == names.WIRE_AUTO:
+        return ["--wire_dtype", label, "--wire_encoding", label]
     dtype, _, encoding = label.partition("+")
-    return ["--wire_dtype", dtype, *(["--wire_encoding", encoding] if encoding else [])]
+    return ["--wire_dtype", dtype,
+            "--wire_encoding", encoding or names.DEFAULT_WIRE_ENCODING]
 
 
 def run_measured(tiers, command, name, out_dir, timeout_s=None):
@@ -663,7 +668,8 @@ def parse_args(argv=None):
     parser.add_argument("--encodings", nargs="+", type=parse_encoding, metavar="DTYPE[+zstd]",
                         help="wire encodings of the HAPI modes' features, each the trainer's "
                         "--wire_dtype with +zstd for --wire_encoding zstd: "
-                        f"{', '.join(names.WIRE_DTYPES)} (default: "
+                        f"{', '.join(names.WIRE_DTYPES)}, or auto: chosen with the split "
+                        "(the automatic mode; a fixed split takes float32) (default: "
                         f"{' '.join(DEFAULT_ENCODINGS)})")
     parser.add_argument("--wire_dtype", choices=names.WIRE_DTYPES,
                         help="the same as --encodings WIRE_DTYPE")

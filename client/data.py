@@ -45,7 +45,7 @@ from hapi.client.endpoints import Endpoints, merged_report
 from hapi.client.features import CHUNK_BYTES, endpoint_connection, fetch_features
 from hapi.client.retry import transient
 from hapi.preprocess import DecodeError, preprocess
-from hapi.shards import MANIFEST_NAME, Manifest, ShardError, read_shard
+from hapi.shards import MANIFEST_NAME, Manifest, ShardError, leading_images, read_shard
 
 # Loaded shards waiting for the trainer, at most (their tensors' bytes).
 DEFAULT_MAX_BUFFERED_BYTES = 512 << 20
@@ -103,7 +103,8 @@ class Transfer:
     the request went out, when its response headers came, when its last byte
     was read. ``storage_s``: the storage tier's compute for it (0 for a raw
     GET), of which ``storage_early_s`` came before the headers (the filter
-    computes the first frame before it answers).
+    computes the first frame before it answers); ``storage_wait_s``: what
+    its later frames waited for a device slot, behind other requests' frames.
     """
 
     nbytes: int
@@ -112,6 +113,7 @@ class Transfer:
     done_at: float
     storage_s: float = 0.0
     storage_early_s: float = 0.0
+    storage_wait_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,8 @@ class ShardData:
     storage: dict = field(default_factory=dict)
     cache: str = ""  # with a feature cache: "hit" (read from it, nothing received) or "miss"
     cache_read_bytes: int = 0
+    wire_format: str = ""  # the features' dtype[+encoding] on the wire ("" for raw shards)
+    host_cpu_s: float = 0.0  # the loader thread's CPU for reading and decoding the response
 
     @property
     def bytes_received(self):
@@ -265,9 +269,11 @@ def resume_point(ordered, consumed):
 
 
 class FixedSplit:
-    """Every request at one split (``--manual_split``, or nothing frozen).
+    """Every request at one split (``--manual_split``, or nothing frozen), in
+    the run's own wire format.
 
-    A split selector: ``split`` for the next request, ``observe(shard)``
+    A split selector: ``split`` for the next request, ``route`` (the split
+    and the wire format name, None: the request's own), ``observe(shard)``
     after each loaded shard, ``wants_step_times`` (and then
     ``observe_step(seconds)``), ``report()`` for the metrics. The trainer's
     automatic selection (``hapi.client.autosplit.AutomaticSplit``) is the other.
@@ -278,6 +284,10 @@ class FixedSplit:
 
     def __init__(self, split):
         self.split = split
+
+    @property
+    def route(self):
+        return self.split, None
 
     def observe(self, shard):
         """A fixed split learns nothing from a shard."""
@@ -376,14 +386,19 @@ class ShardSource:
         """Requests and failures per endpoint, for the metrics."""
         return merged_report(self.raw_endpoints, self.feature_endpoints)
 
-    def load(self, channel, ref, split):
+    def load(self, channel, ref, split, wire_format=None):
+        """``ref`` at ``split``, its features in ``wire_format`` (a
+        ``hapi.client.autosplit.wireformats.WireFormat``; None: the request's)."""
         if split == 0:
             return self._on_endpoint(self.raw_endpoints, channel, False,
                                      lambda conn: self._load_raw(conn, ref))
         request = dataclasses.replace(self.request, split=split)
+        if wire_format is not None:
+            request = dataclasses.replace(request, dtype=wire_format.dtype,
+                                          encoding=wire_format.encoding)
         if self.cache is not None:
             began = time.perf_counter()
-            entry = self.cache.get(ref.name, split)
+            entry = self.cache.get(ref.name, split, request.dtype)
             if entry is not None:
                 return self._cached(ref, split, entry, began)
         return self._on_endpoint(self.feature_endpoints, channel, True,
@@ -408,6 +423,7 @@ class ShardSource:
 
     def _load_features(self, conn, ref, request):
         began = time.perf_counter()
+        cpu_began = time.thread_time()
         stream = fetch_features(conn, self.container, ref.name, request)
         answered = time.perf_counter()
         if protocol.SAMPLES.lower() not in stream.headers:
@@ -428,17 +444,23 @@ class ShardSource:
         compute = [_storage_seconds(frame.timings) for frame in stats]
         transfer = Transfer(nbytes=stream.reader.bytes_read, sent_at=began,
                             answered_at=answered, done_at=done, storage_s=sum(compute),
-                            storage_early_s=sum(compute[:1]))
+                            storage_early_s=sum(compute[:1]),
+                            storage_wait_s=sum(frame.timings.get("slot_wait_s", 0.0)
+                                               for frame in stats[1:]))
         storage = {"device": stream.device, "batch_used": stream.batch_used,
                    "compute_s": sum(compute)}
         inputs = torch.cat([f.float_features() for f in frames])
         labels = torch.cat([f.labels for f in frames])
+        host_cpu_s = time.thread_time() - cpu_began
         if self.cache is not None:
-            self.cache.put(ref.name, request.split, inputs, labels, keys)
+            self.cache.put(ref.name, request.split, request.dtype, inputs, labels, keys)
+        wire_format = request.dtype if request.encoding == "raw" else \
+            f"{request.dtype}+{request.encoding}"
         return ShardData(ref=ref, split=request.split, inputs=inputs[ref.lo:ref.hi],
                          labels=labels[ref.lo:ref.hi], keys=keys[ref.lo:ref.hi],
                          transfer=transfer, load_s=time.perf_counter() - began, frames=stats,
-                         storage=storage, cache="" if self.cache is None else "miss")
+                         storage=storage, cache="" if self.cache is None else "miss",
+                         wire_format=wire_format, host_cpu_s=host_cpu_s)
 
     def _cached(self, ref, split, entry, began):
         """A shard read from the feature cache: nothing crossed the network."""
@@ -493,6 +515,20 @@ def raw_samples(conn, container, ref):
     return samples, transfer
 
 
+def leading_samples(conn, container, ref, nbytes):
+    """The images wholly inside the first ``nbytes`` of the raw shard ``ref``
+    (a ranged GET, so that measuring vanilla's decode does not download a
+    whole shard); returns (images, :class:`Transfer`)."""
+    began = time.perf_counter()
+    _, chunks = conn.get_object(container, ref.name, resp_chunk_size=CHUNK_BYTES,
+                                headers={"Range": f"bytes=0-{max(nbytes, 1) - 1}"})
+    answered = time.perf_counter()
+    body = b"".join(chunks)
+    transfer = Transfer(nbytes=len(body), sent_at=began, answered_at=answered,
+                        done_at=time.perf_counter())
+    return leading_images(body), transfer
+
+
 def decode_error(err, container, name, samples):
     """A readable error for the member of ``samples`` that did not decode."""
     bad = samples[err.index]
@@ -522,8 +558,8 @@ class ShardLoader:
     bound plus the ``depth`` shards in flight) whatever the speed of either
     side. Shards are yielded in the order given, whatever order they arrive in.
 
-    ``selector`` chooses the split: each request is sent at
-    ``selector.split`` as it is then, and ``selector.observe(shard)`` hears
+    ``selector`` chooses the split and the wire format: each request is sent
+    at ``selector.route`` as it is then, and ``selector.observe(shard)`` hears
     about every loaded shard, in order and in the consumer's thread.
     ``depth=0`` loads each shard in the caller's thread when it is needed: no
     overlap (``--sequential``).
@@ -562,11 +598,12 @@ class ShardLoader:
             self._channels.append(channel)
         return channel
 
-    def _load(self, ref, split):
+    def _load(self, ref, route):
+        split, wire_format = route
         channel = self._channel()
         try:
             return self.retry.call(self.source.describe(ref, split),
-                                   lambda: self.source.load(channel, ref, split),
+                                   lambda: self.source.load(channel, ref, split, wire_format),
                                    reset=channel.close)
         except ClientException as err:
             raise storage_error(err, self.source.container, ref.name) from None
@@ -575,7 +612,7 @@ class ShardLoader:
         """Yield a :class:`ShardData` per ref, in order."""
         if self._pool is None:
             for ref in refs:
-                shard = self._load(ref, self.selector.split)
+                shard = self._load(ref, self.selector.route)
                 self.selector.observe(shard)
                 yield shard
             return
@@ -628,7 +665,7 @@ class _Lookahead:
                 if ref is None:
                     self.exhausted = True
                     break
-                future = loader._pool.submit(loader._load, ref, loader.selector.split)
+                future = loader._pool.submit(loader._load, ref, loader.selector.route)
                 self.in_flight += 1
                 self.samples_ahead += ref.selected
                 self.pending.append((ref, future))

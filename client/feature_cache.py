@@ -240,7 +240,7 @@ class ShardCache:
         # features are cut into frames, not what they are, and the split, part
         # of each entry's key.
         fields = {name: value for name, value in dataclasses.asdict(request).items()
-                  if name not in ("split", "batch")}
+                  if name not in ("split", "batch", "dtype", "encoding")}
         self.identity = {"format": FORMAT, "hapi": hapi.__version__, **fields,
                          "weights_etag": weights_etag}
 
@@ -257,20 +257,23 @@ class ShardCache:
             weights_etag = conn.head_object(weights_container, name)["etag"]
         return cls(store, etags, request, weights_etag)
 
-    def key(self, name, split):
-        """The entry's name: a hash of the shard's ETag and the request's identity."""
+    def key(self, name, split, dtype):
+        """The entry's name: a hash of the shard's ETag, the request's identity,
+        the split and the wire dtype (the encoding is lossless: it is not part
+        of what the features are)."""
         etag = self.etags.get(name)
         if etag is None:
             return None
-        text = json.dumps({**self.identity, "etag": etag, "split": split}, sort_keys=True)
+        text = json.dumps({**self.identity, "etag": etag, "split": split, "dtype": dtype},
+                          sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def get(self, name, split):
-        key = self.key(name, split)
+    def get(self, name, split, dtype):
+        key = self.key(name, split, dtype)
         return self.store.get(key) if key else None
 
-    def put(self, name, split, inputs, labels, keys):
-        key = self.key(name, split)
+    def put(self, name, split, dtype, inputs, labels, keys):
+        key = self.key(name, split, dtype)
         return self.store.put(key, inputs, labels, keys) if key else 0
 
     def report(self):

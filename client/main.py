@@ -192,13 +192,17 @@ def build_parser(prog=None):
                          help="batch size asked of the storage tier, which may use another "
                               "(default: a quarter of the largest shard, at most 64, so that "
                               "each shard streams as several frames)")
-    storage.add_argument("--wire_dtype", default="float32", choices=names.WIRE_DTYPES,
+    storage.add_argument("--wire_dtype", default=names.WIRE_AUTO,
+                         choices=(*names.WIRE_DTYPES, names.WIRE_AUTO),
                          help="dtype of the features on the wire; uint8 is per-channel "
-                              "affine quantization, dequantized here (default: %(default)s)")
-    storage.add_argument("--wire_encoding", default=names.DEFAULT_WIRE_ENCODING,
-                         choices=names.WIRE_ENCODINGS,
+                              "affine quantization, dequantized here; auto: chosen with the "
+                              "split among float32, float16 and uint8 (with a fixed split: "
+                              f"{names.DEFAULT_WIRE_DTYPE}) (default: %(default)s)")
+    storage.add_argument("--wire_encoding", default=names.WIRE_AUTO,
+                         choices=(*names.WIRE_ENCODINGS, names.WIRE_AUTO),
                          help="compression of the features on the wire: zstd (lossless) or "
-                              "raw (default: %(default)s)")
+                              "raw; auto: chosen with the split (with a fixed split: "
+                              f"{names.DEFAULT_WIRE_ENCODING}) (default: %(default)s)")
     storage.add_argument("--prefetch", type=int, default=4, help="shard requests in flight "
                          "at most while the trainer computes (default: %(default)s)")
     storage.add_argument("--prefetch_samples", type=int,

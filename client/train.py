@@ -51,9 +51,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from hapi import protocol, weights, zoo
+from hapi import names, protocol, weights, zoo
 from hapi.client import checkpoint, data, distributed, feature_cache
 from hapi.client.autosplit import AutomaticSplit
+from hapi.client.autosplit.wireformats import pinned
 from hapi.client.retry import DEFAULT_RETRIES, RetryPolicy
 from hapi.preprocess import preset_size
 
@@ -85,8 +86,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     storage_batch: int | None = None  # None: data.streaming_batch of the largest shard
-    wire_dtype: str = "float32"
-    wire_encoding: str = "raw"
+    wire_dtype: str = names.WIRE_AUTO  # auto: chosen with the split (a fixed split: float32)
+    wire_encoding: str = names.WIRE_AUTO  # auto: chosen with the split (a fixed split: raw)
     holdout: float = 0.2
     start: int = 0
     end: int | None = None
@@ -355,7 +356,8 @@ class Trainer:
         return protocol.FeatureRequest(
             model=config.model, split=config.freeze, freeze=config.freeze,
             batch=config.storage_batch, weights=config.weights, preset=config.preset,
-            dtype=config.wire_dtype, encoding=config.wire_encoding)
+            dtype=pinned(config.wire_dtype, names.DEFAULT_WIRE_DTYPE),
+            encoding=pinned(config.wire_encoding, names.DEFAULT_WIRE_ENCODING))
 
     def close(self):
         self.loader.close()
@@ -779,6 +781,10 @@ class _FetchedOnly:
     @property
     def split(self):
         return self._selector.split
+
+    @property
+    def route(self):
+        return self._selector.route
 
     def observe(self, shard):
         if shard.cache != "hit":

@@ -16,4 +16,7 @@ WIRE_DTYPES = ("float32", "float16", "bfloat16", "uint8")
 DEFAULT_WIRE_DTYPE = "float32"
 WIRE_ENCODINGS = ("raw", "zstd")
 DEFAULT_WIRE_ENCODING = "raw"
+# The trainer's --wire_dtype/--wire_encoding: "auto" leaves them to the
+# automatic split, which chooses them with the split.
+WIRE_AUTO = "auto"
 DEFAULT_WEIGHTS = "pretrained"

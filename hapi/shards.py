@@ -178,6 +178,24 @@ def read_shard(data):
     return samples
 
 
+def leading_images(prefix):
+    """The encoded images of the members wholly inside ``prefix``, the first
+    bytes of a shard (a ranged GET): enough to time decoding without
+    downloading the shard. Not a validation: a member cut short ends the list."""
+    images = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(prefix), mode="r:") as tar:
+            for member in tar:
+                if member.offset_data + member.size > len(prefix):
+                    break
+                _, ext = split_member_name(member.name)
+                if member.isfile() and ext in IMAGE_EXTENSIONS:
+                    images.append(tar.extractfile(member).read())
+    except (tarfile.TarError, EOFError):
+        pass
+    return images
+
+
 def parse_label(raw, member):
     """The class index in a ``.cls`` member: ASCII digits, at most :data:`MAX_LABEL`."""
     text = raw.decode("ascii", "replace").strip()

@@ -161,7 +161,7 @@ def pack_features(x, dtype, encoding="raw"):
     """``x`` (any float tensor, any device) as a frame carries it: converted or
     quantized to ``dtype`` on its device, copied to the host, compressed
     with ``encoding``."""
-    tensors = {name: t.cpu() for name, t in to_wire_dtype(x, dtype).items()}
+    tensors = {name: t.cpu().contiguous() for name, t in to_wire_dtype(x, dtype).items()}
     if encoding == "raw":
         return PackedFeatures(tensors)
     if encoding != "zstd":

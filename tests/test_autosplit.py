@@ -33,9 +33,11 @@ CONTAINER = "hapi-autosplit-digits"
 SAMPLES, SHARD_SIZE, FREEZE = 240, 24, 21
 EPOCH_SAMPLES = 2 * SAMPLES  # two epochs: training and held-out shards, each pass
 MAX_PROFILE_SHARDS = inspect.signature(AutomaticSplit).parameters["max_profile_shards"].default
+# float32 features (raw or zstd, both lossless): the automatic runs compute
+# exactly what the fixed run computes, whatever the split.
 FLAGS = ["--dataset", CONTAINER, "--model", "myefficientnet_lite0", "--freeze",
          "--preset", "resize-32", "--batch_size", "20", "--storage_batch", "7",
-         "--lr", "0.05", "--threads", "1", "--num_epochs", "2"]
+         "--lr", "0.05", "--threads", "1", "--num_epochs", "2", "--wire_dtype", "float32"]
 
 
 @pytest.fixture(scope="module", autouse=True)

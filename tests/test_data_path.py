@@ -92,7 +92,7 @@ class StubSource:
     def describe(self, ref, split):
         return ref.name
 
-    def load(self, channel, ref, split):
+    def load(self, channel, ref, split, wire_format=None):
         with self.lock:
             self.events.append(("start", ref.name, time.monotonic()))
         time.sleep(self.load_s)

@@ -136,7 +136,7 @@ def test_an_overwritten_shard_misses_and_a_deleted_one_is_never_read(cluster, tm
             model="resnet18", split=SPLIT, freeze=SPLIT, batch=12,
             weights=protocol.WeightsRef("seed", "0"), preset="resize-32", dtype="float32")
         view = ShardCache.open(FeatureCache(tmp_path), conn, container, request)
-        assert view.key(name, SPLIT) is None and view.get(name, SPLIT) is None
+        assert view.key(name, SPLIT, "float32") is None and view.get(name, SPLIT, "float32") is None
         with pytest.raises(data.DataError, match="lists shards that are not in the container"):
             train(cluster, *flags)
     finally:
@@ -317,6 +317,7 @@ def test_automatic_split_selection_learns_only_from_requests(cluster, tmp_path, 
     hears about the shards whose features crossed the network, and only those."""
     observed = []
     from hapi.client.autosplit import AutomaticSplit
+    from hapi.client.autosplit.wireformats import WireFormat
     observe = AutomaticSplit.observe
 
     def recorded(self, shard):
@@ -324,9 +325,10 @@ def test_automatic_split_selection_learns_only_from_requests(cluster, tmp_path, 
         return observe(self, shard)
 
     monkeypatch.setattr(AutomaticSplit, "observe", recorded)
-    # Whatever the selector decides, the requests stay at one split, so the
+    # Whatever the selector decides, the requests stay at one split and format, so the
     # second epoch's shards come from the cache.
-    monkeypatch.setattr(AutomaticSplit, "split", property(lambda self: SPLIT))
+    monkeypatch.setattr(AutomaticSplit, "route",
+                        property(lambda self: (SPLIT, WireFormat("float32"))))
     flags = [flag for flag in FLAGS if flag not in ("--manual_split", "--split_idx", str(SPLIT))]
     user, key = cluster.users["tester"]
     args = cli.parse_args([*flags, "--num_epochs", "2", "--cache_dir", str(tmp_path),

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from hapi import zoo
 from hapi.client.autosplit import AutomaticSplit, profiling
 from hapi.client.autosplit.costmodel import (
+    TIE,
     Decision,
     choose_split,
     evaluate_split,
@@ -103,12 +104,15 @@ def constructed(model, boundary_bytes, *, bandwidth_bytes_per_s=100 * MBIT, stor
 
 
 def exhaustive_best(profile, freeze=None):
-    """The best split by evaluating the cost model on every split, one by one."""
+    """The best split by evaluating the cost model on every split, one by one:
+    the fewest bytes among the splits predicted within TIE of the fastest."""
     freeze = profile.freeze if freeze is None else freeze
     rows = [evaluate_split(profile, s, freeze) for s in range(freeze + 1)]
     feasible = [row for row in rows if row.feasible]
-    best = min(row.iteration_s for row in feasible)
-    return {row.split for row in feasible if row.iteration_s == best}, rows
+    fastest = min(row.iteration_s for row in feasible)
+    ties = [row for row in feasible if row.iteration_s <= fastest * (1 + TIE)]
+    fewest = min(row.wire_bytes for row in ties)
+    return {row.split for row in ties if row.wire_bytes == fewest}, rows
 
 
 # The simulator ---------------------------------------------------------------------
@@ -440,16 +444,17 @@ def test_no_feasible_split_raises(alexnet_bytes):
 def test_current_split_kept_within_margin(alexnet_bytes):
     model, sizes = alexnet_bytes
     profile = constructed(model, sizes, bandwidth_bytes_per_s=100 * MBIT)
-    decision = choose_split(profile)
+    # Without ties (tie=0): the margin alone keeps the split in use.
+    decision = choose_split(profile, tie=0)
     others = sorted((row for row in decision.rows if row.split != decision.split),
                     key=lambda row: row.iteration_s)
     runner_up = others[0]
     gap = runner_up.iteration_s / decision.chosen.iteration_s - 1
-    kept = choose_split(profile, current=runner_up.split, margin=gap + 0.01)
+    kept = choose_split(profile, current=runner_up.split, margin=gap + 0.01, tie=0)
     assert kept.split == runner_up.split and "kept" in kept.reason
     best = min((row for row in kept.rows if row.feasible), key=lambda row: row.iteration_s)
     assert best.split == decision.split
-    moved = choose_split(profile, current=runner_up.split, margin=gap / 2)
+    moved = choose_split(profile, current=runner_up.split, margin=gap / 2, tie=0)
     assert moved.split == decision.split
 
 

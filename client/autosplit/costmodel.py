@@ -126,6 +126,7 @@ __all__ = [
 ]
 
 DECISION_FORMAT = "hapi-split-decision/1"
+TIE = 0.02  # predictions this close (relative) are ties, won by the fewest bytes
 
 
 @dataclass
@@ -135,6 +136,7 @@ class SplitCost:
     bytes."""
 
     split: int
+    wire_format: str
     first_trainer_layer: str
     wire_bytes: float
     storage_s: float
@@ -157,6 +159,7 @@ class SplitCost:
     reason: str = ""
     work_s: float = 0.0
     samples_per_s: float = 0.0
+    rest_s: float | None = None
 
 
 @dataclass
@@ -174,6 +177,7 @@ class Decision:
     reason: str
     current: int | None = None
     inputs: dict = field(default_factory=dict)
+    wire_format: str = ""
 
     @property
     def chosen(self) -> SplitCost:
@@ -186,7 +190,8 @@ class Decision:
                 "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
                 "storage_ratio": self.storage_ratio,
                 "storage_ratio_source": self.storage_ratio_source, "reason": self.reason,
-                "current": self.current, "inputs": self.inputs, "rows": rows}
+                "current": self.current, "wire_format": self.wire_format,
+                "inputs": self.inputs, "rows": rows}
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -195,7 +200,7 @@ class Decision:
         """The predictions as a text table, the choice marked with ``*``: one
         line per split, then two lines of explanation. Times are seconds per
         iteration, the wire column megabytes per iteration."""
-        header = (f"{'':1}{'s':>3} {'first trainer layer':<20} {'wire MB':>8} "
+        header = (f"{'':1}{'s':>3} {'first trainer layer':<20} {'format':<12} {'wire MB':>8} "
                   f"{'storage s':>10} {'network s':>10} {'trainer s':>10} {'requests s':>10} "
                   f"{'iter s':>10} {'bottleneck':<12} {'epoch s':>9}  note")
         lines = [header]
@@ -212,6 +217,7 @@ class Decision:
                     if row.storage_estimated_layers else "")
             lines.append(
                 f"{mark:1}{row.split:>3} {row.first_trainer_layer[:20]:<20} "
+                f"{row.wire_format or 'raw shard':<12} "
                 f"{row.wire_bytes * self.batch_size / 1e6:8.3f} {row.storage_s:10.4f} "
                 f"{row.transfer_s:10.4f} {row.trainer_s:10.4f} {row.pipeline_s:10.4f} "
                 f"{row.iteration_s:10.4f} {row.bottleneck:<12} {epoch:>9}  {note}")
@@ -225,7 +231,8 @@ class Decision:
     def summary(self) -> str:
         """The choice in one line: split, predicted time, bottleneck, bandwidth."""
         chosen = self.chosen
-        return (f"split {self.split} ({chosen.first_trainer_layer} first on the trainer), "
+        return (f"split {self.split} ({chosen.first_trainer_layer} first on the trainer, "
+                f"{chosen.wire_format or 'raw shards'}), "
                 f"{chosen.iteration_s:.4g} s per iteration, bottleneck {chosen.bottleneck}, "
                 f"{self.bandwidth_bytes_per_s * 8 / 1e6:.1f} Mbit/s")
 
@@ -256,19 +263,25 @@ def storage_layer_times(profile: Profile) -> tuple[list[float], float, str, list
 
 
 def evaluate_split(profile: Profile, split: int, freeze: int | None = None, *,
-                   epoch_samples: int | None = None,
+                   wire_format: str | None = None, epoch_samples: int | None = None,
                    storage_times: list[float] | None = None,
-                   estimated: list[bool] | None = None) -> SplitCost:
-    """The cost model's prediction for ``split`` (see the module docstring)."""
+                   estimated: list[bool] | None = None,
+                   storage_ratio: float | None = None) -> SplitCost:
+    """The cost model's prediction for ``split`` with its features in
+    ``wire_format`` (a name of ``profile.wire_formats``; None: the profile's
+    ``wire_dtype`` without them); see the module docstring."""
     p = profile
     freeze = p.freeze if freeze is None else freeze
     if not 0 <= freeze <= len(p):
         raise ValueError(f"freeze index {freeze} is outside [0, {len(p)}]")
     if not 0 <= split <= freeze:
         raise ValueError(f"split {split} must be between 0 and the freeze index {freeze}")
-    if storage_times is None or estimated is None:
-        storage_times, _, _, estimated = storage_layer_times(
+    if storage_times is None or estimated is None or storage_ratio is None:
+        storage_times, storage_ratio, _, estimated = storage_layer_times(
             p if freeze == p.freeze else p.with_measurements(freeze=freeze))
+    if wire_format is not None and wire_format not in p.wire_formats:
+        raise ValueError(f"wire format {wire_format!r} was not measured; measured: "
+                         f"{', '.join(p.wire_formats) or 'none'}")
     batch, requests, depth = p.batch_size, p.samples_per_request, p.prefetch_depth
     a, b = p.activation_bytes, p.boundary_bytes
     layers = p.layers
@@ -278,11 +291,17 @@ def evaluate_split(profile: Profile, split: int, freeze: int | None = None, *,
         wire = p.raw_bytes
         storage = p.storage_serve_s_per_byte * p.raw_bytes
         host = p.trainer_decode_s + p.trainer_copy_s_per_byte * a[0]
+    elif wire_format is not None:
+        costs = p.wire_formats[wire_format]
+        wire = costs.bytes[split] + p.frame_overhead_bytes
+        storage = p.storage_decode_s + sum(storage_times[:split]) + \
+            storage_ratio * costs.encode_s[split]
+        host = p.trainer_host_scale * costs.decode_s[split]
     else:
         wire = b[split] + p.frame_overhead_bytes
         storage = p.storage_decode_s + sum(storage_times[:split]) + \
             p.storage_to_wire_s_per_byte * b[split]
-        host = p.trainer_copy_s_per_byte * b[split]
+        host = p.trainer_host_scale * p.trainer_copy_s_per_byte * b[split]
     transfer = wire / p.bandwidth_bytes_per_s
     compute = sum(layer.trainer_forward_s for layer in layers[split:freeze]) + \
         sum(_train_time(layer) for layer in layers[freeze:]) + p.trainer_step_s / batch
@@ -331,7 +350,7 @@ def evaluate_split(profile: Profile, split: int, freeze: int | None = None, *,
                            f"the {_mb(p.trainer_host_free_bytes)} free")
 
     return SplitCost(
-        split=split,
+        split=split, wire_format="" if split == 0 else (wire_format or p.wire_dtype),
         first_trainer_layer=layers[split].name if split < len(layers) else "(output)",
         wire_bytes=wire, storage_s=batch * storage, transfer_s=batch * transfer,
         trainer_host_s=batch * host, trainer_compute_s=batch * compute,
@@ -362,28 +381,73 @@ def _mb(nbytes: float) -> str:
 
 
 def _rank(row: SplitCost):
-    return (row.iteration_s, row.work_s, row.wire_bytes, -row.split)
+    time = row.iteration_s if row.rest_s is None else row.rest_s
+    return (time, row.work_s, row.wire_bytes, -row.split)
+
+
+def _fewest_bytes_of_the_fastest(rows, tie: float) -> SplitCost:
+    """The row with the fewest bytes among those predicted within ``tie``
+    (relative) of the fastest: closer predictions are ties within the
+    measurements' noise, and bytes are a link other jobs share."""
+    fastest = min(rows, key=_rank)
+    limit = _rank(fastest)[0] * (1 + tie)
+    return min((row for row in rows if _rank(row)[0] <= limit),
+               key=lambda row: (row.wire_bytes, _rank(row)))
+
+
+def _rest_s(row: SplitCost, profile: Profile, rest_samples: int, fresh: bool) -> float:
+    """Predicted seconds for the ``rest_samples`` samples still to load: with
+    ``fresh`` (no request out yet) the pipeline fills first and the trainer
+    finishes the last shard after it, as in ``epoch_s``; in a running
+    pipeline the requests in flight keep it full across a change of split."""
+    cycle = row.iteration_s / profile.batch_size
+    if not fresh:
+        return rest_samples * cycle
+    requests = profile.samples_per_request
+    last = (row.trainer_s if _on_cpu(profile.trainer_device) else row.trainer_compute_s) \
+        / profile.batch_size
+    return row.fill_s + max(rest_samples - requests, 0) * cycle + \
+        min(rest_samples, requests) * last
 
 
 def choose_split(profile: Profile, freeze: int | None = None, *,
                  epoch_samples: int | None = None, current: int | None = None,
-                 margin: float = 0.0, candidates=None) -> Decision:
-    """Predict every split in ``[0, freeze]`` (or ``candidates``) and choose.
+                 current_format: str | None = None, rest_samples: int | None = None,
+                 fresh: bool = False, margin: float = 0.0, tie: float = TIE,
+                 candidates=None) -> Decision:
+    """Predict every split in ``[0, freeze]`` (or ``candidates``) with every
+    measured wire format, and choose the pair.
 
-    The choice is the feasible split with the lowest predicted iteration
-    time (ties: less total work, fewer bytes, larger split). With
-    ``current`` (the split in use) and ``margin`` (e.g. 0.05), the current
-    split is kept unless the best is more than ``margin`` faster: switching
-    has a cost, and predictions within a few percent are noise. Raises
-    ValueError when no candidate fits memory.
+    Each split's row is its best format. The choice is the feasible pair
+    with the lowest predicted time for the rest of the job when
+    ``rest_samples`` is given (``fresh``: before any request, the pipeline's
+    fill included), else per iteration; pairs predicted within ``tie``
+    (relative) of it are ties, won by the fewest bytes (then less total
+    work, the larger split). With ``current`` and ``current_format`` (what is in use)
+    and ``margin`` (e.g. 0.05), they are kept unless the best is more than
+    ``margin`` faster: switching has a cost, and predictions within a few
+    percent are noise. Raises ValueError when no candidate fits memory.
     """
     freeze = profile.freeze if freeze is None else freeze
     if freeze != profile.freeze:
         profile = profile.with_measurements(freeze=freeze)
     storage_times, ratio, source, estimated = storage_layer_times(profile)
-    rows = [evaluate_split(profile, s, freeze, epoch_samples=epoch_samples,
-                           storage_times=storage_times, estimated=estimated)
-            for s in range(freeze + 1)]
+    formats = list(profile.wire_formats) or [None]
+
+    def predict(split, wire_format):
+        row = evaluate_split(profile, split, freeze, wire_format=wire_format,
+                             epoch_samples=epoch_samples, storage_times=storage_times,
+                             estimated=estimated, storage_ratio=ratio)
+        if rest_samples is not None:
+            row.rest_s = _rest_s(row, profile, rest_samples, fresh)
+        return row
+
+    def best_format(split):
+        options = [predict(split, fmt) for fmt in (formats if split else [None])]
+        feasible = [row for row in options if row.feasible]
+        return _fewest_bytes_of_the_fastest(feasible, tie) if feasible else options[0]
+
+    rows = [best_format(s) for s in range(freeze + 1)]
     allowed = set(range(freeze + 1)) if candidates is None else set(candidates)
     if bad := allowed - set(range(freeze + 1)):
         raise ValueError(f"candidate split(s) {sorted(bad)} outside [0, {freeze}]")
@@ -394,20 +458,26 @@ def choose_split(profile: Profile, freeze: int | None = None, *,
     if not feasible:
         raise ValueError("no split fits memory: " + "; ".join(
             f"s={row.split}: {row.reason}" for row in rows))
-    best = min(feasible, key=_rank)
+    best = _fewest_bytes_of_the_fastest(feasible, tie)
     chosen = best
-    reason = f"lowest predicted iteration time ({best.iteration_s:.4g} s, " \
-             f"bottleneck {best.bottleneck})"
-    if current is not None and 0 <= current <= freeze and rows[current].feasible and \
-            current != best.split and rows[current].iteration_s <= best.iteration_s * (1 + margin):
-        chosen = rows[current]
-        reason = (f"kept the current split: its predicted {chosen.iteration_s:.4g} s is within "
-                  f"{margin:.0%} of the best, split {best.split} ({best.iteration_s:.4g} s)")
+    measure = "iteration time" if rest_samples is None else \
+        f"time for the {rest_samples} samples left"
+    reason = f"lowest predicted {measure} ({_rank(best)[0]:.4g} s, bottleneck {best.bottleneck})"
+    if current is not None and 0 <= current <= freeze and current in allowed:
+        kept = predict(current, current_format if current and current_format in
+                       profile.wire_formats else None) if current else rows[0]
+        if kept.feasible and (kept.split, kept.wire_format) != (best.split, best.wire_format) \
+                and _rank(kept)[0] <= _rank(best)[0] * (1 + margin):
+            chosen = kept
+            rows[current] = kept
+            reason = (f"kept the current split and format: predicted {_rank(kept)[0]:.4g} s, "
+                      f"within {margin:.0%} of the best, split {best.split} "
+                      f"{best.wire_format} ({_rank(best)[0]:.4g} s)")
     return Decision(split=chosen.split, freeze=freeze, model=profile.model,
                     batch_size=profile.batch_size,
                     bandwidth_bytes_per_s=profile.bandwidth_bytes_per_s, storage_ratio=ratio,
                     storage_ratio_source=source, rows=rows, reason=reason, current=current,
-                    inputs=_inputs(profile))
+                    inputs=_inputs(profile), wire_format=chosen.wire_format)
 
 
 def _inputs(p: Profile) -> dict:

@@ -260,10 +260,12 @@ class LinkClock:
     bodies before it: requests in flight together share the link, so their
     bytes count over the union of their intervals, not over each interval.
     That time measures the link only when the link paced it, when it was
-    clearly longer than the storage tier's compute for the request;
-    otherwise the transfer hid behind the compute (its time is the storage
-    tier's, and the bandwidth is only known to be higher), and it is not
-    counted.
+    clearly longer than the storage tier's time for the request: its
+    frames' compute and what they waited for the device behind other
+    requests' frames (with several requests in flight, most of a body's time
+    can be that wait); otherwise the transfer hid behind the storage tier
+    (its time is the storage tier's, and the bandwidth is only known to be
+    higher), and it is not counted.
     """
 
     def __init__(self, estimator: OnlineEstimator):
@@ -275,5 +277,5 @@ class LinkClock:
             transfer.answered_at - transfer.sent_at - transfer.storage_early_s - queued_s)
         link_s = transfer.done_at - max(transfer.answered_at, self.covered_until)
         self.covered_until = max(self.covered_until, transfer.done_at)
-        if link_s > PACED * transfer.storage_s:
+        if link_s > PACED * (transfer.storage_s + transfer.storage_wait_s):
             self.estimator.observe_transfer(transfer.nbytes, link_s)

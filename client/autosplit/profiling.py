@@ -21,7 +21,8 @@ folds in what the stream measures during it):
   ``LayeredModel.boundary_bytes`` in the wire dtype) and the measurements
   above.
 - :func:`measure_profile`: all of the above for a training run, the only
-  part that talks to Swift (it downloads one raw shard to time its decode).
+  part that talks to Swift (it reads the first images of one raw shard to
+  time their decode and to measure the wire formats on real features).
 """
 
 from __future__ import annotations
@@ -32,14 +33,22 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from swiftclient import ClientException
 
+import hapi
 from hapi import wire
 from hapi.client import data
 from hapi.client.autosplit.profilecache import TrainerTimesCache, times_key
+from hapi.client.autosplit.wireformats import (
+    AUTO,
+    FormatCosts,
+    candidate_formats,
+    costs_from_dict,
+    measure_formats,
+)
 from hapi.hostmem import available_memory_bytes
 from hapi.preprocess import DecodeError, preprocess, preset_size
 
@@ -50,7 +59,7 @@ __all__ = [
 ]
 
 PROFILE_FORMAT = "hapi-profile/1"
-DECODE_PROBE_SAMPLES = 32  # images of the probe shard decoded to time vanilla's decode
+PROBE_SAMPLES = 2.5  # samples' worth of bytes read from a shard to time vanilla's decode
 PROFILE_BATCH = 8  # samples per pass when the trainer times its layers
 
 
@@ -108,6 +117,17 @@ class Profile:
 
     ``storage_speed_ratio``: storage time over trainer time for the same
     layer, to assume when no storage layer has been measured yet (None: 1).
+
+    Wire formats: ``wire_formats`` maps each candidate format's name
+    (``hapi.client.autosplit.wireformats``, e.g. ``uint8+zstd``) to its
+    measured bytes, encode and decode times at every boundary up to the
+    freeze index; the cost model chooses among them with the split. Empty:
+    the one format ``wire_dtype`` (raw), sized by ``boundary_bytes`` and
+    costed by ``storage_to_wire_s_per_byte`` and ``trainer_copy_s_per_byte``.
+    ``trainer_host_scale``: the trainer's measured loader CPU per sample over
+    what the formats' decode times predicted for the split and format in use
+    (the stream's socket reads, copies and a busy host, which a decode timed
+    alone does not see); it scales every candidate's host time.
     """
 
     model: str
@@ -137,9 +157,18 @@ class Profile:
     storage_budget_bytes: int | None = None
     storage_speed_ratio: float | None = None
     epoch_samples: int | None = None
+    wire_formats: dict = field(default_factory=dict)
+    trainer_host_scale: float = 1.0
 
     def __post_init__(self):
         self.input_shape = tuple(self.input_shape)
+        self.wire_formats = costs_from_dict(self.wire_formats)
+        for name, costs in self.wire_formats.items():
+            if len(costs.bytes) != self.freeze + 1:
+                raise ValueError(f"wire format {name} needs costs at the {self.freeze + 1} "
+                                 f"boundaries up to the freeze index, got {len(costs.bytes)}")
+        if not self.trainer_host_scale > 0:
+            raise ValueError(f"trainer_host_scale must be positive, got {self.trainer_host_scale}")
         self.layers = [layer if isinstance(layer, LayerProfile) else LayerProfile(**layer)
                        for layer in self.layers]
         n = len(self.layers)
@@ -188,6 +217,13 @@ class Profile:
     def with_measurements(self, **changes) -> Profile:
         """A copy with some fields replaced (``dataclasses.replace``), layers copied."""
         copy = replace(self, layers=[replace(layer) for layer in self.layers])
+        freeze = changes.get("freeze", self.freeze)
+        if freeze < self.freeze and "wire_formats" not in changes:
+            # The formats' costs at the boundaries a lower freeze index still has.
+            changes["wire_formats"] = {
+                name: FormatCosts(*(values[:freeze + 1] for values in
+                                    (c.bytes, c.encode_s, c.decode_s)))
+                for name, c in self.wire_formats.items()}
         return replace(copy, **changes) if changes else copy
 
 
@@ -416,14 +452,40 @@ def trainer_times(model, input_shape, freeze: int, batch_size: int, device, seed
     return times, False
 
 
+def format_costs(model, inputs, config, cache: TrainerTimesCache | None = None):
+    """The candidate wire formats' costs (:func:`measure_formats` on
+    ``inputs``, the probe's images), from ``cache`` when it holds them for
+    this model, data set, preset, freeze index, storage batch, device and
+    library versions, else measured and stored there. Returns (costs by
+    format name, whether they came from the cache)."""
+    formats = candidate_formats(config.wire_dtype, config.wire_encoding)
+    key = None
+    if cache is not None:
+        key = {**times_key(model, inputs.shape[1:], config.freeze, config.storage_batch,
+                           inputs.device),
+               "kind": "wire-formats", "container": config.container, "preset": config.preset,
+               "formats": [f.name for f in formats], "hapi": hapi.__version__}
+        if (doc := cache.get(key)) is not None:
+            with contextlib.suppress(TypeError, ValueError):
+                return costs_from_dict(doc), True
+    costs = measure_formats(model, inputs, config.freeze, formats,
+                            frame_samples=config.storage_batch)
+    if cache is not None:
+        cache.put(key, {name: cost.to_dict() for name, cost in costs.items()})
+    return costs, False
+
+
 def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | None = None):
     """What the trainer measures before its first request, as a
     :class:`Profile`: every layer's time here (:func:`trainer_times`, from
-    ``cache`` when it has them), the
-    boundary sizes, the bytes per raw sample, vanilla's decode time (on a raw
-    shard of median size, downloaded once; its transfer goes to ``link``, a
+    ``cache`` when it has them), the boundary sizes, the bytes per raw
+    sample, vanilla's decode time on the first images of a typical shard
+    (a ranged GET of about :data:`PROBE_SAMPLES` samples' bytes; its
+    transfer goes to ``link``, a
     :class:`hapi.client.autosplit.estimator.LinkClock`, and gives the first
-    bandwidth), the cost of copying received features, free memory.
+    bandwidth), every candidate wire format's bytes and costs on those
+    images (:func:`hapi.client.autosplit.wireformats.measure_formats`), the
+    cost of copying received features, free memory.
     Returns (profile, what the probe cost)."""
     side = preset_size(config.preset)
     input_shape = (3, side, side)
@@ -434,27 +496,40 @@ def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | 
     trainer_s = time.perf_counter() - began
     refs = plan.train + plan.holdout
     probe = sorted(refs, key=lambda ref: ref.bytes)[len(refs) // 2]  # a typical shard
+    per_sample = probe.bytes / max(probe.samples, 1)
     try:
-        samples, transfer = data.raw_samples(conn, config.container, probe)
+        images, transfer = data.leading_samples(
+            conn, config.container, probe, math.ceil(PROBE_SAMPLES * per_sample + 2048))
     except ClientException as err:
         raise data.storage_error(err, config.container, probe.name) from None
+    if not images:
+        raise data.DataError(f"{config.container}/{probe.name}: no whole image in its first "
+                             f"{transfer.nbytes} bytes (is it a tar shard?)")
     link.observe(transfer)
-    images = [sample.image for sample in samples[:DECODE_PROBE_SAMPLES]]
     try:
-        decode_s, _ = measure_decode(images, config.preset, config.model)
+        decode_s, _ = measure_decode(images, config.preset, config.model, repeats=3)
+        inputs = preprocess(images, config.preset, config.model)
     except DecodeError as err:
-        raise data.decode_error(err, config.container, probe.name, samples) from None
+        raise data.DataError(f"{config.container}/{probe.name}: image {err.index + 1} of the "
+                             f"shard does not decode: {err}") from None
+    began_formats = time.perf_counter()
+    formats, formats_cached = format_costs(model, inputs.to(device), config, cache)
+    formats_s = time.perf_counter() - began_formats
+    memory_dtype = "float32" if config.wire_dtype == AUTO else config.wire_dtype
     profile = profile_from_model(
         model, input_shape=input_shape, freeze=config.freeze, batch_size=config.batch_size,
         trainer=trainer, raw_bytes=sum(r.bytes for r in refs) / sum(r.samples for r in refs),
-        bandwidth_bytes_per_s=link.estimator.bandwidth_bytes_per_s, wire_dtype=config.wire_dtype,
+        bandwidth_bytes_per_s=link.estimator.bandwidth_bytes_per_s, wire_dtype=memory_dtype,
         trainer_decode_s=decode_s,
-        trainer_copy_s_per_byte=measure_copy_rate(wire_dtype=config.wire_dtype),
+        trainer_copy_s_per_byte=measure_copy_rate(wire_dtype=memory_dtype),
         samples_per_request=round(sum(r.samples for r in refs) / len(refs)),
         storage_batch=config.storage_batch, prefetch_depth=config.prefetch,
         trainer_free_bytes=free_memory_bytes(device),
         trainer_host_free_bytes=free_memory_bytes("cpu") if device.type == "cuda" else None,
-        epoch_samples=plan.train_samples)
+        epoch_samples=plan.train_samples, wire_formats=formats)
     return profile, {"probe_shard": probe.name, "probe_bytes": transfer.nbytes,
+                     "probe_images": len(images),
                      "trainer_times": "cached" if cached else "measured",
-                     "trainer_times_s": trainer_s, "trainer_times_batch": trainer.batch_size}
+                     "trainer_times_s": trainer_s, "trainer_times_batch": trainer.batch_size,
+                     "wire_formats": list(formats), "wire_formats_s": formats_s,
+                     "wire_formats_costs": "cached" if formats_cached else "measured"}

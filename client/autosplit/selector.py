@@ -16,6 +16,7 @@ is large.
 import math
 import statistics
 import time
+from collections import deque
 
 from tqdm import tqdm
 
@@ -29,6 +30,7 @@ from hapi.client.autosplit.storagecosts import (
     storage_base_url,
     with_storage_costs,
 )
+from hapi.client.autosplit.wireformats import WireFormat
 
 __all__ = ["AutomaticSplit", "SplitSelectionError"]
 
@@ -46,6 +48,8 @@ DRIFT_WINDOW = 8  # drift is judged on up to this many observations since the la
 DRIFT_MIN_OBSERVATIONS = 4  # ... once there are at least this many
 STEP_SAMPLES = 16  # optimizer steps timed for the profile's trainer_step_s
 LARGE_DRIFT_FACTOR = 2.0  # a drift by this factor either way re-decides at once (a shaped link)
+HOST_WINDOW = 16  # shards whose loader CPU calibrates the trainer's host times
+HOST_SCALE_BOUNDS = (0.25, 20.0)  # a calibration outside these is a measuring accident
 
 
 def default_estimator() -> OnlineEstimator:
@@ -107,6 +111,11 @@ class AutomaticSplit:
         self._split = profile.freeze if start is None else start
         if not 0 <= self._split <= profile.freeze:
             raise ValueError(f"start split {self._split} outside [0, {profile.freeze}]")
+        # Until the first decision: the measured format with the fewest bytes
+        # at the start split (the link is not known yet; few bytes are cheap
+        # on a slow one and cost little on a fast one).
+        self._format = min(profile.wire_formats, default=None,
+                           key=lambda name: profile.wire_formats[name].bytes[self._split])
         self._link = link or LinkClock(default_estimator())
         self._estimator = self._link.estimator
         self._profile_frames = profile_frames
@@ -120,8 +129,10 @@ class AutomaticSplit:
         self._profiling = profiling or {}
         self._log = log
         self._step_times: list[float] = []
+        self._host_ratios = deque(maxlen=HOST_WINDOW)
         self._frame_overhead_bytes = profile.frame_overhead_bytes
         self._shards = 0
+        self._samples = 0
         self._decisions: list[Decision] = []
         self._history: list[dict] = []
 
@@ -170,6 +181,18 @@ class AutomaticSplit:
         return self._split
 
     @property
+    def wire_format(self) -> str | None:
+        """The wire format (``dtype[+encoding]``) for the requests still to
+        send; None when the profile measured none (the request's own)."""
+        return self._format
+
+    @property
+    def route(self) -> tuple[int, WireFormat | None]:
+        """The split and the wire format for the next request, read together."""
+        split, name = self._split, self._format
+        return split, WireFormat.parse(name) if name else None
+
+    @property
     def wants_step_times(self) -> bool:
         return len(self._step_times) < STEP_SAMPLES
 
@@ -195,7 +218,11 @@ class AutomaticSplit:
             features = sum(frame.feature_bytes for frame in shard.frames)
             samples = sum(frame.samples for frame in shard.frames)
             self._estimator.observe_frame(_summed_timings(shard.frames), samples, features)
-            self._frame_overhead_bytes = (shard.bytes_received - features) / samples
+            # Frame headers, keys, labels, timings: what a frame adds to its
+            # features (compressed features count as features).
+            self._frame_overhead_bytes = max(shard.bytes_received - features, 0) / samples
+            self._observe_host(shard, samples)
+        self._samples += len(shard.keys)
         self._link.observe(shard.transfer, queued_s=queued)
         try:
             self._update()
@@ -203,10 +230,24 @@ class AutomaticSplit:
             raise SplitSelectionError(f"automatic split selection: {err} (choose a split "
                                       "with --manual_split --split_idx N)") from None
 
+    def _observe_host(self, shard, samples) -> None:
+        """The loader's CPU for the shard over what the profile predicts for
+        its split and format: the scale of every candidate's host time."""
+        formats = self._profile.wire_formats
+        if shard.split == 0 or shard.host_cpu_s <= 0:
+            return
+        if shard.wire_format in formats:
+            predicted = formats[shard.wire_format].decode_s[shard.split]
+        else:
+            predicted = self._profile.trainer_copy_s_per_byte * \
+                self._profile.boundary_bytes[shard.split]
+        if predicted > 0:
+            self._host_ratios.append(shard.host_cpu_s / samples / predicted)
+
     def report(self) -> dict:
         """The decision (its table too), how it came about, and what it was made from."""
         decision = self.decision
-        return {"automatic": True, "split": self._split,
+        return {"automatic": True, "split": self._split, "wire_format": self._format,
                 "decision": decision.to_dict() if decision else None,
                 "table": decision.format_table() if decision else None,
                 "history": [dict(step) for step in self._history],
@@ -240,6 +281,9 @@ class AutomaticSplit:
         measured = {"frame_overhead_bytes": self._frame_overhead_bytes}
         if self._step_times:
             measured["trainer_step_s"] = statistics.median(self._step_times)
+        if self._host_ratios:
+            measured["trainer_host_scale"] = min(max(statistics.median(self._host_ratios),
+                                                     HOST_SCALE_BOUNDS[0]), HOST_SCALE_BOUNDS[1])
         return self._estimator.apply(self._profile.with_measurements(**measured))
 
     # Deciding -------------------------------------------------------------------------
@@ -266,18 +310,28 @@ class AutomaticSplit:
 
     def _decide(self, why: str) -> None:
         """Choose again, with the split in use as the incumbent, and log it."""
+        rest = None
+        if self._epoch_samples is not None:
+            rest = self._epoch_samples - self._samples % self._epoch_samples
         decision = choose_split(self.current_profile(), epoch_samples=self._epoch_samples,
-                                current=self._split, margin=self._margin)
+                                current=self._split, current_format=self._format,
+                                rest_samples=rest, fresh=self._shards == 0,
+                                margin=self._margin)
         self._estimator.mark()
+        chosen_format = decision.wire_format if decision.split else self._format
         step = {"shard": self._shards, "why": why, "from": self._split, "to": decision.split,
+                "from_format": self._format, "to_format": chosen_format,
                 "reason": decision.reason, "table": decision.format_table()}
         self._decisions.append(decision)
         self._history.append(step)
-        if decision.split != self._split and self._shards > 0:
+        if (decision.split, chosen_format) != (self._split, self._format) and self._shards > 0:
             self._last_change = self._shards
         self._split = decision.split
+        if decision.split and decision.wire_format in self._profile.wire_formats:
+            self._format = decision.wire_format
         headline = (f"split selection after {step['shard']} shard(s), {why}: "
-                    f"split {step['from']} -> {step['to']}")
+                    f"split {step['from']} -> {step['to']}"
+                    + (f", features as {self._format}" if self._split and self._format else ""))
         if len(self._decisions) == 1:
             self._write([headline, *step["table"].splitlines()])
         else:

@@ -1,0 +1,211 @@
+"""The wire format chosen with the split: measured format costs, the cost
+model's joint choice, the selector's route, the ranged probe of a shard.
+
+No Swift here except where a test says so: profiles are built by hand or
+from a real zoo model, and formats are measured on real preprocessed images.
+"""
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from hapi import names, zoo
+from hapi.client.autosplit import AutomaticSplit
+from hapi.client.autosplit.costmodel import choose_split
+from hapi.client.autosplit.profiling import LayerProfile, Profile
+from hapi.client.autosplit.wireformats import (
+    FormatCosts,
+    WireFormat,
+    candidate_formats,
+    measure_formats,
+    pinned,
+)
+from hapi.client.data import FrameStats, ShardData, ShardRef, Transfer
+from hapi.preprocess import preprocess
+from hapi.shards import Sample, leading_images, write_shard
+
+
+def jpeg(seed, side=64):
+    generator = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(side, side, 3, generator=generator) * 255).to(torch.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+# Formats ---------------------------------------------------------------------------
+
+
+def test_candidates_are_pinned_or_left_to_the_choice():
+    assert [f.name for f in candidate_formats()] == [
+        "float32", "float32+zstd", "float16", "float16+zstd", "uint8", "uint8+zstd"]
+    assert [f.name for f in candidate_formats("uint8")] == ["uint8", "uint8+zstd"]
+    assert [f.name for f in candidate_formats(encoding="raw")] == ["float32", "float16", "uint8"]
+    assert [f.name for f in candidate_formats("bfloat16", "zstd")] == ["bfloat16+zstd"]
+    assert pinned(names.WIRE_AUTO, "float32") == "float32"
+    assert pinned("uint8", "float32") == "uint8"
+    assert WireFormat.parse("uint8+zstd") == WireFormat("uint8", "zstd")
+    assert str(WireFormat.parse("float16")) == "float16"
+    with pytest.raises(ValueError, match="unknown wire dtype 'int4'"):
+        WireFormat("int4")
+    with pytest.raises(ValueError, match="unknown wire encoding 'lzma'"):
+        WireFormat.parse("uint8+lzma")
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """AlexNet's formats measured on four real (decoded, preprocessed) JPEGs at 64 px."""
+    model = zoo.build_model("alexnet", seed=0)
+    images = [jpeg(seed) for seed in range(4)]
+    inputs = preprocess(images, "resize-64", "alexnet")
+    freeze = model.default_freeze
+    costs = measure_formats(model, inputs, freeze, candidate_formats(), frame_samples=8)
+    return model, costs, freeze
+
+
+def test_measured_sizes_follow_the_dtypes_and_compression(measured):
+    model, costs, freeze = measured
+    floats = model.boundary_bytes((3, 64, 64), torch.float32)
+    assert set(costs) == {f.name for f in candidate_formats()}
+    for s in range(1, freeze + 1):
+        assert costs["float32"].bytes[s] == pytest.approx(floats[s])
+        assert costs["float16"].bytes[s] == pytest.approx(floats[s] / 2)
+        # uint8: a quarter of float32, plus the per-frame scales shared by 8 samples.
+        assert floats[s] / 4 <= costs["uint8"].bytes[s] < floats[s] / 4 + 8 * 256
+        # zstd is lossless compression: never much above the raw size, and
+        # below it where a ReLU left zeros (AlexNet's features end on one).
+        for dtype in ("float32", "float16", "uint8"):
+            assert costs[f"{dtype}+zstd"].bytes[s] <= costs[dtype].bytes[s] * 1.01 + 64
+    assert costs["uint8+zstd"].bytes[freeze] < 0.8 * costs["uint8"].bytes[freeze]
+    for cost in costs.values():
+        assert cost.bytes[0] == cost.encode_s[0] == cost.decode_s[0] == 0
+        assert len(cost.bytes) == freeze + 1
+        assert all(t > 0 for t in cost.decode_s[1:])
+
+
+def formats_profile(bandwidth, encode_s=1e-4, decode_s=1e-4, **changes):
+    """A two-layer model frozen at 2; at boundary 2, per sample: float32 4000
+    bytes (free to encode), uint8+zstd 500 bytes (``encode_s``/``decode_s``);
+    storage 1 ms per layer, trainer 1 ms per layer."""
+    layers = [LayerProfile("a", 1e-3, storage_s=1e-3), LayerProfile("b", 1e-3, storage_s=1e-3),
+              LayerProfile("c", 1e-3, trainer_train_s=2e-3)]
+    formats = {"float32": FormatCosts([0, 8000, 4000], [0, 0, 0], [0, 1e-6, 1e-6]),
+               "uint8+zstd": FormatCosts([0, 3000, 500], [0, encode_s, encode_s],
+                                         [0, decode_s, decode_s])}
+    profile = Profile(model="two", input_shape=(3, 8, 8), batch_size=4, freeze=2,
+                      layers=layers, boundary_bytes=[12000, 8000, 4000, 40],
+                      activation_bytes=[12000, 8000, 4000, 40], raw_bytes=6000,
+                      bandwidth_bytes_per_s=bandwidth, trainer_decode_s=5e-3,
+                      samples_per_request=8, storage_batch=4, prefetch_depth=2,
+                      wire_formats=formats)
+    return profile.with_measurements(**changes)
+
+
+def test_a_slow_link_takes_the_compact_format_a_fast_one_the_cheap_one():
+    slow = choose_split(formats_profile(bandwidth=1e5))
+    assert (slow.split, slow.wire_format) == (2, "uint8+zstd")
+    # 500 bytes at 100 kB/s: 5 ms a sample, the link the bottleneck.
+    assert slow.chosen.transfer_s == pytest.approx(4 * 500 / 1e5)
+    # A fast link and a costly encoding (8 ms a sample on the storage tier):
+    # float32 is free to encode and its bytes cost nothing at 1 GB/s.
+    fast = choose_split(formats_profile(bandwidth=1e9, encode_s=8e-3))
+    assert (fast.split, fast.wire_format) == (2, "float32")
+    assert "float32" in fast.format_table() and fast.to_dict()["wire_format"] == "float32"
+
+
+def test_the_trainer_host_scale_weighs_on_the_decode_side():
+    # At 1 MB/s float32 takes 4 ms a sample on the link. uint8+zstd decodes in
+    # 1 ms as measured alone: on a CPU trainer its stage is 1 + 2 ms of
+    # training, 3 ms, and it wins. A loader measured 3x slower than that
+    # (3 + 2 = 5 ms) makes float32 the faster format.
+    base = formats_profile(bandwidth=1e6, decode_s=1e-3)
+    chosen = choose_split(base)
+    assert chosen.wire_format == "uint8+zstd"
+    assert chosen.chosen.iteration_s == pytest.approx(4 * 3e-3)
+    slower = choose_split(base.with_measurements(trainer_host_scale=3.0))
+    assert slower.wire_format == "float32"
+    assert slower.chosen.iteration_s == pytest.approx(4 * 4e-3)
+
+
+def test_the_current_format_is_kept_within_the_margin():
+    profile = formats_profile(bandwidth=1e5)
+    best = choose_split(profile)
+    kept = choose_split(profile, current=2, current_format="float32", margin=100.0)
+    assert (kept.split, kept.wire_format) == (2, "float32")
+    assert "kept the current split and format" in kept.reason
+    assert kept.chosen.iteration_s > best.chosen.iteration_s
+
+
+def test_a_fresh_short_job_counts_the_pipeline_fill():
+    profile = formats_profile(bandwidth=1e5)
+    fresh = choose_split(profile, rest_samples=64, fresh=True)
+    running = choose_split(profile, rest_samples=64)
+    row = fresh.chosen
+    cycle = row.iteration_s / profile.batch_size
+    last = row.trainer_s / profile.batch_size
+    r = profile.samples_per_request
+    assert row.rest_s == pytest.approx(row.fill_s + (64 - r) * cycle + r * last)
+    assert running.chosen.rest_s == pytest.approx(64 * running.chosen.iteration_s / 4)
+    assert "64 samples left" in fresh.reason
+
+
+def test_a_profile_with_formats_round_trips_through_json():
+    profile = formats_profile(bandwidth=1e6)
+    again = Profile.from_json(profile.to_json())
+    assert again.wire_formats == profile.wire_formats
+    lower = profile.with_measurements(freeze=1)
+    assert all(len(c.bytes) == 2 for c in lower.wire_formats.values())
+    with pytest.raises(ValueError, match="costs must be finite"):
+        formats_profile(1e6, wire_formats={"uint8": {"bytes": [0, -1, 2], "encode_s": [0] * 3,
+                                                     "decode_s": [0] * 3}})
+    with pytest.raises(ValueError, match="unknown wire dtype"):
+        formats_profile(1e6, wire_formats={"int4": {"bytes": [0] * 3, "encode_s": [0] * 3,
+                                                    "decode_s": [0] * 3}})
+
+
+# The selector ----------------------------------------------------------------------
+
+
+def shard_at(split, wire_format, host_cpu_s, samples=8, nbytes=4000):
+    ref = ShardRef(name="s", samples=samples, bytes=nbytes, lo=0, hi=samples)
+    frames = [FrameStats({"decode_s": 1e-3 * samples, "layers_s": [1e-3 * samples] * split,
+                          "to_wire_s": 0.0}, samples, nbytes)]
+    return ShardData(ref=ref, split=split, inputs=torch.zeros(samples, 1),
+                     labels=torch.zeros(samples, dtype=torch.int64), keys=list(range(samples)),
+                     transfer=Transfer(nbytes=nbytes + 100, sent_at=0.0, answered_at=0.01,
+                                       done_at=1.0),
+                     load_s=1.0, frames=frames, wire_format=wire_format, host_cpu_s=host_cpu_s)
+
+
+def test_the_selector_starts_on_the_fewest_bytes_and_routes_its_choice():
+    selector = AutomaticSplit(formats_profile(bandwidth=1e5), log=lambda line: None)
+    assert selector.route == (2, WireFormat("uint8", "zstd"))
+    selector.decide_now("test")
+    assert selector.route == (2, WireFormat("uint8", "zstd"))
+    assert selector.history[-1]["to_format"] == "uint8+zstd"
+
+
+def test_the_loaders_cpu_calibrates_the_host_scale():
+    selector = AutomaticSplit(formats_profile(bandwidth=1e5, decode_s=1e-3),
+                              log=lambda line: None, profile_frames=100, max_profile_shards=100)
+    for _ in range(3):  # 8 samples in 24 ms: 3 ms a sample against 1 ms predicted
+        selector.observe(shard_at(2, "uint8+zstd", host_cpu_s=24e-3))
+    assert selector.current_profile().trainer_host_scale == pytest.approx(3.0)
+
+
+# The ranged probe --------------------------------------------------------------------
+
+
+def test_leading_images_are_the_whole_ones_in_a_prefix():
+    images = [jpeg(seed) for seed in range(3)]
+    shard = write_shard([Sample(key=f"{i:03d}", image=image, label=i, ext="jpg")
+                         for i, image in enumerate(images)])
+    assert leading_images(shard) == images
+    # Cut in the middle of the second image: only the first is whole.
+    second_end = shard.index(images[1]) + len(images[1])
+    assert leading_images(shard[:second_end - 1]) == images[:1]
+    assert leading_images(shard[:second_end + 1]) == images[:2]
+    assert leading_images(shard[:100]) == []
+    assert leading_images(b"not a tar at all" * 64) == []

@@ -54,14 +54,40 @@ shards taken by the trainer::
 The epoch waits for the first shard, then takes one shard a cycle, and
 ends with the trainer's work on the last one.
 
+Wire formats
+------------
+
+With ``profile.wire_formats`` (each candidate's measured bytes, encode and
+decode times per boundary, ``hapi.client.autosplit.wireformats``), every
+split ``s > 0`` is predicted in every format ``F``::
+
+    wire(s, F) = bytes_F[s] + frame_overhead_bytes
+    S(s, F)    = storage_decode_s + sum(t_S[0:s]) + rho * encode_F[s]
+    H(s, F)    = trainer_host_scale * decode_F[s]
+
+(``rho``: the storage/trainer speed ratio below; ``trainer_host_scale``: the
+loader's measured CPU over the decode times predicted), and each split's
+row is its best format. Without formats the split's features are
+``wire_dtype``, raw, as in the formulas above.
+
+Ranking
+-------
+
+With ``rest_samples`` the candidates are ranked by the predicted time of
+the samples left in the epoch (``fresh``, before any request: with the
+pipeline's fill, as ``epoch_s``), else per iteration. Predictions within
+``TIE`` of the fastest are ties, won by the fewest bytes on the wire.
+docs/DESIGN.md ("Choosing the split and the wire format") says why the
+cycle is a max and not a queueing solution such as mean-value analysis.
+
 ``Q`` is the bound of a loop with ``d`` requests (``d = 0``: nothing
 overlaps, the iteration is the sum of everything); with a bottleneck stage
 well above the rest it hides behind the max. Kernel socket buffers let a
 frame's transfer overlap the next frame's computation a little; the model
 ignores that (it errs towards the slower of the two). The winner minimises
-``iteration_s``; exact ties (e.g. two boundaries of the same size when the
-network dominates) go to the smaller total work ``S + N + H + C``, then the
-fewer bytes, then the larger split.
+the predicted time (see Ranking below); predictions within ``TIE`` of the
+fastest go to the fewest bytes, exact ties then to the smaller total work
+``S + N + H + C``, then the larger split.
 
 Memory (bytes; a split that does not fit is infeasible, with the reason):
 

@@ -472,7 +472,7 @@ def test_epoch_prediction(alexnet_bytes):
 
 def test_epoch_prediction_matches_the_simulation(alexnet_bytes):
     model, sizes = alexnet_bytes
-    for depth in (0, 1):
+    for depth in (0, 1, 2):
         profile = constructed(model, sizes, prefetch_depth=depth)
         truth = [layer.storage_s for layer in profile.layers[:profile.freeze]]
         for split in (0, 6, 13, 18):

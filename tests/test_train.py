@@ -24,9 +24,11 @@ from hapi.stores import DirectoryStore
 CONTAINER = "hapi-train-digits"
 SAMPLES, SHARD_SIZE, TRAIN_SAMPLES = 240, 24, 192
 BATCH, STORAGE_BATCH = 20, 7
+# float32 features (raw or zstd, both lossless): automatic runs compute
+# exactly what a fixed split computes.
 FLAGS = ["--dataset", CONTAINER, "--model", "myefficientnet_lite0", "--freeze",
          "--preset", "resize-32", "--batch_size", str(BATCH), "--storage_batch",
-         str(STORAGE_BATCH), "--lr", "0.05", "--threads", "1"]
+         str(STORAGE_BATCH), "--lr", "0.05", "--threads", "1", "--wire_dtype", "float32"]
 
 
 @pytest.fixture(scope="module")

@@ -115,18 +115,20 @@ def test_a_slow_link_takes_the_compact_format_a_fast_one_the_cheap_one():
     assert "float32" in fast.format_table() and fast.to_dict()["wire_format"] == "float32"
 
 
-def test_the_trainer_host_scale_weighs_on_the_decode_side():
+def test_the_decode_and_the_receive_cost_weigh_on_the_trainer():
     # At 1 MB/s float32 takes 4 ms a sample on the link. uint8+zstd decodes in
-    # 1 ms as measured alone: on a CPU trainer its stage is 1 + 2 ms of
-    # training, 3 ms, and it wins. A loader measured 3x slower than that
-    # (3 + 2 = 5 ms) makes float32 the faster format.
-    base = formats_profile(bandwidth=1e6, decode_s=1e-3)
-    chosen = choose_split(base)
+    # 1 ms: on a CPU trainer its stage is 1 + 2 ms of training, and it wins.
+    chosen = choose_split(formats_profile(bandwidth=1e6, decode_s=1e-3))
     assert chosen.wire_format == "uint8+zstd"
     assert chosen.chosen.iteration_s == pytest.approx(4 * 3e-3)
-    slower = choose_split(base.with_measurements(trainer_host_scale=3.0))
-    assert slower.wire_format == "float32"
-    assert slower.chosen.iteration_s == pytest.approx(4 * 4e-3)
+    # On a fast link with a costly encoding (4 ms) float32 wins, until the
+    # loader's receive cost (2 us a byte: 8 ms for float32's 4000 bytes,
+    # 1 ms for uint8+zstd's 500) makes the trainer the bottleneck.
+    fast = formats_profile(bandwidth=1e9, encode_s=4e-3, decode_s=1e-4)
+    assert choose_split(fast).wire_format == "float32"
+    receiving = choose_split(fast.with_measurements(trainer_receive_s_per_byte=2e-6))
+    assert receiving.wire_format == "uint8+zstd"
+    assert receiving.chosen.trainer_host_s == pytest.approx(4 * (1e-4 + 2e-6 * 500))
 
 
 def test_the_current_format_is_kept_within_the_margin():
@@ -187,12 +189,13 @@ def test_the_selector_starts_on_the_fewest_bytes_and_routes_its_choice():
     assert selector.history[-1]["to_format"] == "uint8+zstd"
 
 
-def test_the_loaders_cpu_calibrates_the_host_scale():
+def test_the_loaders_cpu_beyond_the_decode_is_the_receive_cost():
     selector = AutomaticSplit(formats_profile(bandwidth=1e5, decode_s=1e-3),
                               log=lambda line: None, profile_frames=100, max_profile_shards=100)
-    for _ in range(3):  # 8 samples in 24 ms: 3 ms a sample against 1 ms predicted
+    for _ in range(3):  # 24 ms for 8 samples, of which 8 decoding, over 4100 bytes
         selector.observe(shard_at(2, "uint8+zstd", host_cpu_s=24e-3))
-    assert selector.current_profile().trainer_host_scale == pytest.approx(3.0)
+    assert selector.current_profile().trainer_receive_s_per_byte == \
+        pytest.approx(16e-3 / 4100)
 
 
 # The ranged probe --------------------------------------------------------------------

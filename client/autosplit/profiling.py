@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 PROFILE_FORMAT = "hapi-profile/1"
-PROBE_SAMPLES = 2.5  # samples' worth of bytes read from a shard to time vanilla's decode
+PROBE_SAMPLES = 1.5  # samples' worth of bytes read from a shard to time vanilla's decode
 PROFILE_BATCH = 8  # samples per pass when the trainer times its layers
 
 
@@ -124,10 +124,10 @@ class Profile:
     freeze index; the cost model chooses among them with the split. Empty:
     the one format ``wire_dtype`` (raw), sized by ``boundary_bytes`` and
     costed by ``storage_to_wire_s_per_byte`` and ``trainer_copy_s_per_byte``.
-    ``trainer_host_scale``: the trainer's measured loader CPU per sample over
-    what the formats' decode times predicted for the split and format in use
-    (the stream's socket reads, copies and a busy host, which a decode timed
-    alone does not see); it scales every candidate's host time.
+    ``trainer_receive_s_per_byte``: the trainer's loader CPU per received
+    byte beyond the decode times (socket reads, the frames' parsing, copies:
+    what a decode timed alone does not see), measured on the real loader
+    during the run; 0 until measured.
     """
 
     model: str
@@ -158,7 +158,7 @@ class Profile:
     storage_speed_ratio: float | None = None
     epoch_samples: int | None = None
     wire_formats: dict = field(default_factory=dict)
-    trainer_host_scale: float = 1.0
+    trainer_receive_s_per_byte: float = 0.0
 
     def __post_init__(self):
         self.input_shape = tuple(self.input_shape)
@@ -167,8 +167,9 @@ class Profile:
             if len(costs.bytes) != self.freeze + 1:
                 raise ValueError(f"wire format {name} needs costs at the {self.freeze + 1} "
                                  f"boundaries up to the freeze index, got {len(costs.bytes)}")
-        if not self.trainer_host_scale > 0:
-            raise ValueError(f"trainer_host_scale must be positive, got {self.trainer_host_scale}")
+        if not self.trainer_receive_s_per_byte >= 0:
+            raise ValueError("trainer_receive_s_per_byte must be >= 0, got "
+                             f"{self.trainer_receive_s_per_byte}")
         self.layers = [layer if isinstance(layer, LayerProfile) else LayerProfile(**layer)
                        for layer in self.layers]
         n = len(self.layers)

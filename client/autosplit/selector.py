@@ -48,8 +48,7 @@ DRIFT_WINDOW = 8  # drift is judged on up to this many observations since the la
 DRIFT_MIN_OBSERVATIONS = 4  # ... once there are at least this many
 STEP_SAMPLES = 16  # optimizer steps timed for the profile's trainer_step_s
 LARGE_DRIFT_FACTOR = 2.0  # a drift by this factor either way re-decides at once (a shaped link)
-HOST_WINDOW = 16  # shards whose loader CPU calibrates the trainer's host times
-HOST_SCALE_BOUNDS = (0.25, 20.0)  # a calibration outside these is a measuring accident
+HOST_WINDOW = 16  # shards whose loader CPU gives the trainer's receive cost per byte
 
 
 def default_estimator() -> OnlineEstimator:
@@ -129,7 +128,7 @@ class AutomaticSplit:
         self._profiling = profiling or {}
         self._log = log
         self._step_times: list[float] = []
-        self._host_ratios = deque(maxlen=HOST_WINDOW)
+        self._receive_costs = deque(maxlen=HOST_WINDOW)
         self._frame_overhead_bytes = profile.frame_overhead_bytes
         self._shards = 0
         self._samples = 0
@@ -231,18 +230,19 @@ class AutomaticSplit:
                                       "with --manual_split --split_idx N)") from None
 
     def _observe_host(self, shard, samples) -> None:
-        """The loader's CPU for the shard over what the profile predicts for
-        its split and format: the scale of every candidate's host time."""
+        """The loader's CPU for the shard beyond the decode the profile
+        predicts for its split and format, per received byte: the trainer's
+        receive cost."""
         formats = self._profile.wire_formats
-        if shard.split == 0 or shard.host_cpu_s <= 0:
+        if shard.split == 0 or shard.host_cpu_s <= 0 or shard.bytes_received <= 0:
             return
         if shard.wire_format in formats:
-            predicted = formats[shard.wire_format].decode_s[shard.split]
+            decode = formats[shard.wire_format].decode_s[shard.split]
         else:
-            predicted = self._profile.trainer_copy_s_per_byte * \
+            decode = self._profile.trainer_copy_s_per_byte * \
                 self._profile.boundary_bytes[shard.split]
-        if predicted > 0:
-            self._host_ratios.append(shard.host_cpu_s / samples / predicted)
+        beyond = max(shard.host_cpu_s - decode * samples, 0.0)
+        self._receive_costs.append(beyond / shard.bytes_received)
 
     def report(self) -> dict:
         """The decision (its table too), how it came about, and what it was made from."""
@@ -281,9 +281,8 @@ class AutomaticSplit:
         measured = {"frame_overhead_bytes": self._frame_overhead_bytes}
         if self._step_times:
             measured["trainer_step_s"] = statistics.median(self._step_times)
-        if self._host_ratios:
-            measured["trainer_host_scale"] = min(max(statistics.median(self._host_ratios),
-                                                     HOST_SCALE_BOUNDS[0]), HOST_SCALE_BOUNDS[1])
+        if self._receive_costs:
+            measured["trainer_receive_s_per_byte"] = statistics.median(self._receive_costs)
         return self._estimator.apply(self._profile.with_measurements(**measured))
 
     # Deciding -------------------------------------------------------------------------

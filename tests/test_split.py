@@ -613,6 +613,33 @@ def test_drift_fires_above_the_threshold_and_not_below():
     assert estimator.drifted(0.2) and not estimator.drifted(1.0)
 
 
+def test_a_halved_bandwidth_counts_after_two_observations():
+    """A change by the quick factor (2x either way) is a drift after
+    quick_observations transfers; a smaller one still waits for
+    min_observations, and without a quick path every change does."""
+    quick = OnlineEstimator(window=8, min_observations=4, quick_observations=2,
+                            quick_factor=2.0)
+    slow = OnlineEstimator(window=8, min_observations=4)
+    for estimator in (quick, slow):
+        feed(estimator, 8, bandwidth=10e6)
+        estimator.mark()
+        feed(estimator, 1, bandwidth=5e6)
+        assert not estimator.drifted(0.25)  # one observation is never enough
+        feed(estimator, 1, bandwidth=5e6)
+    assert quick.drift()["bandwidth"] == pytest.approx(-0.5) and quick.drifted(0.25)
+    assert slow.drift()["bandwidth"] is None and not slow.drifted(0.25)
+    quick.keep_recent()  # the estimate is the new rate's alone
+    assert quick.bandwidth_bytes_per_s == pytest.approx(5e6)
+
+    smaller = OnlineEstimator(window=8, min_observations=4, quick_observations=2)
+    feed(smaller, 8, bandwidth=10e6)
+    smaller.mark()
+    feed(smaller, 2, bandwidth=6e6)  # -40%: not the quick factor
+    assert smaller.drift()["bandwidth"] is None and not smaller.drifted(0.25)
+    feed(smaller, 2, bandwidth=6e6)
+    assert smaller.drift()["bandwidth"] == pytest.approx(-0.4) and smaller.drifted(0.25)
+
+
 def noisy_fall(spread_factor):
     """An estimator marked at 10 MB/s, then fed transfers scattered around a
     median 30% lower (7 MB/s in all)."""
@@ -722,9 +749,10 @@ def test_auto_split_decides_within_the_bound_and_follows_drift():
     assert phases["fast"] == [recorded_profile.freeze] * 3 + [expected]
     assert auto.decisions[0].storage_ratio_source.startswith("measured")
 
-    # The link degrades: the choice moves to fewer bytes once 4 slow transfers show it.
+    # The link degrades 100x: the choice moves to fewer bytes once 2 slow
+    # transfers show it (a change of 2x or more counts on the last two alone).
     assert phases["decisions_slow"] == 2 and auto.history[1]["why"].startswith("drift")
-    assert auto.history[1]["shard"] == 4 + 4
+    assert auto.history[1]["shard"] == 4 + 2
     assert phases["slow"][-1] == expected_slow
     assert recorded_profile.boundary_bytes[expected_slow] < \
         recorded_profile.boundary_bytes[expected]
@@ -828,6 +856,16 @@ def test_latency_leaves_out_the_storage_tiers_queue_wait():
     link.observe(Transfer(10**6, sent_at=0.0, answered_at=1.3, done_at=2.0, storage_s=0.4,
                           storage_early_s=0.1), queued_s=1.0)
     assert link.estimator.request_latency_s == pytest.approx(0.2)
+
+
+def test_latency_is_the_least_a_request_waited():
+    """Requests that waited behind other responses' bytes on a slow link
+    read as slow to answer; the latency the cost model counts is the least
+    any recent request waited."""
+    estimator = OnlineEstimator(window=8)
+    for seconds in (0.9, 0.05, 1.2, 0.07):
+        estimator.observe_latency(seconds)
+    assert estimator.request_latency_s == pytest.approx(0.05)
 
 
 def noisy_run(seed, epoch_shards, shards=60):

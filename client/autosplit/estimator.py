@@ -64,14 +64,26 @@ class OnlineEstimator:
     after a few observations, without waiting for the long window to fill
     with it, and the noise of a shared host is not taken for one.
     After a drift, :meth:`keep_recent` drops what the change made obsolete.
+
+    A change by ``quick_factor`` or more either way (a link reshaped to half
+    or twice its rate) shows after the last ``quick_observations``
+    observations alone (default ``min_observations``: no quick path): a
+    change that large is not noise, and judging it on a window that still
+    holds the old conditions would leave the choice stale for several shards.
     """
 
     def __init__(self, window: int = 16, min_observations: int = 3,
-                 drift_window: int | None = None, spread_factor: float = 2.0):
+                 drift_window: int | None = None, spread_factor: float = 2.0,
+                 quick_observations: int | None = None, quick_factor: float = 2.0):
         if window < 1 or min_observations < 1:
             raise ValueError("window and min_observations must be >= 1")
+        if quick_factor <= 1:
+            raise ValueError(f"quick_factor must be above 1, got {quick_factor}")
         self.window = window
         self.min_observations = min_observations
+        self.quick_observations = max(min(quick_observations or min_observations,
+                                          min_observations), 1)
+        self.quick_factor = quick_factor
         self.drift_window = max(drift_window or 4, min_observations)
         self.spread_factor = spread_factor
         self._layers: dict[int, _Series] = {}
@@ -129,7 +141,11 @@ class OnlineEstimator:
 
     @property
     def request_latency_s(self) -> float | None:
-        return self._latency.median()
+        """The shortest of the recent requests' latencies: what a request
+        waits at least. Longer ones waited behind other responses' bytes
+        on the link or for admission: queueing, which the cost model
+        counts where it happens, not as latency."""
+        return min(self._latency.values) if self._latency.values else None
 
     def storage_layer_s(self, layers: int) -> list[float | None]:
         """Per-sample storage time of layers ``[0, layers)``; None where no frame ran it."""
@@ -155,7 +171,9 @@ class OnlineEstimator:
         with; later drift is measured against them. Returns the baseline."""
         self._baseline = {"bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
                           "layers": {i: s.median() for i, s in self._layers.items()},
-                          "decode": self._decode.median()}
+                          "decode": self._decode.median(),
+                          "observations": {"bandwidth": len(self._transfers.values),
+                                           "storage": len(self._decode.values)}}
         for series in (self._decode, self._to_wire, self._transfers, self._latency,
                        *self._layers.values()):
             series.since_mark = 0
@@ -163,8 +181,9 @@ class OnlineEstimator:
 
     def keep_recent(self) -> None:
         """After a drift: forget what came before the last mark, for every
-        quantity with at least ``min_observations`` new observations, so that
-        the estimates describe the new conditions only, not a mix of both.
+        quantity with at least ``min_observations`` new observations (after
+        a quick drift: its last ``quick_observations``, and only those), so
+        that the estimates describe the new conditions only, not a mix of both.
 
         A layer the storage tier ran before the mark but not since (the split
         moved below it) keeps its last times, scaled by the storage tier's
@@ -172,51 +191,77 @@ class OnlineEstimator:
         twice as slow on every layer."""
         change = self.drift()["storage"]
         scale = 1.0 + change if change is not None else 1.0
+        quick = bool(self._quick_changes())
+        enough = self.quick_observations if quick else self.min_observations
+        keep = self.quick_observations if quick else self.drift_window
         series = [self._decode, self._to_wire, self._transfers, self._latency,
                   *self._layers.values()]
         for one in series:
-            if one.since_mark >= self.min_observations:
-                recent = one.recent(self.drift_window)
+            if one.since_mark >= enough:
+                recent = one.recent(keep)
                 one.values.clear()
                 one.values.extend(recent)
         if scale != 1.0:
             for one in self._layers.values():
-                if one.since_mark < self.min_observations and one.values:
+                if one.since_mark < enough and one.values:
                     # Not run since the mark: rescale by the storage drift (see apply).
                     values = [v * scale for v in one.values]
                     one.values.clear()
                     one.values.extend(values)
 
-    def drift(self) -> dict:
+    def drift(self, quick: bool = True) -> dict:
         """Relative change since :meth:`mark` (``new / old - 1``) of the
         bandwidth and of the storage time per sample (decode plus the layers
         measured both then and now), over the last ``drift_window``
         observations since the mark; each None until ``min_observations`` new
-        observations of it arrived. Without a mark, both are None."""
+        observations of it arrived. With ``quick``, a change by
+        ``quick_factor`` or more over the last ``quick_observations`` is
+        reported as soon as it shows. Without a mark, both are None."""
+        changes = self._changes(self.drift_window, self.min_observations)
+        return {**changes, **self._quick_changes()} if quick else changes
+
+    def _quick_changes(self) -> dict:
+        """The changes by ``quick_factor`` or more over the last
+        ``quick_observations`` observations since the mark, for the
+        quantities whose value at the mark rested on ``min_observations`` or
+        more (a baseline of a few noisy observations would make noise look
+        like a quick change); none when there is no quick path
+        (``quick_observations == min_observations``)."""
+        if self.quick_observations >= self.min_observations or self._baseline is None:
+            return {}
+        changes = self._changes(self.quick_observations, self.quick_observations)
+        settled = self._baseline["observations"]
+        return {name: change for name, change in changes.items() if change is not None
+                and settled[name] >= self.min_observations
+                and (change + 1 >= self.quick_factor or change + 1 <= 1 / self.quick_factor)}
+
+    def _changes(self, limit: int, enough: int) -> dict:
+        """:meth:`drift` over the last ``limit`` observations since the mark,
+        each None until there are ``enough``."""
         result = {"bandwidth": None, "storage": None}
         base = self._baseline
         if base is None:
             return result
-        limit = self.drift_window
         recent = self._transfers.recent(limit)
-        if base["bandwidth_bytes_per_s"] and len(recent) >= self.min_observations:
+        if base["bandwidth_bytes_per_s"] and len(recent) >= enough:
             result["bandwidth"] = _rate(recent) / base["bandwidth_bytes_per_s"] - 1
         pairs = []  # (value at the mark, value since), for decode and each layer seen in both
         for old, series in ((base["decode"], self._decode),
                             *((base["layers"].get(i), s) for i, s in self._layers.items())):
             values = series.recent(limit)
-            if old and len(values) >= self.min_observations:
+            if old and len(values) >= enough:
                 pairs.append((old, statistics.median(values)))
         if pairs:
             result["storage"] = sum(new for _, new in pairs) / sum(old for old, _ in pairs) - 1
         return result
 
-    def spread(self) -> dict:
+    def spread(self, limit: int | None = None) -> dict:
         """How much one observation since :meth:`mark` strays from the others:
         the median absolute deviation over the median (relative) of the
         per-transfer rates, and of the storage times (decode and each layer,
-        weighted by their medians). 0 until there are two observations."""
-        limit = self.drift_window
+        weighted by their medians), over the last ``limit`` observations
+        (default ``drift_window``). 0 until there are two observations."""
+        limit = limit or self.drift_window
         rates = [b / s for b, s in self._transfers.recent(limit)]
         weighted = [(statistics.median(values), _relative_spread(values))
                     for values in (s.recent(limit) for s in (self._decode, *self._layers.values()))
@@ -229,11 +274,19 @@ class OnlineEstimator:
         """Whether the bandwidth or the storage speed moved since :meth:`mark`
         by more than ``threshold`` (relative, either way) and by more than
         ``spread_factor`` times its own :meth:`spread`: on a noisy host, a
-        change no larger than the noise is no drift."""
+        change no larger than the noise is no drift. A quick change is judged
+        against the scatter of the observations it rests on."""
+        quick = self._quick_changes()
+        if quick:
+            spread = self.spread(self.quick_observations)
+            if any(abs(change) > max(threshold, self.spread_factor * spread[name])
+                   for name, change in quick.items()):
+                return True
         spread = self.spread()
         return any(change is not None
                    and abs(change) > max(threshold, self.spread_factor * spread[name])
-                   for name, change in self.drift().items())
+                   for name, change in self._changes(self.drift_window,
+                                                     self.min_observations).items())
 
 
 def _relative_spread(values) -> float:

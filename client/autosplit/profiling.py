@@ -60,6 +60,9 @@ __all__ = [
 
 PROFILE_FORMAT = "hapi-profile/1"
 PROBE_SAMPLES = 1.5  # samples' worth of bytes read from a shard to time vanilla's decode
+# ... and at least this many: the probe's transfer gives the first bandwidth,
+# and a shaper lets its first burst (tc tbf: 32 KB here) through at once.
+PROBE_MIN_BYTES = 128 * 1024
 PROFILE_BATCH = 8  # samples per pass when the trainer times its layers
 
 
@@ -481,7 +484,8 @@ def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | 
     :class:`Profile`: every layer's time here (:func:`trainer_times`, from
     ``cache`` when it has them), the boundary sizes, the bytes per raw
     sample, vanilla's decode time on the first images of a typical shard
-    (a ranged GET of about :data:`PROBE_SAMPLES` samples' bytes; its
+    (a ranged GET of :data:`PROBE_SAMPLES` samples' bytes, at least
+    :data:`PROBE_MIN_BYTES`; its
     transfer goes to ``link``, a
     :class:`hapi.client.autosplit.estimator.LinkClock`, and gives the first
     bandwidth), every candidate wire format's bytes and costs on those
@@ -500,7 +504,8 @@ def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | 
     per_sample = probe.bytes / max(probe.samples, 1)
     try:
         images, transfer = data.leading_samples(
-            conn, config.container, probe, math.ceil(PROBE_SAMPLES * per_sample + 2048))
+            conn, config.container, probe,
+            max(math.ceil(PROBE_SAMPLES * per_sample + 2048), PROBE_MIN_BYTES))
     except ClientException as err:
         raise data.storage_error(err, config.container, probe.name) from None
     if not images:

@@ -46,6 +46,7 @@ DRIFT_SPREAD_FACTOR = 2.0  # ... if also this many times the observations' own s
 MARGIN = 0.05  # a new split must be predicted this much faster to replace the one in use
 DRIFT_WINDOW = 8  # drift is judged on up to this many observations since the last decision
 DRIFT_MIN_OBSERVATIONS = 4  # ... once there are at least this many
+DRIFT_QUICK_OBSERVATIONS = 2  # ... a change by LARGE_DRIFT_FACTOR on the last this many
 STEP_SAMPLES = 16  # optimizer steps timed for the profile's trainer_step_s
 LARGE_DRIFT_FACTOR = 2.0  # a drift by this factor either way re-decides at once (a shaped link)
 HOST_WINDOW = 16  # shards whose loader CPU gives the trainer's receive cost per byte
@@ -54,7 +55,9 @@ HOST_WINDOW = 16  # shards whose loader CPU gives the trainer's receive cost per
 def default_estimator() -> OnlineEstimator:
     """The estimator a run uses: drift judged as the constants above say."""
     return OnlineEstimator(min_observations=DRIFT_MIN_OBSERVATIONS, drift_window=DRIFT_WINDOW,
-                           spread_factor=DRIFT_SPREAD_FACTOR)
+                           spread_factor=DRIFT_SPREAD_FACTOR,
+                           quick_observations=DRIFT_QUICK_OBSERVATIONS,
+                           quick_factor=LARGE_DRIFT_FACTOR)
 
 
 class AutomaticSplit:
@@ -132,6 +135,7 @@ class AutomaticSplit:
         self._frame_overhead_bytes = profile.frame_overhead_bytes
         self._shards = 0
         self._samples = 0
+        self._observed_at: list[float] = []  # time.monotonic() of each shard observed
         self._decisions: list[Decision] = []
         self._history: list[dict] = []
 
@@ -222,6 +226,7 @@ class AutomaticSplit:
             self._frame_overhead_bytes = max(shard.bytes_received - features, 0) / samples
             self._observe_host(shard, samples)
         self._samples += len(shard.keys)
+        self._observed_at.append(time.monotonic())
         self._link.observe(shard.transfer, queued_s=queued)
         try:
             self._update()
@@ -251,6 +256,7 @@ class AutomaticSplit:
                 "decision": decision.to_dict() if decision else None,
                 "table": decision.format_table() if decision else None,
                 "history": [dict(step) for step in self._history],
+                "observed_at": list(self._observed_at),
                 "profiling": self._profiling, "profile": self.current_profile().to_dict()}
 
     def plot(self, path) -> bool:
@@ -272,7 +278,8 @@ class AutomaticSplit:
 
     @property
     def history(self) -> tuple[dict, ...]:
-        """Per decision: after which shard, why, from and to which split, the
+        """Per decision: after which shard, when (``monotonic_s``, the host's
+        ``time.monotonic()``), why, from and to which split and format, the
         reason and the whole table."""
         return tuple(dict(step) for step in self._history)
 
@@ -300,8 +307,11 @@ class AutomaticSplit:
                              f"profiling bound reached ({self._shards} shards)")
         elif est.drifted(self._drift_threshold):
             change = est.drift()
-            if self._settling() and not _large(change):
-                return  # hysteresis: the drift re-decides once the epoch is over
+            if self._settling() and not _large(est.drift(quick=False)):
+                # Hysteresis: the drift re-decides once the epoch is over, or
+                # sooner if min_observations confirm a large one (two quick
+                # observations could be noise, and the split just changed).
+                return
             est.keep_recent()
             self._decide("drift: " + ", ".join(f"{name} {value:+.0%}"
                                                for name, value in change.items()
@@ -318,7 +328,8 @@ class AutomaticSplit:
                                 margin=self._margin)
         self._estimator.mark()
         chosen_format = decision.wire_format if decision.split else self._format
-        step = {"shard": self._shards, "why": why, "from": self._split, "to": decision.split,
+        step = {"shard": self._shards, "monotonic_s": time.monotonic(), "why": why,
+                "from": self._split, "to": decision.split,
                 "from_format": self._format, "to_format": chosen_format,
                 "reason": decision.reason, "table": decision.format_table()}
         self._decisions.append(decision)

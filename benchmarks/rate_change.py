@@ -1,0 +1,135 @@
+"""A change of bandwidth in the middle of a run: how soon does the automatic
+split decide again?
+
+On the shaped two-tier set-up of ``benchmarks/shaped.py`` a training run
+with the automatic split starts at ``--from_mbit``; ``--change_after_s``
+seconds after it started, the link is reshaped to ``--to_mbit`` (a factor of
+2 or more). The run's metrics give every decision and every shard the
+selector observed, each with the host's monotonic clock
+(``split_selection.history[].monotonic_s``, ``split_selection.observed_at``),
+so the benchmark counts the shards observed after the change up to the first
+decision the change caused (its ``why`` starts with ``drift``). The features
+are pinned to float32 (``--wire_dtype float32 --wire_encoding raw``) so that
+the link paces the transfers at both rates: a link that paces nothing cannot
+be measured and cannot matter to the choice.
+
+Output: a table, ``OUT/rate_change.json`` (per repeat: the change's time,
+the shards to the new decision, the decision; ``summary``: the median and
+the range of shards, and whether every repeat decided within
+``--target_shards``).
+
+    sudo .venv/bin/python benchmarks/rate_change.py --repeats 3
+"""
+
+import argparse
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from shaped import DEFAULT_LINK, NETWORKS, TwoTier
+from tl_benchmark import TRAINER, load_dataset, python, run_measured, say, warm_up, write_json
+
+FORMAT = "hapi-rate-change/1"
+RESULTS = "rate_change.json"
+
+
+def shards_to_decision(metrics, changed_at):
+    """(shards observed after ``changed_at`` up to the first drift decision
+    after it, that decision) or (None, None) when none came."""
+    selection = metrics["split_selection"]
+    for step in selection["history"]:
+        if step["monotonic_s"] > changed_at and step["why"].startswith("drift"):
+            observed = [t for t in selection["observed_at"]
+                        if changed_at < t <= step["monotonic_s"]]
+            return len(observed), step
+    return None, None
+
+
+def one_run(tiers, settings, out_dir, repeat):
+    """Train once, reshaping the link ``change_after_s`` after the start."""
+    tiers.set_rate(settings["from_mbit"])
+    flags = ["--dataset", settings["container"], "--model", settings["model"],
+             "--weights", "seed:0", "--batch_size", settings["batch_size"],
+             "--num_epochs", settings["epochs"], "--holdout", 0.2, "--threads", 1,
+             "--cpuonly", "--no-progress", "--freeze", "--wire_dtype", "float32",
+             "--wire_encoding", "raw"]
+    command = tiers.trainer_command(python(TRAINER, *flags))
+    result = {}
+
+    def train():
+        result["run"] = run_measured(tiers, command, f"{settings['model']}-r{repeat}", out_dir)
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    thread.join(settings["change_after_s"])
+    changed_at = time.monotonic()
+    tiers.set_rate(settings["to_mbit"])
+    thread.join()
+    metrics = result["run"].metrics
+    shards, step = shards_to_decision(metrics, changed_at)
+    return {"repeat": repeat, "changed_at": changed_at, "shards": shards,
+            "decision": None if step is None else
+            {key: step[key] for key in ("shard", "why", "from", "to", "from_format",
+                                        "to_format")},
+            "shards_observed": len(metrics["split_selection"]["observed_at"]),
+            "run_s": result["run"].run_s}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="alexnet")
+    parser.add_argument("--from_mbit", type=float, default=5)
+    parser.add_argument("--to_mbit", type=float, default=2.5)
+    parser.add_argument("--change_after_s", type=float, default=8.0,
+                        help="seconds after the run's start (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=int, default=480)
+    parser.add_argument("--shard_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--target_shards", type=int, default=3)
+    parser.add_argument("--network", choices=NETWORKS, default="shaped")
+    parser.add_argument("--link", default=DEFAULT_LINK, metavar="SUBNET")
+    parser.add_argument("--out", type=Path, default=Path("bench-results/rate-change"))
+    args = parser.parse_args(argv)
+    factor = max(args.from_mbit, args.to_mbit) / min(args.from_mbit, args.to_mbit)
+    if factor < 2 or args.repeats < 1:
+        parser.error("the rates must differ by a factor of 2 or more; --repeats >= 1")
+    settings = {**vars(args), "out": str(args.out),
+                "container": f"hapi-rate-{args.image_size}px-{args.images}",
+                "quality": 90, "classes": 10, "threads": 1}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "runs").mkdir(exist_ok=True)
+    with TwoTier(args.out, args.from_mbit, network=args.network,
+                 link=args.link, log=say) as tiers:
+        load_dataset(tiers, settings)
+        warm_up(tiers, settings["container"], args.model, 1, args.out, "warm-up")
+        runs = []
+        for repeat in range(1, args.repeats + 1):
+            run = one_run(tiers, settings, args.out, repeat)
+            runs.append(run)
+            say(f"[{repeat}/{args.repeats}] {args.from_mbit:g} -> {args.to_mbit:g} Mbit/s "
+                f"after {args.change_after_s:g} s: "
+                + (f"new decision {run['shards']} shard(s) later ({run['decision']['why']}, "
+                   f"split {run['decision']['from']} -> {run['decision']['to']})"
+                   if run["shards"] is not None else "no new decision"))
+        setup = tiers.describe()
+    counts = [run["shards"] for run in runs if run["shards"] is not None]
+    summary = {"repeats": len(runs), "decided": len(counts),
+               "median_shards": statistics.median(counts) if counts else None,
+               "min_shards": min(counts, default=None), "max_shards": max(counts, default=None),
+               "target_shards": args.target_shards,
+               "met": len(counts) == len(runs) and max(counts) <= args.target_shards}
+    write_json({"format": FORMAT, "settings": settings, "setup": setup, "runs": runs,
+                "summary": summary}, args.out / RESULTS)
+    say(f"shards from the change to the new decision: median {summary['median_shards']} "
+        f"[{summary['min_shards']}-{summary['max_shards']}] over {len(counts)} of "
+        f"{len(runs)} run(s); target <= {args.target_shards}: "
+        f"{'met' if summary['met'] else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

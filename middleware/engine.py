@@ -243,7 +243,10 @@ class FeatureEngine:
                 raise ShardError(str(err), f"{bad.key}.{bad.ext}") from None
             # No other reference to the input: the first layer's output replaces it,
             # as in trace_forward.
-            x = x.to(self.device, non_blocking=True, memory_format=LAYOUT)
+            # Split 0 runs no layer: the images leave as they are, not
+            # converted there and back.
+            x = x.to(self.device, non_blocking=True,
+                     memory_format=LAYOUT if request.split else torch.contiguous_format)
             decoded = time.perf_counter()
             layer_times = []
             with torch.inference_mode():
@@ -255,6 +258,10 @@ class FeatureEngine:
                     layer_times.append(time.perf_counter() - t0)
                 computed = time.perf_counter()
                 features = wire.pack_features(x, request.dtype, request.encoding)
+                # Channels-last features were copied out contiguous: let them
+                # go before the frame's bytes are made, so that a frame never
+                # holds three copies of its features at once.
+                del x
             timings = {"slot_wait_s": start - asked, "decode_s": decoded - start,
                        "layers_s": layer_times, "to_wire_s": time.perf_counter() - computed}
             return wire.encode_frame(

@@ -97,7 +97,7 @@ def main(argv=None):
     factor = max(args.from_mbit, args.to_mbit) / min(args.from_mbit, args.to_mbit)
     if factor < 2 or args.repeats < 1:
         parser.error("the rates must differ by a factor of 2 or more; --repeats >= 1")
-    settings = {**vars(args), "out": str(args.out),
+    settings = {**{key: value for key, value in vars(args).items() if key != "out"},
                 "container": f"hapi-rate-{args.image_size}px-{args.images}",
                 "quality": 90, "classes": 10, "threads": 1}
     args.out.mkdir(parents=True, exist_ok=True)

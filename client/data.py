@@ -41,6 +41,7 @@ import torch
 from swiftclient import ClientException
 
 from hapi import protocol
+from hapi.client.autosplit.wireformats import WireFormat
 from hapi.client.endpoints import Endpoints, merged_report
 from hapi.client.features import CHUNK_BYTES, endpoint_connection, fetch_features
 from hapi.client.retry import transient
@@ -454,8 +455,7 @@ class ShardSource:
         host_cpu_s = time.thread_time() - cpu_began
         if self.cache is not None:
             self.cache.put(ref.name, request.split, request.dtype, inputs, labels, keys)
-        wire_format = request.dtype if request.encoding == "raw" else \
-            f"{request.dtype}+{request.encoding}"
+        wire_format = WireFormat(request.dtype, request.encoding).name
         return ShardData(ref=ref, split=request.split, inputs=inputs[ref.lo:ref.hi],
                          labels=labels[ref.lo:ref.hi], keys=keys[ref.lo:ref.hi],
                          transfer=transfer, load_s=time.perf_counter() - began, frames=stats,
@@ -498,12 +498,7 @@ def raw_samples(conn, container, ref):
     """Download the raw shard ``ref`` and read its samples (all of them, in
     key order); returns (samples, :class:`Transfer`). A failed GET raises
     swiftclient's ``ClientException`` (see :func:`storage_error`)."""
-    began = time.perf_counter()
-    _, chunks = conn.get_object(container, ref.name, resp_chunk_size=CHUNK_BYTES)
-    answered = time.perf_counter()
-    body = b"".join(chunks)
-    transfer = Transfer(nbytes=len(body), sent_at=began, answered_at=answered,
-                        done_at=time.perf_counter())
+    body, transfer = _raw_get(conn, container, ref.name)
     try:
         samples = read_shard(body)
     except ShardError as err:
@@ -519,14 +514,19 @@ def leading_samples(conn, container, ref, nbytes):
     """The images wholly inside the first ``nbytes`` of the raw shard ``ref``
     (a ranged GET, so that measuring vanilla's decode does not download a
     whole shard); returns (images, :class:`Transfer`)."""
+    body, transfer = _raw_get(conn, container, ref.name,
+                              {"Range": f"bytes=0-{max(nbytes, 1) - 1}"})
+    return leading_images(body), transfer
+
+
+def _raw_get(conn, container, name, headers=None):
+    """A plain GET of an object, whole; returns (body, :class:`Transfer`)."""
     began = time.perf_counter()
-    _, chunks = conn.get_object(container, ref.name, resp_chunk_size=CHUNK_BYTES,
-                                headers={"Range": f"bytes=0-{max(nbytes, 1) - 1}"})
+    _, chunks = conn.get_object(container, name, resp_chunk_size=CHUNK_BYTES, headers=headers)
     answered = time.perf_counter()
     body = b"".join(chunks)
-    transfer = Transfer(nbytes=len(body), sent_at=began, answered_at=answered,
-                        done_at=time.perf_counter())
-    return leading_images(body), transfer
+    return body, Transfer(nbytes=len(body), sent_at=began, answered_at=answered,
+                          done_at=time.perf_counter())
 
 
 def decode_error(err, container, name, samples):

@@ -39,15 +39,15 @@ import torch
 from swiftclient import ClientException
 
 import hapi
-from hapi import wire
+from hapi import names, wire
 from hapi.client import data
 from hapi.client.autosplit.profilecache import TrainerTimesCache, times_key
 from hapi.client.autosplit.wireformats import (
-    AUTO,
     FormatCosts,
     candidate_formats,
     costs_from_dict,
     measure_formats,
+    pinned,
 )
 from hapi.hostmem import available_memory_bytes
 from hapi.preprocess import DecodeError, preprocess, preset_size
@@ -521,7 +521,7 @@ def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | 
     began_formats = time.perf_counter()
     formats, formats_cached = format_costs(model, inputs.to(device), config, cache)
     formats_s = time.perf_counter() - began_formats
-    memory_dtype = "float32" if config.wire_dtype == AUTO else config.wire_dtype
+    memory_dtype = pinned(config.wire_dtype, names.DEFAULT_WIRE_DTYPE)
     profile = profile_from_model(
         model, input_shape=input_shape, freeze=config.freeze, batch_size=config.batch_size,
         trainer=trainer, raw_bytes=sum(r.bytes for r in refs) / sum(r.samples for r in refs),

@@ -24,7 +24,12 @@ import torch
 from hapi import protocol, wire, zoo
 from hapi import weights as weights_mod
 from hapi.middleware.admission import MemoryCost
-from hapi.middleware.device import DeviceSlots, device_capacity, resolve_device
+from hapi.middleware.device import (
+    DeviceSlots,
+    device_capacity,
+    frame_priority,
+    resolve_device,
+)
 from hapi.middleware.memory import (
     CUDA_MARGIN_SHARE,
     MEASURED_BATCHES,
@@ -225,15 +230,18 @@ class FeatureEngine:
                     raise ShardError(str(err), f"{sample.key}.{sample.ext}") from None
         return samples
 
-    def extract(self, model, samples, request, index):
+    def extract(self, model, samples, request, index, request_number=0):
         """Run one storage batch in a device slot: decode, preprocess, layers
         [0, split), conversion to the wire dtype (uint8: quantization) and
         encoding (compression); return its frame.
 
-        Its timings are this frame's own device time (it holds the slot), and
-        ``slot_wait_s`` how long it waited for the slot."""
+        Frame ``index`` of the ``request_number``-th request stands in line
+        for the slot at :func:`frame_priority`, and computes only after that
+        request's frame before it. Its timings are this frame's own device
+        time (it holds the slot), and ``slot_wait_s`` how long it waited for
+        the slot."""
         asked = time.perf_counter()
-        with self.slots.slot():
+        with self.slots.slot(frame_priority(request_number, index), owner=request_number):
             start = time.perf_counter()
             try:
                 x = preprocess([s.image for s in samples], request.preset, request.model,

@@ -42,6 +42,7 @@ scheduling thread; the worker threads run the engine's blocking calls.
 """
 
 import dataclasses
+import itertools
 import json
 import re
 import threading
@@ -143,6 +144,7 @@ class StorageTier:
         self.budget = settings.make_budget(self.engine)
         self.events = events
         self.active = 0
+        self.request_numbers = itertools.count()  # the requests in progress, as they came
         self.stored_features = StoredFeatures(settings.feature_cache_container,
                                               settings.feature_cache_max_bytes) \
             if settings.feature_cache_container else None
@@ -189,6 +191,7 @@ class FeatureJob:
         self.headers = headers
         self.started = time.monotonic()
         self.entered = False
+        self.number = 0  # this request's place among the requests, once in progress
         self.ticket = None
         self.bytes_in = 0
         self.shard_etag = ""
@@ -240,6 +243,7 @@ class FeatureJob:
             raise RequestError.at_capacity(limit)
         self.tier.active += 1
         self.entered = True
+        self.number = next(self.tier.request_numbers)
 
     def leave(self):
         """Give back the memory and the concurrency slot; harmless twice."""
@@ -285,7 +289,7 @@ class FeatureJob:
         if granted != asked:
             feature_req = dataclasses.replace(feature_req, batch=granted)
         batches = split_batches(samples, feature_req.batch)
-        first = yield Run(self.engine.extract, (model, batches[0], feature_req, 0))
+        first = yield Run(self.engine.extract, (model, batches[0], feature_req, 0, self.number))
         return model, feature_req, asked, batches, first
 
     # Reading from Swift --------------------------------------------------
@@ -403,22 +407,33 @@ class FeatureJob:
     def stream(self, model, feature_req, asked, batches, first):
         """Step 5 and 6: the 200, the frames, the end frame; then give back
         what the request holds and log its line, however the stream ended."""
-        sent, outcome, pending = 0, "client disconnected", None
+        sent, outcome, pending = 0, "client disconnected", []
         samples = sum(map(len, batches))
         headers = self.engine.response_headers(feature_req, samples)
         kept = [] if self.cache_path is not None else None
+
+        def start(index):
+            return Start(self.engine.extract,
+                         (model, batches[index], feature_req, index, self.number))
+
         try:
             yield Respond(200, {**headers, CACHE_HEADER: "off" if kept is None else "miss"})
             frame = first
+            if len(batches) > 1:
+                pending.append((yield start(1)))
             for index in range(1, len(batches)):
-                pending = yield Start(self.engine.extract,
-                                      (model, batches[index], feature_req, index))
                 yield Send(frame)
                 sent += len(frame)
                 if kept is not None:
                     kept.append(frame)
-                current, pending = pending, None
-                frame = yield Join(current)
+                # Frame ``index`` computes; the next one gets in line behind
+                # it now, so that it goes on with this request when that one
+                # is done (see frame_priority). It is asked for only once
+                # the frame before is sent: a slow reader holds at most one
+                # frame computed ahead, as before.
+                if index + 1 < len(batches):
+                    pending.append((yield start(index + 1)))
+                frame = yield Join(pending.pop(0))
             last = end_frame(samples, len(batches), time.monotonic() - self.started)
             for tail in (frame, last):
                 yield Send(tail)
@@ -445,12 +460,12 @@ class FeatureJob:
             sent += yield from self.last_frame(stream_error_frame(err))
         except BaseException:
             # Closed or cancelled: nothing more can be waited on here.
-            pending = None
+            pending = []
             raise
         finally:
-            if pending is not None:
+            for handle in pending:
                 # The worker runs on regardless: hold the memory until it is done.
-                yield from self.settle(pending)
+                yield from self.settle(handle)
             self.leave()
             self.events.update_stats("bytes_out", sent)
             self.events.timing_since("extraction_time", self.started)

@@ -107,8 +107,9 @@ class HapiServer:
         self.events = ServerEvents(log)
         self.tier = StorageTier(self.settings, self.events)
         self.engine = self.tier.engine
-        # One worker per admitted request: each runs one torch job at a time.
-        self.executor = ThreadPoolExecutor(max_workers=self.settings.max_concurrent,
+        # Two workers per admitted request: one frame computing, the next in
+        # line for the device behind it (hapi.middleware.device).
+        self.executor = ThreadPoolExecutor(max_workers=2 * self.settings.max_concurrent,
                                            thread_name_prefix="hapi-torch")
         self.session = None
         self.streams = set()

@@ -7,13 +7,14 @@ are in test_train.py and the benchmarks."""
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from helpers import feature_request, samples
 
 from hapi.client import data
-from hapi.middleware.device import DeviceSlots
+from hapi.middleware.device import DeviceSlots, frame_priority
 from hapi.middleware.engine import FeatureEngine
 
 # The storage tier --------------------------------------------------------------------
@@ -45,7 +46,7 @@ def test_device_slots_are_handed_out_in_arrival_order():
 def test_a_second_requests_first_frame_is_not_held_behind_the_first_request():
     """One device slot, request A streaming 8 frames, request B one frame
     asked for while A computes: B's frame is done after at most two of A's,
-    not after all eight (the slot goes to the oldest waiter, frame by frame)."""
+    not after all eight (a request's first frame goes before later frames)."""
     engine = FeatureEngine(device="cpu", threads=1)
     engine.slots = DeviceSlots(1)
     req = feature_request("resnet18", split=6, batch=2, preset="imagenet-112")
@@ -53,17 +54,18 @@ def test_a_second_requests_first_frame_is_not_held_behind_the_first_request():
     shard = samples(16, size=112)
     done, lock = [], threading.Lock()
 
-    def stream(name, batches):
+    def stream(name, number, batches):
         for index, batch in enumerate(batches):
-            engine.extract(model, batch, req, index)
+            engine.extract(model, batch, req, index, number)
             with lock:
                 done.append((name, index))
 
-    a = threading.Thread(target=stream, args=("a", [shard[i:i + 2] for i in range(0, 16, 2)]))
+    a = threading.Thread(target=stream,
+                         args=("a", 0, [shard[i:i + 2] for i in range(0, 16, 2)]))
     a.start()
     while not done:
         time.sleep(0.001)
-    b = threading.Thread(target=stream, args=("b", [shard[:2]]))
+    b = threading.Thread(target=stream, args=("b", 1, [shard[:2]]))
     b.start()
     a.join(120)
     b.join(120)
@@ -71,6 +73,106 @@ def test_a_second_requests_first_frame_is_not_held_behind_the_first_request():
     a_before = sum(1 for name, _ in done[:position] if name == "a")
     assert a_before <= 3, done
     assert len(done) == 9
+
+
+def hold_in_line(slots, asks):
+    """With ``slots``' only slot held, line up ``asks`` ((name, priority,
+    owner), one after the other), then let the slot go; the names in the
+    order they got it."""
+    order = []
+    holder = slots.slot()
+    holder.__enter__()
+
+    def wait(name, priority, owner):
+        with slots.slot(priority, owner):
+            order.append(name)
+
+    threads = []
+    for ask in asks:
+        threads.append(threading.Thread(target=wait, args=ask))
+        threads[-1].start()
+        while slots.waiting < len(threads):
+            time.sleep(0.001)
+    holder.__exit__(None, None, None)
+    for thread in threads:
+        thread.join(10)
+    return order
+
+
+def test_first_frames_go_first_then_the_oldest_requests_frames():
+    order = hold_in_line(DeviceSlots(1), [
+        ("request 5, frame 1", frame_priority(5, 1), 5),
+        ("request 3, frame 2", frame_priority(3, 2), 3),
+        ("request 7, frame 0", frame_priority(7, 0), 7),
+        ("request 3, frame 1", frame_priority(3, 1), 3),
+        ("request 8, frame 0", frame_priority(8, 0), 8),
+    ])
+    assert order == ["request 7, frame 0", "request 8, frame 0", "request 3, frame 1",
+                     "request 3, frame 2", "request 5, frame 1"]
+
+
+def test_a_request_computes_one_frame_at_a_time():
+    """Two slots, request 1 holding one: its next frame waits in line for it
+    although a slot is free, and a later request's frame takes the free one."""
+    slots = DeviceSlots(2)
+    got = []
+
+    def next_frame():
+        with slots.slot(frame_priority(1, 2), owner=1):
+            got.append("request 1, frame 2")
+
+    queued = threading.Thread(target=next_frame)
+    with slots.slot(frame_priority(1, 1), owner=1):
+        queued.start()
+        while slots.waiting < 1:
+            time.sleep(0.001)
+        with slots.slot(frame_priority(2, 1), owner=2):
+            got.append("request 2, frame 1")
+        time.sleep(0.05)
+        assert got == ["request 2, frame 1"]
+    queued.join(10)
+    assert got == ["request 2, frame 1", "request 1, frame 2"]
+
+
+def test_the_older_request_finishes_before_a_newer_ones_later_frames():
+    """Two requests of 8 frames on one slot, streamed as the pipeline does
+    (each frame's successor in line while it computes), the second starting
+    once the first has computed a frame: the second's first frame goes in
+    promptly, and then the first request finishes before the second's later
+    frames, so the requests in flight finish one after the other, not
+    together."""
+    engine = FeatureEngine(device="cpu", threads=1)
+    engine.slots = DeviceSlots(1)
+    req = feature_request("resnet18", split=6, batch=2, preset="imagenet-112")
+    model = engine.load_model(("resnet18", "seed:0"), "resnet18", req.weights)
+    batches = [samples(16, size=112)[i:i + 2] for i in range(0, 16, 2)]
+    done, lock = [], threading.Lock()
+
+    def frame(name, number, index):
+        engine.extract(model, batches[index], req, index, number)
+        with lock:
+            done.append((name, index))
+
+    def stream(name, number):
+        with ThreadPoolExecutor(2) as pool:
+            frame(name, number, 0)
+            pending = [pool.submit(frame, name, number, 1)]
+            for index in range(1, len(batches)):
+                if index + 1 < len(batches):
+                    pending.append(pool.submit(frame, name, number, index + 1))
+                pending.pop(0).result()
+
+    a = threading.Thread(target=stream, args=("a", 0))
+    a.start()
+    while len(done) < 1:
+        time.sleep(0.001)
+    b = threading.Thread(target=stream, args=("b", 1))
+    b.start()
+    a.join(120)
+    b.join(120)
+    assert len(done) == 16
+    assert done.index(("b", 0)) <= 4, done
+    assert max(done.index(("a", i)) for i in range(8)) < done.index(("b", 1)), done
 
 
 # The trainer's lookahead -------------------------------------------------------------

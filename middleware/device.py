@@ -21,6 +21,13 @@ from contextlib import contextmanager
 
 import torch
 
+# Images and convolution weights channels-last (NHWC) when the storage tier
+# runs layers: oneDNN's convolutions on a CPU (and cuDNN's on a GPU) run
+# faster on it; AlexNet's frozen layers take about a fifth less time on one
+# CPU core. The features are the same up to float rounding, and leave as
+# contiguous tensors (hapi.wire.pack_features).
+LAYOUT = torch.channels_last
+
 
 def resolve_device(name):
     """``auto`` means the first CUDA device when there is one, else the CPU."""

@@ -25,6 +25,7 @@ from hapi import protocol, wire, zoo
 from hapi import weights as weights_mod
 from hapi.middleware.admission import MemoryCost
 from hapi.middleware.device import (
+    LAYOUT,
     DeviceSlots,
     device_capacity,
     frame_priority,
@@ -41,12 +42,6 @@ from hapi.middleware.model_cache import ModelCache
 from hapi.preprocess import DecodeError, check_image, preprocess, preset_size
 from hapi.shards import ShardError, read_shard
 from hapi.weights import WeightsNotFound
-
-# Images and convolution weights channels-last (NHWC): oneDNN's convolutions
-# on a CPU (and cuDNN's on a GPU) run faster on it; AlexNet's frozen layers
-# take about a fifth less time on one CPU core. The features are the same up
-# to float rounding, and leave as contiguous tensors (hapi.wire.pack_features).
-LAYOUT = torch.channels_last
 
 
 class FeatureEngine:

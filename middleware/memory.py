@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_leaves
 
 from hapi import zoo
 from hapi.hostmem import available_memory_bytes
+from hapi.middleware.device import LAYOUT
 from hapi.wire import to_wire_dtype
 
 # memory_budget = auto on the CPU: this share of MemAvailable when the process
@@ -73,8 +74,10 @@ class ForwardTrace:
 def trace_forward(name, size, split, dtype, batches=MEASURED_BATCHES):
     """Trace layers [0, split) of ``name`` and the cast to the wire ``dtype``
     on the meta device, for a batch of each size in ``batches`` of images of
-    ``size`` px: every tensor the ops create is counted, no weights are built
-    and nothing runs. A :class:`ForwardTrace` per batch size."""
+    ``size`` px, in the engine's layout: the batch copied channels-last
+    before the first layer, the features copied out contiguous after the
+    cast. Every tensor the ops create is counted, no weights are built and
+    nothing runs. A :class:`ForwardTrace` per batch size."""
     with torch.device("meta"):
         model = zoo.build_model(name)
     traces = {}
@@ -83,9 +86,11 @@ def trace_forward(name, size, split, dtype, batches=MEASURED_BATCHES):
         with torch.inference_mode(), trace:
             x = torch.empty((batch, 3, size, size), device="meta")
             input_bytes = x.nbytes
+            if split:
+                x = x.contiguous(memory_format=LAYOUT)
             for layer in model.layers[:split]:
                 x = layer(x)
-            wire = to_wire_dtype(x, dtype)["features"]
+            wire = to_wire_dtype(x, dtype)["features"].contiguous()
         traces[batch] = ForwardTrace(peak=trace.peak, input=input_bytes, output=x.nbytes,
                                      wire=wire.nbytes)
     return traces

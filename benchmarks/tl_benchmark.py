@@ -46,6 +46,7 @@ and says so (no rate, no link counters).
 """
 
 import argparse
+import bisect
 import functools
 import json
 import os
@@ -94,7 +95,7 @@ FIELDS = (
     "raw_shard_bytes", "trainer_compute_s", "trainer_wait_s", "storage_compute_s",
     "storage_wait_s", "storage_frames_s", "storage_cpu_s", "trainer_cpu_s", "transfer_s",
     "bound_s", "bound_ratio", "accuracy", "train_samples", "samples_per_split",
-    "cache_hits", "runs",
+    "profiling_s", "split_changes", "cache_hits", "runs",
 )
 # The figures a cell (the repeats of one model, bandwidth, mode and encoding) gives
 # as {"median", "min", "max"}; "bytes" is the link's count, else the trainer's.
@@ -242,7 +243,29 @@ def trainer_record(measured, where, shaped, runs):
         bound_s=bound_s, bound_ratio=epoch_s / bound_s if bound_s else None,
         accuracy=metrics["accuracy"], train_samples=metrics["samples"]["train"],
         samples_per_split=metrics["split_selection"]["samples_per_split"],
+        profiling_s=profiling_s(metrics), split_changes=split_changes(metrics),
         cache_hits=metrics["cache_hits"], runs=runs)
+
+
+def profiling_s(metrics):
+    """What the automatic split's measurements took before the first request
+    (outside the epochs' times); 0 for a fixed split."""
+    return (metrics["split_selection"].get("profiling") or {}).get("seconds", 0.0)
+
+
+def split_changes(metrics):
+    """How many times the split moved in each epoch: the selector's decisions
+    that changed it, each in the epoch of the shard it came after (the
+    selector counts every shard it is shown, training and held-out)."""
+    ends, shards = [], 0
+    for epoch in metrics["epochs"]:
+        shards += sum(p["traffic"]["shards"] for p in (epoch["train"], epoch["holdout"]) if p)
+        ends.append(shards)
+    counts = [0] * len(ends)
+    for step in metrics["split_selection"].get("history", ()):
+        if step["from"] != step["to"]:
+            counts[min(bisect.bisect_left(ends, step["shard"]), len(ends) - 1)] += 1
+    return counts
 
 
 def all_in_cos_record(tiers, freeze, flags, where, name, out_dir):
@@ -279,7 +302,8 @@ def all_in_cos_record(tiers, freeze, flags, where, name, out_dir):
         transfer_s=_transfer_s(got["bytes"], where["link"]["goodput"]), bound_s=None,
         bound_ratio=None, accuracy=metrics["accuracy"],
         train_samples=metrics["samples"]["train"], samples_per_split={"0": train["samples"]},
-        cache_hits=None, runs=[f"{name}-job", f"{name}-fetch"])
+        profiling_s=0.0, split_changes=None, cache_hits=None,
+        runs=[f"{name}-job", f"{name}-fetch"])
 
 
 def _record(measured, where, **figures):
@@ -470,6 +494,41 @@ def _bound_max(results, model, encoding):
     return spread(per_round)
 
 
+def _with_profiling(record):
+    """A one-epoch run's time as its user waits for it: the epoch and, for the
+    automatic split, its measurements before the first request."""
+    return record["epoch_s"] + (record["profiling_s"] or 0.0)
+
+
+def auto_over_best(results, model, rate, encoding):
+    """The automatic run (its profiling included) over the faster of vanilla
+    and split = freeze, within each round, as a spread over the rounds."""
+    per_round = []
+    for repeat in sorted({r["repeat"] for r in results}):
+        auto = _find(results, model, "hapi_auto", rate, encoding, repeat)
+        others = [_find(results, model, mode, rate, encoding, repeat)
+                  for mode in ("vanilla", "hapi_freeze")]
+        others = [_epoch(r) for r in others if r]
+        if auto and others:
+            per_round.append(_with_profiling(auto) / min(others))
+    return spread(per_round)
+
+
+def _auto_over_best_max(results, model, encoding):
+    """The worst cell's median of :func:`auto_over_best` over the rates."""
+    rates = sorted({r["bandwidth_mbit"] for r in results if r["model"] == model})
+    medians = [auto_over_best(results, model, rate, encoding)["median"] for rate in rates]
+    medians = [m for m in medians if m is not None]
+    return max(medians) if medians else None
+
+
+def _split_changes_max(results, model, encoding):
+    """The most changes of split in one epoch of one automatic run."""
+    counts = [count for r in results if (r["model"], r["mode"], r["encoding"])
+              == (model, "hapi_auto", encoding) for count in r.get("split_changes") or ()]
+    return max(counts) if counts else None
+
+
 def _targets(results, model, low, high, encoding):
     """The target figures of one model and encoding: each a spread over the rounds."""
     return {
@@ -503,7 +562,11 @@ def summarise(results, encodings):
             by_encoding[encoding] = {
                 **{name: targets[name]["median"] for name in TARGETS},
                 **{f"{name}_spread": [targets[name]["min"], targets[name]["max"]]
-                   for name in TARGETS}}
+                   for name in TARGETS},
+                "auto_over_best_max": _auto_over_best_max(results, model, encoding),
+                "auto_over_best": {str(rate): auto_over_best(results, model, rate, encoding)
+                                   for rate in rates},
+                "split_changes_per_epoch_max": _split_changes_max(results, model, encoding)}
         summary[model] = {**by_encoding[encodings[0]], "encoding": encodings[0],
                           "lowest_bw_mbit": low, "highest_bw_mbit": high,
                           "by_encoding": by_encoding}
@@ -542,7 +605,10 @@ def format_table(doc):
                 f"{_x(t, 'bytes_vanilla_over_freeze')} the bytes of split = freeze; "
                 f"HAPI epoch / pipeline bound <= {_x(t, 'pipeline_bound_ratio_max')}; "
                 f"auto / vanilla at {s['highest_bw_mbit']} Mbit/s "
-                f"{_x(t, 'auto_over_vanilla_highest_bw')}")
+                f"{_x(t, 'auto_over_vanilla_highest_bw')}; auto (its profiling included) / "
+                f"the better of vanilla and freeze <= {_times(t['auto_over_best_max'])} "
+                f"in every cell; at most {t['split_changes_per_epoch_max']} change(s) of "
+                "split per epoch")
     if not doc["setup"]["shaped"]:
         lines.append(f"UNSHAPED run on loopback ({doc['setup']['note']}): bandwidths were "
                      "not applied; 'own MB' is the trainer's count")
@@ -551,6 +617,10 @@ def format_table(doc):
 
 def _fixed(value):
     return f"{value:.2f}" if value is not None else "-"
+
+
+def _times(value):
+    return f"{value:.2f}x" if value is not None else "-"
 
 
 def _x(targets, name):
@@ -697,6 +767,9 @@ def parse_args(argv=None):
     parser.add_argument("--link", default=DEFAULT_LINK, metavar="SUBNET",
                         help=f"private subnet of the shaped link (default: {DEFAULT_LINK})")
     parser.add_argument("--out", type=Path, default=Path("bench-results/tl"))
+    parser.add_argument("--resummarise", type=Path, metavar="RESULTS_JSON",
+                        help="run nothing: recompute an earlier run's summary, table and "
+                             "plots (and the figures read from its runs' metrics) in place")
     args = parser.parse_args(argv)
     preset = PRESETS["quick" if args.quick else "full"]
     for key, value in preset.items():
@@ -725,16 +798,37 @@ def settings_from(args):
             "container": f"hapi-bench-{size}-{args.images}"}
 
 
+def resummarise(path):
+    """An earlier run's results document with the figures read from its
+    runs' metrics (``runs/NAME.json`` beside it), its cells and its summary
+    computed again by this version of the script, written back in place."""
+    doc = json.loads(path.read_text())
+    for index, record in enumerate(doc["results"]):
+        figures = {"profiling_s": 0.0, "split_changes": None}
+        if record["mode"] != "all_in_cos":
+            metrics = json.loads((path.parent / "runs" / f"{record['runs'][0]}.json").read_text())
+            figures = {"profiling_s": profiling_s(metrics),
+                       "split_changes": split_changes(metrics)}
+        doc["results"][index] = {name: {**record, **figures}[name] for name in FIELDS}
+    doc["cells"] = summarise_cells(doc["results"])
+    doc["summary"] = summarise(doc["results"], doc["settings"]["encodings"])
+    write_json(doc, path)
+    return doc
+
+
 def main(argv=None):
     args = parse_args(argv)
-    out_dir = args.out.absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
-    try:
-        doc = run_all(settings_from(args), out_dir)
-    except CommandFailed as err:
-        print(f"error: a run failed: {err}", file=sys.stderr)
-        return 1
+    if args.resummarise:
+        doc, out_dir = resummarise(args.resummarise), args.resummarise.parent
+    else:
+        out_dir = args.out.absolute()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            doc = run_all(settings_from(args), out_dir)
+        except CommandFailed as err:
+            print(f"error: a run failed: {err}", file=sys.stderr)
+            return 1
     print(format_table(doc))
     for path in plot(doc, out_dir):
         print(f"wrote {path}")

@@ -288,3 +288,35 @@ def test_rate_change_counts_the_shards_between_the_change_and_the_new_decision()
     shards, step = shards_to_decision(metrics, changed_at=3.0)
     assert shards == 3 and step is history[1]  # 3.5, 4.0 and 4.9
     assert shards_to_decision(metrics, changed_at=6.0) == (None, None)
+
+
+def test_split_changes_are_counted_in_the_epoch_they_happened():
+    split_changes = benchmark_module("tl_benchmark").split_changes
+
+    def epoch(train, holdout):
+        return {"train": {"traffic": {"shards": train}},
+                "holdout": {"traffic": {"shards": holdout}} if holdout else None}
+
+    history = [{"shard": 4, "from": 11, "to": 8}, {"shard": 5, "from": 8, "to": 8},
+               {"shard": 6, "from": 8, "to": 9}, {"shard": 7, "from": 9, "to": 8},
+               {"shard": 13, "from": 8, "to": 11}]
+    metrics = {"epochs": [epoch(5, 1), epoch(5, 1), epoch(5, None)],
+               "split_selection": {"history": history}}
+    assert split_changes(metrics) == [2, 1, 1]  # epochs end after shards 6, 12 and 17
+    assert split_changes({"epochs": [epoch(5, 1)], "split_selection": {}}) == [0]
+
+
+def test_the_automatic_run_is_judged_with_its_profiling_against_the_faster_mode():
+    bench = benchmark_module("tl_benchmark")
+
+    def record(mode, repeat, epoch_s, profiling_s=0.0):
+        return {"model": "m", "bandwidth_mbit": 8, "mode": mode, "repeat": repeat,
+                "encoding": "auto" if mode in bench.FEATURE_MODES else None,
+                "epoch_s": epoch_s, "profiling_s": profiling_s}
+
+    results = [record("vanilla", 1, 10.0), record("hapi_freeze", 1, 8.0),
+               record("hapi_auto", 1, 8.0, profiling_s=0.4),
+               record("vanilla", 2, 6.0), record("hapi_freeze", 2, 9.0),
+               record("hapi_auto", 2, 6.3, profiling_s=0.0)]
+    ratio = bench.auto_over_best(results, "m", 8, "auto")
+    assert ratio["min"] == pytest.approx(1.05) and ratio["max"] == pytest.approx(1.05)

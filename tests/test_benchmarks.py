@@ -320,3 +320,12 @@ def test_the_automatic_run_is_judged_with_its_profiling_against_the_faster_mode(
                record("hapi_auto", 2, 6.3, profiling_s=0.0)]
     ratio = bench.auto_over_best(results, "m", 8, "auto")
     assert ratio["min"] == pytest.approx(1.05) and ratio["max"] == pytest.approx(1.05)
+
+
+def test_format_costs_times_both_ways_and_writes_json(tmp_path):
+    benchmark_module("format_costs").main(["--models", "alexnet", "--preset", "resize-64",
+                                           "--runs", "1", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "format_costs.json").read_text())
+    ways = doc["results"]["alexnet"]
+    assert set(ways) == {"defaults", "four images, every timing repeated"}
+    assert all(way["median"] > 0 and len(way["seconds"]) == 1 for way in ways.values())

@@ -104,14 +104,16 @@ class FormatCosts:
 
 
 def measure_formats(model, inputs: torch.Tensor, freeze: int, formats, *,
-                    frame_samples: int) -> dict[str, FormatCosts]:
+                    frame_samples: int, samples: int = MEASURED_SAMPLES,
+                    long_timing_s: float = LONG_TIMING_S) -> dict[str, FormatCosts]:
     """Every format's :class:`FormatCosts` at boundaries ``0..freeze`` of
     ``model`` (a :class:`hapi.zoo.LayeredModel`), measured on ``inputs``
     (a few preprocessed real samples at boundary 0, the first
     :data:`MEASURED_SAMPLES` of them: zstd's ratio depends on the values, so
     random inputs would not do), with frames of ``frame_samples`` samples
-    for the uint8 scales. Keyed by format name."""
-    inputs = inputs[:MEASURED_SAMPLES]
+    for the uint8 scales; a timing above ``long_timing_s`` is not repeated.
+    Keyed by format name."""
+    inputs = inputs[:samples]
     count = inputs.shape[0]
     if count < 1:
         raise ValueError("measuring wire formats needs at least one sample")
@@ -123,7 +125,7 @@ def measure_formats(model, inputs: torch.Tensor, freeze: int, formats, *,
         for index in range(freeze):
             x = model.layers[index](x)
             for fmt in formats:
-                size, encode, decode = _measure(x, fmt, labels, frame_samples)
+                size, encode, decode = _measure(x, fmt, labels, frame_samples, long_timing_s)
                 cost = costs[fmt.name]
                 cost.bytes.append(size / count)
                 cost.encode_s.append(encode / count)
@@ -131,7 +133,7 @@ def measure_formats(model, inputs: torch.Tensor, freeze: int, formats, *,
     return costs
 
 
-def _measure(x, fmt, labels, frame_samples):
+def _measure(x, fmt, labels, frame_samples, long_timing_s):
     """(bytes per frame of ``x``'s samples, encode seconds, decode seconds)."""
     encode, decode = [], []
     while len(encode) < REPEATS:
@@ -143,7 +145,7 @@ def _measure(x, fmt, labels, frame_samples):
         began = time.perf_counter()
         wire.decode_frame(blob[wire.LENGTH.size:]).float_features().to(torch.float32)
         decode.append(time.perf_counter() - began)
-        if encode[-1] + decode[-1] > LONG_TIMING_S:
+        if encode[-1] + decode[-1] > long_timing_s:
             break
     tensors = packed.tensors
     shared = sum(tensors[name].nbytes for name in ("scale", "zero_point") if name in tensors)

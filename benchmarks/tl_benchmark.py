@@ -514,14 +514,6 @@ def auto_over_best(results, model, rate, encoding):
     return spread(per_round)
 
 
-def _auto_over_best_max(results, model, encoding):
-    """The worst cell's median of :func:`auto_over_best` over the rates."""
-    rates = sorted({r["bandwidth_mbit"] for r in results if r["model"] == model})
-    medians = [auto_over_best(results, model, rate, encoding)["median"] for rate in rates]
-    medians = [m for m in medians if m is not None]
-    return max(medians) if medians else None
-
-
 def _split_changes_max(results, model, encoding):
     """The most changes of split in one epoch of one automatic run."""
     counts = [count for r in results if (r["model"], r["mode"], r["encoding"])
@@ -559,13 +551,15 @@ def summarise(results, encodings):
         by_encoding = {}
         for encoding in encodings:
             targets = _targets(results, model, low, high, encoding)
+            by_rate = {str(rate): auto_over_best(results, model, rate, encoding)
+                       for rate in rates}
+            medians = [c["median"] for c in by_rate.values() if c["median"] is not None]
             by_encoding[encoding] = {
                 **{name: targets[name]["median"] for name in TARGETS},
                 **{f"{name}_spread": [targets[name]["min"], targets[name]["max"]]
                    for name in TARGETS},
-                "auto_over_best_max": _auto_over_best_max(results, model, encoding),
-                "auto_over_best": {str(rate): auto_over_best(results, model, rate, encoding)
-                                   for rate in rates},
+                "auto_over_best_max": max(medians) if medians else None,
+                "auto_over_best": by_rate,
                 "split_changes_per_epoch_max": _split_changes_max(results, model, encoding)}
         summary[model] = {**by_encoding[encodings[0]], "encoding": encodings[0],
                           "lowest_bw_mbit": low, "highest_bw_mbit": high,
@@ -628,7 +622,7 @@ def _x(targets, name):
     value, (low, high) = targets[name], targets[f"{name}_spread"]
     if value is None:
         return "-"
-    return f"{value:.2f}x" + (f" [{low:.2f}-{high:.2f}]" if low != high else "")
+    return _times(value) + (f" [{low:.2f}-{high:.2f}]" if low != high else "")
 
 
 def _series(cells_of_model, modes):

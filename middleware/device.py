@@ -17,6 +17,7 @@ import collections
 import itertools
 import os
 import threading
+import typing
 from contextlib import contextmanager
 
 import torch
@@ -64,6 +65,15 @@ def frame_priority(request_number, index):
     return (0, 0, 0) if index == 0 else (1, request_number, index)
 
 
+class _Waiter(typing.NamedTuple):
+    """A frame in line for a slot: ``granted`` is set when it has one."""
+
+    priority: tuple
+    arrival: int
+    owner: object
+    granted: object
+
+
 class DeviceSlots:
     """``capacity`` slots handed out by priority (:func:`frame_priority`),
     first come first served among equals.
@@ -86,7 +96,7 @@ class DeviceSlots:
         self._lock = threading_module.Lock()
         self._free = capacity
         self._holders = collections.Counter()  # owner -> slots held
-        self._waiters = []  # (priority, arrival, owner, event)
+        self._waiters = []
         self._arrivals = itertools.count()
 
     @property
@@ -97,10 +107,10 @@ class DeviceSlots:
     def slot(self, priority=(0, 0, 0), owner=None):
         """Hold one slot, waiting in line for it."""
         with self._lock:
-            turn = (priority, next(self._arrivals), owner, self._threading.Event())
+            turn = _Waiter(priority, next(self._arrivals), owner, self._threading.Event())
             self._waiters.append(turn)
             self._grant()
-        turn[3].wait()
+        turn.granted.wait()
         try:
             yield
         finally:
@@ -115,12 +125,13 @@ class DeviceSlots:
     def _grant(self):
         """Give the free slots to the first eligible waiters (under the lock)."""
         while self._free:
-            eligible = [w for w in self._waiters if w[2] is None or w[2] not in self._holders]
+            eligible = [w for w in self._waiters
+                        if w.owner is None or w.owner not in self._holders]
             if not eligible:
                 return
-            turn = min(eligible, key=lambda w: w[:2])
+            turn = min(eligible, key=lambda w: (w.priority, w.arrival))
             self._waiters.remove(turn)
             self._free -= 1
-            if turn[2] is not None:
-                self._holders[turn[2]] += 1
-            turn[3].set()
+            if turn.owner is not None:
+                self._holders[turn.owner] += 1
+            turn.granted.set()

@@ -108,8 +108,8 @@ def measure_formats(model, inputs: torch.Tensor, freeze: int, formats, *,
                     long_timing_s: float = LONG_TIMING_S) -> dict[str, FormatCosts]:
     """Every format's :class:`FormatCosts` at boundaries ``0..freeze`` of
     ``model`` (a :class:`hapi.zoo.LayeredModel`), measured on ``inputs``
-    (a few preprocessed real samples at boundary 0, the first
-    :data:`MEASURED_SAMPLES` of them: zstd's ratio depends on the values, so
+    (a few preprocessed real samples at boundary 0, the first ``samples``
+    of them: zstd's ratio depends on the values, so
     random inputs would not do), with frames of ``frame_samples`` samples
     for the uint8 scales; a timing above ``long_timing_s`` is not repeated.
     Keyed by format name."""

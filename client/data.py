@@ -102,19 +102,46 @@ class Transfer:
 
     ``sent_at``, ``answered_at``, ``done_at``: ``time.perf_counter()`` when
     the request went out, when its response headers came, when its last byte
-    was read. ``storage_s``: the storage tier's compute for it (0 for a raw
-    GET), of which ``storage_early_s`` came before the headers (the filter
-    computes the first frame before it answers); ``storage_wait_s``: what
-    its later frames waited for a device slot, behind other requests' frames.
+    was read. ``storage_early_s``: the storage tier's compute before the
+    headers (the filter computes the first frame before it answers).
+    ``frames_on_link``: per frame, ``(ready_at, arrived_at, nbytes)``: when
+    the storage tier had it ready to send (in this host's clock), when its
+    last byte arrived, and its bytes; empty for a raw GET, whose body was
+    on the link from the headers to its last byte (:meth:`link_intervals`).
     """
 
     nbytes: int
     sent_at: float
     answered_at: float
     done_at: float
-    storage_s: float = 0.0
     storage_early_s: float = 0.0
-    storage_wait_s: float = 0.0
+    frames_on_link: tuple = ()
+
+    def link_intervals(self):
+        """``(start, end, nbytes)`` per part of the body that was on the link."""
+        return self.frames_on_link or ((self.answered_at, self.done_at, self.nbytes),)
+
+
+def frames_on_link(answered_at, timings, arrivals, replayed=False):
+    """:attr:`Transfer.frames_on_link` of a feature stream whose headers came
+    at ``answered_at``: ``timings`` per batch frame, ``arrivals`` per frame
+    read (``hapi.client.features.FeatureStream.arrivals``, the end frame
+    last). The headers leave the storage tier with the first frame, so a
+    frame was ready ``ready_s`` after the first one's, counted from the
+    headers: a difference of the storage tier's own clock, whatever this
+    host's clock says. A replay from the storage tier's feature cache had
+    every frame ready at once. The end frame's bytes count with the last
+    batch frame."""
+    if not timings:
+        return ()
+    first = timings[0].get("ready_s", 0.0)
+    intervals, offset = [], 0
+    for index, frame in enumerate(timings):
+        arrived_at, upto = arrivals[-1] if index == len(timings) - 1 else arrivals[index]
+        ready = 0.0 if replayed else max(frame.get("ready_s", first) - first, 0.0)
+        intervals.append((min(answered_at + ready, arrived_at), arrived_at, upto - offset))
+        offset = upto
+    return tuple(intervals)
 
 
 @dataclass(frozen=True)
@@ -444,10 +471,11 @@ class ShardSource:
                  for frame in frames]
         compute = [_storage_seconds(frame.timings) for frame in stats]
         transfer = Transfer(nbytes=stream.reader.bytes_read, sent_at=began,
-                            answered_at=answered, done_at=done, storage_s=sum(compute),
+                            answered_at=answered, done_at=done,
                             storage_early_s=sum(compute[:1]),
-                            storage_wait_s=sum(frame.timings.get("slot_wait_s", 0.0)
-                                               for frame in stats[1:]))
+                            frames_on_link=frames_on_link(
+                                answered, [frame.timings for frame in stats], stream.arrivals,
+                                stream.replayed))
         storage = {"device": stream.device, "batch_used": stream.batch_used,
                    "compute_s": sum(compute)}
         inputs = torch.cat([f.float_features() for f in frames])

@@ -9,8 +9,9 @@ Nothing of the storage tier: no eventlet, no aiohttp, no Swift server code
 (tests/test_cli.py checks).
 """
 
+import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from swiftclient import Connection
 
@@ -20,19 +21,27 @@ CHUNK_BYTES = 1 << 20
 
 
 class ChunkReader:
-    """``read(n)`` over an iterator of byte chunks (a streamed response body)."""
+    """``read(n)`` over ``read_some(n)``, which returns what has arrived of
+    the next ``n`` bytes, at least one byte (``b""`` at the end of the body).
 
-    def __init__(self, chunks):
-        self._chunks = iter(chunks)
+    A frame is therefore complete as soon as its last byte is here, never
+    held until the next frame's first bytes fill a chunk (the next frame may
+    still be computing). ``arrived_at``: ``time.perf_counter()`` when the
+    bytes read last arrived."""
+
+    def __init__(self, read_some):
+        self._read_some = read_some
         self._buffer = bytearray()
         self._pos = 0
         self.bytes_read = 0
+        self.arrived_at = time.perf_counter()
 
     def read(self, n):
         while len(self._buffer) - self._pos < n:
-            chunk = next(self._chunks, b"")
+            chunk = self._read_some(CHUNK_BYTES)
             if not chunk:
                 break
+            self.arrived_at = time.perf_counter()
             del self._buffer[:self._pos]
             self._pos = 0
             self._buffer += chunk
@@ -44,12 +53,16 @@ class ChunkReader:
 
 @dataclass
 class FeatureStream:
-    """One shard's features: the response headers, then frames as they arrive."""
+    """One shard's features: the response headers, then frames as they arrive.
+
+    ``arrivals``: per frame read (the end frame too), when its last byte
+    arrived and the body's bytes up to its end."""
 
     headers: dict
     reader: ChunkReader
     max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES
     end: wire.Frame | None = None
+    arrivals: list = field(default_factory=list)
 
     @property
     def batch_used(self):
@@ -63,11 +76,18 @@ class FeatureStream:
     def samples(self):
         return int(self.headers[protocol.SAMPLES.lower()])
 
+    @property
+    def replayed(self):
+        """Whether the storage tier replayed stored frames (its feature
+        cache): all of them were ready at once, whatever their timings say."""
+        return self.headers.get(protocol.CACHE.lower()) == "hit"
+
     def __iter__(self):
         """Yield the batch frames, their features decompressed, in the wire
         dtype (``frame.float_features()`` dequantizes uint8 to float32);
         raises wire.StreamError on an in-stream error."""
         for frame in wire.read_frames(self.reader.read, self.max_frame_bytes):
+            self.arrivals.append((self.reader.arrived_at, self.reader.bytes_read))
             if frame.kind == "batch":
                 yield frame
             else:
@@ -81,8 +101,23 @@ def fetch_features(conn, container, name, feature_req,
     ``swiftclient.ClientException`` (``http_status``, ``http_response_content``)."""
     headers, body = conn.get_object(container, name, resp_chunk_size=CHUNK_BYTES,
                                     headers=protocol.request_headers(feature_req))
-    return FeatureStream(headers=headers, reader=ChunkReader(body),
+    return FeatureStream(headers=headers, reader=ChunkReader(_read_some(body)),
                          max_frame_bytes=max_frame_bytes)
+
+
+def _read_some(body):
+    """``read_some(n)`` for a :class:`ChunkReader` over a swiftclient object
+    body: urllib3's ``read1`` on the response under it (the body's own reads
+    wait for a whole ``resp_chunk_size``); closes the body at its end, as
+    the body's own reads do."""
+    response = body.resp.raw
+
+    def read_some(n):
+        chunk = response.read1(n)
+        if not chunk:
+            body.close()
+        return chunk
+    return read_some
 
 
 def endpoint_connection(conn, base_url):

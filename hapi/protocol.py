@@ -31,6 +31,8 @@ COSTS_PATH = "/hapi/costs"
 DEVICE = "X-Hapi-Device"
 BATCH_USED = "X-Hapi-Batch-Used"
 SAMPLES = "X-Hapi-Samples"
+# How the request used the storage tier's feature cache: off, miss, hit (replayed).
+CACHE = "X-Hapi-Cache"
 CONTENT_TYPE = "application/vnd.hapi.frames"
 
 # X-Hapi-Dtype: the features' dtype on the wire (uint8: quantized per channel);

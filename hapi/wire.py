@@ -8,10 +8,12 @@ and string metadata:
 - ``kind``: ``batch``, ``end`` (last frame: totals) or ``error`` (the stream
   failed after its 200 status was sent; ``status``, ``message``, ``member``),
 - ``index``: batch number; ``keys``: JSON list of the samples' keys,
-- ``timings``: JSON ``{"decode_s": float, "layers_s": [float per layer run],
-  "to_wire_s": float}``: decode and preprocess, each layer, and the features'
-  way to the wire (dtype conversion or quantization, copy to host memory,
-  compression).
+- ``timings``: JSON ``{"slot_wait_s": float, "decode_s": float, "layers_s":
+  [float per layer run], "to_wire_s": float, "ready_s": float}``: the wait
+  for a device slot, decode and preprocess, each layer, the features' way
+  to the wire (dtype conversion or quantization, copy to host memory,
+  compression), and when the frame was ready to send, in seconds since the
+  storage tier received the request.
 
 Wire dtypes (:data:`WIRE_DTYPES`): ``float32``, ``float16`` and ``bfloat16``
 are casts. ``uint8`` is per-channel affine quantization: channel c of

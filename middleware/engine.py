@@ -225,7 +225,7 @@ class FeatureEngine:
                     raise ShardError(str(err), f"{sample.key}.{sample.ext}") from None
         return samples
 
-    def extract(self, model, samples, request, index, request_number=0):
+    def extract(self, model, samples, request, index, request_number=0, started=None):
         """Run one storage batch in a device slot: decode, preprocess, layers
         [0, split), conversion to the wire dtype (uint8: quantization) and
         encoding (compression); return its frame.
@@ -233,8 +233,12 @@ class FeatureEngine:
         Frame ``index`` of the ``request_number``-th request stands in line
         for the slot at :func:`frame_priority`, and computes only after that
         request's frame before it. Its timings are this frame's own device
-        time (it holds the slot), and ``slot_wait_s`` how long it waited for
-        the slot."""
+        time (it holds the slot), ``slot_wait_s`` how long it waited for
+        the slot, and ``ready_s`` when it was ready to send, in seconds since
+        ``started`` (the request's ``time.monotonic()`` on arrival; default:
+        this call): the trainer reads the link's busy time from it."""
+        if started is None:
+            started = time.monotonic()
         asked = time.perf_counter()
         with self.slots.slot(frame_priority(request_number, index), owner=request_number):
             start = time.perf_counter()
@@ -266,7 +270,8 @@ class FeatureEngine:
                 # holds three copies of its features at once.
                 del x
             timings = {"slot_wait_s": start - asked, "decode_s": decoded - start,
-                       "layers_s": layer_times, "to_wire_s": time.perf_counter() - computed}
+                       "layers_s": layer_times, "to_wire_s": time.perf_counter() - computed,
+                       "ready_s": time.monotonic() - started}
             return wire.encode_frame(
                 "batch",
                 {"index": str(index), "keys": [s.key for s in samples], "timings": timings},

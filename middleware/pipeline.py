@@ -289,7 +289,8 @@ class FeatureJob:
         if granted != asked:
             feature_req = dataclasses.replace(feature_req, batch=granted)
         batches = split_batches(samples, feature_req.batch)
-        first = yield Run(self.engine.extract, (model, batches[0], feature_req, 0, self.number))
+        first = yield Run(self.engine.extract,
+                          (model, batches[0], feature_req, 0, self.number, self.started))
         return model, feature_req, asked, batches, first
 
     # Reading from Swift --------------------------------------------------
@@ -414,7 +415,7 @@ class FeatureJob:
 
         def start(index):
             return Start(self.engine.extract,
-                         (model, batches[index], feature_req, index, self.number))
+                         (model, batches[index], feature_req, index, self.number, self.started))
 
         try:
             yield Respond(200, {**headers, CACHE_HEADER: "off" if kept is None else "miss"})

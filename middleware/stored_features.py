@@ -30,13 +30,13 @@ import hashlib
 import json
 import urllib.parse
 
-from hapi import wire
+from hapi import protocol, wire
 from hapi.middleware.effects import Fetch
 
 # The response headers kept with an entry (as JSON in this object metadata).
 META_RESPONSE = "X-Object-Meta-Hapi-Response"
 # The response header that says how a feature request used the cache.
-CACHE_HEADER = "X-Hapi-Cache"
+CACHE_HEADER = protocol.CACHE
 
 
 class StoredFeatures:

@@ -25,7 +25,6 @@ from pytest import approx
 from hapi import wire
 from hapi.client import main as cli
 from hapi.client.autosplit import AutomaticSplit
-from hapi.client.autosplit.estimator import LinkClock, OnlineEstimator
 from hapi.client.autosplit.profilecache import CACHE_ENV
 from hapi.client.data import Part, ShardData, ShardRef, Transfer, rebatch
 
@@ -211,18 +210,3 @@ def test_a_batch_keeps_the_split_of_each_part():
     mixed = next(rebatch(shards, 6))
     assert [(p.split, len(p.inputs)) for p in mixed.parts] == [(5, 5), (0, 1)]
     assert isinstance(mixed.parts[0], Part) and len(mixed) == 6
-
-
-def test_link_clock_counts_paced_transfers_over_their_union():
-    estimator = OnlineEstimator()
-    link = LinkClock(estimator)
-    # Two raw bodies share the link: 2 MB over the 2 s of their union.
-    link.observe(Transfer(10**6, sent_at=-0.1, answered_at=0.0, done_at=1.0))
-    link.observe(Transfer(10**6, sent_at=0.4, answered_at=0.5, done_at=2.0))
-    assert estimator.bandwidth_bytes_per_s == approx(1e6)
-    # Features whose body took no longer than their storage compute: the
-    # transfer hid behind the compute and says nothing about the link.
-    link.observe(Transfer(10**6, sent_at=2.0, answered_at=2.2, done_at=2.6, storage_s=0.5,
-                          storage_early_s=0.1))
-    assert estimator.transfers == 2
-    assert estimator.request_latency_s == approx(0.1)  # waits less the first frame: .1 .1 .1

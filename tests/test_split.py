@@ -853,7 +853,7 @@ def test_latency_leaves_out_the_storage_tiers_queue_wait():
         auto.observe(tier.shard(auto.split, 1e7, queued_s=queued))
     assert auto.current_profile().request_latency_s == pytest.approx(0.01)
     link = LinkClock(OnlineEstimator())
-    link.observe(Transfer(10**6, sent_at=0.0, answered_at=1.3, done_at=2.0, storage_s=0.4,
+    link.observe(Transfer(10**6, sent_at=0.0, answered_at=1.3, done_at=2.0,
                           storage_early_s=0.1), queued_s=1.0)
     assert link.estimator.request_latency_s == pytest.approx(0.2)
 

@@ -6,21 +6,18 @@ the bandwidth, fills them into a
 :class:`hapi.client.autosplit.profiling.Profile`, and says when either has
 drifted from the values the current split choice was made with (the
 selector, ``hapi.client.autosplit.selector``, re-decides then).
-:class:`LinkClock` turns the requests' transfers into the link time the
-estimator counts.
+:class:`LinkClock` turns the requests' transfers into the link's busy time
+that the estimator counts.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections import deque
 
 from hapi.client.autosplit.profiling import Profile
 
-__all__ = ["PACED", "LinkClock", "OnlineEstimator"]
-
-PACED = 1.25  # link time this much above the request's storage compute: the link paced it
+__all__ = ["LinkClock", "OnlineEstimator"]
 
 
 class _Series:
@@ -113,9 +110,9 @@ class OnlineEstimator:
             self._to_wire.add(float(timings["to_wire_s"]) / feature_bytes)
 
     def observe_transfer(self, nbytes: int, seconds: float):
-        """``nbytes`` received in ``seconds`` of receiving: the time the bytes
-        were on the way, not the time the storage tier spent computing them
-        (see :class:`LinkClock`)."""
+        """``nbytes`` received in ``seconds`` of the link's busy time: the time
+        the bytes were on the way, not the time the storage tier spent
+        computing them (see :class:`LinkClock`)."""
         if nbytes > 0 and seconds > 0:
             self._transfers.add((nbytes, seconds))
             self.transfers += 1
@@ -303,32 +300,55 @@ def _rate(transfers) -> float | None:
 
 class LinkClock:
     """Feeds the requests' :class:`hapi.client.data.Transfer` to an estimator,
-    in the order they were sent, as link time.
+    in the order they were sent: their latency, and the link's rate while it
+    had something to carry.
 
     A request's latency is its wait for the response headers less the
     storage tier's work before them: the first frame's compute and its wait
     for a device slot (``queued_s``, the frame's ``slot_wait_s``): queueing
-    at the storage tier is not the link's latency. Its link time is the part
-    of its body's interval (headers to last byte) not already covered by the
-    bodies before it: requests in flight together share the link, so their
-    bytes count over the union of their intervals, not over each interval.
-    That time measures the link only when the link paced it, when it was
-    clearly longer than the storage tier's time for the request: its
-    frames' compute and what they waited for the device behind other
-    requests' frames (with several requests in flight, most of a body's time
-    can be that wait); otherwise the transfer hid behind the storage tier
-    (its time is the storage tier's, and the bandwidth is only known to be
-    higher), and it is not counted.
+    at the storage tier is not the link's latency.
+
+    The link's rate is bytes over busy time, over all connections at once.
+    Each part of a body was on the link from when the storage tier had it
+    ready to when its last byte arrived (``Transfer.link_intervals``: per
+    frame; a raw body from its headers on). The link was busy over the union
+    of those intervals, whichever request they belong to: requests in flight
+    together share it, and a frame still computing was not on it, so neither
+    the storage tier's pace nor its queue is taken for the link's. Each
+    transfer adds its bytes and the time its intervals add to the union of
+    those counted before; bytes whose intervals lie within time already
+    counted (another request's frames had the link then) go with the next
+    transfer that adds time. Summed over the estimator's window, that is
+    the bytes over the busy time.
     """
 
     def __init__(self, estimator: OnlineEstimator):
         self.estimator = estimator
-        self.covered_until = -math.inf
+        self._busy: list[tuple[float, float]] = []  # disjoint, in order: link time counted
+        self._carried = 0  # bytes of transfers that added no time yet
 
     def observe(self, transfer, queued_s: float = 0.0) -> None:
         self.estimator.observe_latency(
             transfer.answered_at - transfer.sent_at - transfer.storage_early_s - queued_s)
-        link_s = transfer.done_at - max(transfer.answered_at, self.covered_until)
-        self.covered_until = max(self.covered_until, transfer.done_at)
-        if link_s > PACED * (transfer.storage_s + transfer.storage_wait_s):
-            self.estimator.observe_transfer(transfer.nbytes, link_s)
+        added = sum(self._cover(start, end) for start, end, _ in transfer.link_intervals())
+        # Later transfers were sent after this one: nothing of theirs falls
+        # before it was sent.
+        self._busy = [span for span in self._busy if span[1] > transfer.sent_at]
+        self._carried += transfer.nbytes
+        if added > 0:
+            self.estimator.observe_transfer(self._carried, added)
+            self._carried = 0
+
+    def _cover(self, start: float, end: float) -> float:
+        """Add ``[start, end]`` to the busy time; return how much of it is new."""
+        if end <= start:
+            return 0.0
+        new, merged, kept = end - start, [start, end], []
+        for span in self._busy:
+            if span[1] < start or span[0] > end:
+                kept.append(span)
+            else:
+                new -= min(span[1], end) - max(span[0], start)
+                merged = [min(merged[0], span[0]), max(merged[1], span[1])]
+        self._busy = sorted([*kept, tuple(merged)])
+        return max(new, 0.0)

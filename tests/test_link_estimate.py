@@ -1,0 +1,113 @@
+"""The trainer's estimate of the link: bytes over the time the link was busy,
+over all connections at once, from when each frame was ready at the storage
+tier to when its last byte arrived.
+
+The clock's arithmetic on stated intervals, the reader that hands a frame
+over as soon as its last byte is here, and, through the session's Swift,
+the frames' ``ready_s`` and arrivals a real feature request gives.
+"""
+
+import pytest
+from helpers import feature_request, small_shard_connection
+from pytest import approx
+
+from hapi import wire
+from hapi.client.autosplit.estimator import LinkClock, OnlineEstimator
+from hapi.client.data import Transfer, frames_on_link
+from hapi.client.features import ChunkReader, FeatureStream, fetch_features
+
+CONTAINER = "hapi-link-estimate"
+
+
+def clock():
+    estimator = OnlineEstimator()
+    return LinkClock(estimator), estimator
+
+
+def test_raw_bodies_in_flight_together_count_over_their_union():
+    link, estimator = clock()
+    link.observe(Transfer(10**6, sent_at=-0.1, answered_at=0.0, done_at=1.0))
+    link.observe(Transfer(10**6, sent_at=0.4, answered_at=0.5, done_at=2.0))
+    assert estimator.bandwidth_bytes_per_s == approx(1e6)  # 2 MB over 2 s, not over 2.5 s
+    assert estimator.request_latency_s == approx(0.1)
+
+
+def test_a_frame_still_computing_is_not_link_time():
+    """Three frames of 1 MB, each on the link for 0.5 s, with 1 s of storage
+    compute before each: the body took 4.5 s, the link carried 3 MB in 1.5 s."""
+    link, estimator = clock()
+    frames = ((1.0, 1.5, 10**6), (2.5, 3.0, 10**6), (4.0, 4.5, 10**6))
+    link.observe(Transfer(3 * 10**6, sent_at=0.0, answered_at=1.0, done_at=4.5,
+                          storage_early_s=1.0, frames_on_link=frames))
+    assert estimator.bandwidth_bytes_per_s == approx(2e6)
+    assert estimator.request_latency_s == approx(0.0)
+
+
+def test_bytes_within_counted_time_go_with_the_next_transfer():
+    """The second request's frame shared the link with the first's: it adds
+    no time of its own, so its bytes wait for a transfer that adds some, and
+    nothing is lost from the sum."""
+    link, estimator = clock()
+    link.observe(Transfer(10**6, 0.0, 0.0, 2.0, frames_on_link=((0.0, 2.0, 10**6),)))
+    link.observe(Transfer(10**6, 0.5, 0.6, 1.5, frames_on_link=((0.6, 1.5, 10**6),)))
+    assert estimator.transfers == 1
+    link.observe(Transfer(10**6, 1.0, 2.0, 3.0, frames_on_link=((2.0, 3.0, 10**6),)))
+    assert estimator.transfers == 2
+    assert estimator.bandwidth_bytes_per_s == approx(1e6)  # 3 MB over 3 s
+
+
+def test_frames_on_link_are_counted_from_the_headers_in_the_storage_tiers_clock():
+    """The headers leave with the first frame: later frames were ready their
+    ``ready_s`` after it, from when the headers came; the end frame's bytes
+    count with the last batch frame; a replay had every frame ready at once."""
+    timings = [{"ready_s": 5.0}, {"ready_s": 5.75}, {"ready_s": 6.0}]
+    arrivals = [(10.5, 100), (11.0, 250), (11.75, 400), (11.8, 420)]
+    assert frames_on_link(10.0, timings, arrivals) == \
+        ((10.0, 10.5, 100), (10.75, 11.0, 150), (11.0, 11.8, 170))
+    assert frames_on_link(10.0, timings, arrivals, replayed=True) == \
+        ((10.0, 10.5, 100), (10.0, 11.0, 150), (10.0, 11.8, 170))
+    # A frame's ready time never falls after its arrival.
+    assert frames_on_link(10.0, [{"ready_s": 0.0}, {"ready_s": 9.0}],
+                          [(10.2, 10), (10.4, 20), (10.5, 25)])[1][0] == 10.5
+    assert frames_on_link(10.0, [], [(10.0, 12)]) == ()
+
+
+def test_a_frame_is_handed_over_before_the_next_frames_bytes_exist():
+    """The reader asks for what has arrived, not for a full chunk: a frame
+    whose bytes are all here is yielded even though the next frame is still
+    computing (here: reading further would fail the test)."""
+    first = wire.encode_frame("batch", {"index": "0", "keys": ["a"], "timings": {}},
+                              labels=wire.torch.tensor([1]))
+    parts = [first[:7], first[7:]]
+
+    def read_some(n):
+        if not parts:
+            raise AssertionError("read past the first frame before it was handed over")
+        return parts.pop(0)[:n]
+
+    stream = FeatureStream(headers={}, reader=ChunkReader(read_some))
+    assert next(iter(stream)).keys == ["a"]
+    assert [offset for _, offset in stream.arrivals] == [len(first)]
+
+
+@pytest.fixture(scope="module")
+def conn(swift_cluster):
+    yield from small_shard_connection(swift_cluster, CONTAINER)
+
+
+def test_a_feature_stream_tells_when_each_frame_was_ready_and_arrived(conn):
+    """Five samples at storage batch 2, through the session's Swift proxy:
+    three frames, each ready after the one before, each arrival after its
+    ready time, and the parts' bytes add up to the body."""
+    stream = fetch_features(conn, CONTAINER, "small.tar", feature_request("alexnet", batch=2))
+    frames = list(stream)
+    ready = [frame.timings["ready_s"] for frame in frames]
+    assert len(frames) == 3 and ready == sorted(ready) and ready[0] > 0
+    assert len(stream.arrivals) == 4 and stream.end is not None
+    offsets = [offset for _, offset in stream.arrivals]
+    assert offsets == sorted(offsets) and offsets[-1] == stream.reader.bytes_read
+    answered = stream.arrivals[0][0] - 1.0
+    intervals = frames_on_link(answered, [frame.timings for frame in frames], stream.arrivals)
+    assert sum(nbytes for _, _, nbytes in intervals) == stream.reader.bytes_read
+    assert [start for start, _, _ in intervals] == sorted(start for start, _, _ in intervals)
+    assert all(answered <= start <= end for start, end, _ in intervals)

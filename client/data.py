@@ -43,7 +43,7 @@ from swiftclient import ClientException
 from hapi import protocol
 from hapi.client.autosplit.wireformats import WireFormat
 from hapi.client.endpoints import Endpoints, merged_report
-from hapi.client.features import CHUNK_BYTES, endpoint_connection, fetch_features
+from hapi.client.features import CHUNK_BYTES, endpoint_connection, fetch_features, read_some_of
 from hapi.client.retry import transient
 from hapi.preprocess import DecodeError, preprocess
 from hapi.shards import MANIFEST_NAME, Manifest, ShardError, leading_images, read_shard
@@ -106,8 +106,9 @@ class Transfer:
     headers (the filter computes the first frame before it answers).
     ``frames_on_link``: per frame, ``(ready_at, arrived_at, nbytes)``: when
     the storage tier had it ready to send (in this host's clock), when its
-    last byte arrived, and its bytes; empty for a raw GET, whose body was
-    on the link from the headers to its last byte (:meth:`link_intervals`).
+    last byte arrived, and its bytes; for a raw GET, its body after the
+    first read; when empty, the body from the headers to its last byte
+    (:meth:`link_intervals`).
     """
 
     nbytes: int
@@ -548,13 +549,24 @@ def leading_samples(conn, container, ref, nbytes):
 
 
 def _raw_get(conn, container, name, headers=None):
-    """A plain GET of an object, whole; returns (body, :class:`Transfer`)."""
+    """A plain GET of an object, whole; returns (body, :class:`Transfer`).
+
+    The bytes already here at the body's first read came with the headers
+    (a shaper's bucket lets a burst through at once): the link is timed on
+    the rest, from that read to the last byte."""
     began = time.perf_counter()
-    _, chunks = conn.get_object(container, name, resp_chunk_size=CHUNK_BYTES, headers=headers)
+    _, response = conn.get_object(container, name, resp_chunk_size=CHUNK_BYTES,
+                                  headers=headers)
     answered = time.perf_counter()
-    body = b"".join(chunks)
-    return body, Transfer(nbytes=len(body), sent_at=began, answered_at=answered,
-                          done_at=time.perf_counter())
+    read_some = read_some_of(response)
+    parts = [read_some(CHUNK_BYTES)]
+    first_at = time.perf_counter()
+    while parts[-1]:
+        parts.append(read_some(CHUNK_BYTES))
+    done = time.perf_counter()
+    body = b"".join(parts)
+    return body, Transfer(nbytes=len(body), sent_at=began, answered_at=answered, done_at=done,
+                          frames_on_link=((first_at, done, len(body) - len(parts[0])),))
 
 
 def decode_error(err, container, name, samples):

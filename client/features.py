@@ -21,8 +21,9 @@ CHUNK_BYTES = 1 << 20
 
 
 class ChunkReader:
-    """``read(n)`` over ``read_some(n)``, which returns what has arrived of
-    the next ``n`` bytes, at least one byte (``b""`` at the end of the body).
+    """``read(n)`` over ``read_some(n)`` (:func:`read_some_of`), which
+    returns what has arrived of the next ``n`` bytes, at least one byte
+    (``b""`` at the end of the body).
 
     A frame is therefore complete as soon as its last byte is here, never
     held until the next frame's first bytes fill a chunk (the next frame may
@@ -101,15 +102,15 @@ def fetch_features(conn, container, name, feature_req,
     ``swiftclient.ClientException`` (``http_status``, ``http_response_content``)."""
     headers, body = conn.get_object(container, name, resp_chunk_size=CHUNK_BYTES,
                                     headers=protocol.request_headers(feature_req))
-    return FeatureStream(headers=headers, reader=ChunkReader(_read_some(body)),
+    return FeatureStream(headers=headers, reader=ChunkReader(read_some_of(body)),
                          max_frame_bytes=max_frame_bytes)
 
 
-def _read_some(body):
-    """``read_some(n)`` for a :class:`ChunkReader` over a swiftclient object
-    body: urllib3's ``read1`` on the response under it (the body's own reads
-    wait for a whole ``resp_chunk_size``); closes the body at its end, as
-    the body's own reads do."""
+def read_some_of(body):
+    """``read_some(n)`` over a swiftclient object body: what has arrived of
+    the next ``n`` bytes, at least one (urllib3's ``read1`` on the response
+    under it; the body's own reads wait for a whole ``resp_chunk_size``);
+    closes the body at its end, as the body's own reads do."""
     response = body.resp.raw
 
     def read_some(n):

@@ -12,8 +12,8 @@ from helpers import feature_request, small_shard_connection
 from pytest import approx
 
 from hapi import wire
-from hapi.client.autosplit.estimator import LinkClock, OnlineEstimator
-from hapi.client.data import Transfer, frames_on_link
+from hapi.client.autosplit.estimator import MIN_TIMED_BYTES, LinkClock, OnlineEstimator
+from hapi.client.data import ShardRef, Transfer, frames_on_link, leading_samples
 from hapi.client.features import ChunkReader, FeatureStream, fetch_features
 
 CONTAINER = "hapi-link-estimate"
@@ -54,6 +54,20 @@ def test_bytes_within_counted_time_go_with_the_next_transfer():
     link.observe(Transfer(10**6, 1.0, 2.0, 3.0, frames_on_link=((2.0, 3.0, 10**6),)))
     assert estimator.transfers == 2
     assert estimator.bandwidth_bytes_per_s == approx(1e6)  # 3 MB over 3 s
+
+
+def test_small_parts_are_not_timed():
+    """Frames of a few KB cross in a shaper's burst or the socket buffers:
+    they leave the estimate to larger transfers."""
+    link, estimator = clock()
+    small = MIN_TIMED_BYTES - 1
+    link.observe(Transfer(3 * small, 0.0, 0.0, 3.0,
+                          frames_on_link=((0.0, 0.001, small), (1.0, 1.001, small),
+                                          (2.0, 2.001, small))))
+    assert estimator.bandwidth_bytes_per_s is None
+    link.observe(Transfer(small + 10**6, 3.0, 3.0, 5.0,
+                          frames_on_link=((3.0, 3.001, small), (4.0, 5.0, 10**6))))
+    assert estimator.bandwidth_bytes_per_s == approx(1e6)
 
 
 def test_frames_on_link_are_counted_from_the_headers_in_the_storage_tiers_clock():
@@ -111,3 +125,19 @@ def test_a_feature_stream_tells_when_each_frame_was_ready_and_arrived(conn):
     assert sum(nbytes for _, _, nbytes in intervals) == stream.reader.bytes_read
     assert [start for start, _, _ in intervals] == sorted(start for start, _, _ in intervals)
     assert all(answered <= start <= end for start, end, _ in intervals)
+
+
+def test_a_raw_body_is_timed_after_what_came_with_its_headers(conn):
+    """A raw GET through the session's Swift proxy: the link is timed from
+    the body's first read to its last byte, on the bytes after that read."""
+    ref = data_ref(conn)
+    images, transfer = leading_samples(conn, CONTAINER, ref, ref.bytes)
+    (start, end, nbytes), = transfer.link_intervals()
+    assert images and transfer.nbytes == ref.bytes
+    assert transfer.answered_at <= start <= end == transfer.done_at
+    assert 0 <= nbytes < transfer.nbytes
+
+
+def data_ref(conn):
+    size = int(conn.head_object(CONTAINER, "small.tar")["content-length"])
+    return ShardRef("small.tar", 5, size, 0, 5)

@@ -17,7 +17,12 @@ from collections import deque
 
 from hapi.client.autosplit.profiling import Profile
 
-__all__ = ["LinkClock", "OnlineEstimator"]
+__all__ = ["MIN_TIMED_BYTES", "LinkClock", "OnlineEstimator"]
+
+# A frame smaller than this crosses the link in a few milliseconds, or at
+# once when a shaper's bucket (tens of KiB) or the socket buffers hold it:
+# its time says more about the hosts' clocks than about the link's rate.
+MIN_TIMED_BYTES = 64 * 1024
 
 
 class _Series:
@@ -319,7 +324,9 @@ class LinkClock:
     those counted before; bytes whose intervals lie within time already
     counted (another request's frames had the link then) go with the next
     transfer that adds time. Summed over the estimator's window, that is
-    the bytes over the busy time.
+    the bytes over the busy time. Parts smaller than :data:`MIN_TIMED_BYTES`
+    are not timed: with only those (small features), the estimate stays
+    what larger transfers, the probe's at least, made it.
     """
 
     def __init__(self, estimator: OnlineEstimator):
@@ -330,11 +337,12 @@ class LinkClock:
     def observe(self, transfer, queued_s: float = 0.0) -> None:
         self.estimator.observe_latency(
             transfer.answered_at - transfer.sent_at - transfer.storage_early_s - queued_s)
-        added = sum(self._cover(start, end) for start, end, _ in transfer.link_intervals())
+        timed = [part for part in transfer.link_intervals() if part[2] >= MIN_TIMED_BYTES]
+        added = sum(self._cover(start, end) for start, end, _ in timed)
         # Later transfers were sent after this one: nothing of theirs falls
         # before it was sent.
         self._busy = [span for span in self._busy if span[1] > transfer.sent_at]
-        self._carried += transfer.nbytes
+        self._carried += sum(nbytes for _, _, nbytes in timed)
         if added > 0:
             self.estimator.observe_transfer(self._carried, added)
             self._carried = 0

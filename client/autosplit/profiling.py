@@ -60,9 +60,12 @@ __all__ = [
 
 PROFILE_FORMAT = "hapi-profile/1"
 PROBE_SAMPLES = 1.5  # samples' worth of bytes read from a shard to time vanilla's decode
-# ... and at least this many: the probe's transfer gives the first bandwidth,
-# and a shaper lets its first burst (tc tbf: 32 KB here) through at once.
+# ... and at least this many: the probe's transfer gives the first bandwidth;
+# what came with its headers is not timed (a shaper lets a first burst, tc
+# tbf: 32 KB in the benchmarks, through at once), and the rest must be
+# worth timing (hapi.client.autosplit.estimator.MIN_TIMED_BYTES).
 PROBE_MIN_BYTES = 128 * 1024
+MIN_PROBE_S = 1e-4  # a body read faster than this is read at this (no division by zero)
 PROFILE_BATCH = 8  # samples per pass when the trainer times its layers
 
 
@@ -512,6 +515,11 @@ def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | 
         raise data.DataError(f"{config.container}/{probe.name}: no whole image in its first "
                              f"{transfer.nbytes} bytes (is it a tar shard?)")
     link.observe(transfer)
+    # A probe that arrived all at once timed nothing: the link is faster
+    # than it can tell, and its whole body's rate stands in until the stream
+    # measures the link.
+    bandwidth = link.estimator.bandwidth_bytes_per_s or \
+        transfer.nbytes / max(transfer.done_at - transfer.answered_at, MIN_PROBE_S)
     try:
         decode_s, _ = measure_decode(images, config.preset, config.model, repeats=3)
         inputs = preprocess(images, config.preset, config.model)
@@ -525,7 +533,7 @@ def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | 
     profile = profile_from_model(
         model, input_shape=input_shape, freeze=config.freeze, batch_size=config.batch_size,
         trainer=trainer, raw_bytes=sum(r.bytes for r in refs) / sum(r.samples for r in refs),
-        bandwidth_bytes_per_s=link.estimator.bandwidth_bytes_per_s, wire_dtype=memory_dtype,
+        bandwidth_bytes_per_s=bandwidth, wire_dtype=memory_dtype,
         trainer_decode_s=decode_s,
         trainer_copy_s_per_byte=measure_copy_rate(wire_dtype=memory_dtype),
         samples_per_request=round(sum(r.samples for r in refs) / len(refs)),

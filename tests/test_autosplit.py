@@ -142,7 +142,7 @@ def test_a_drift_of_the_storage_speed_re_decides(cluster, fixed_run, monkeypatch
     history = metrics["split_selection"]["history"]
     # The storage tier ran this job before (fixed_run): a decision from its
     # layer costs comes first, then the one from the frames ("profiled", or
-    # at the profiling bound when too few transfers were paced by the link).
+    # at the profiling bound when too few transfers were timed on the link).
     assert history[0]["shard"] == 0
     first = history[1]
     assert first["why"] == "profiled" or first["why"].startswith("profiling bound")

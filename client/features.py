@@ -110,8 +110,13 @@ def read_some_of(body):
     """``read_some(n)`` over a swiftclient object body: what has arrived of
     the next ``n`` bytes, at least one (urllib3's ``read1`` on the response
     under it; the body's own reads wait for a whole ``resp_chunk_size``);
-    closes the body at its end, as the body's own reads do."""
-    response = body.resp.raw
+    closes the body at its end, as the body's own reads do. Any other body
+    (an iterable of chunks, as a stand-in connection may give) is read a
+    chunk at a time."""
+    response = getattr(getattr(body, "resp", None), "raw", None)
+    if response is None:
+        chunks = iter(body)
+        return lambda n: next(chunks, b"")
 
     def read_some(n):
         chunk = response.read1(n)

@@ -81,7 +81,7 @@ class FeatureStream:
     def replayed(self):
         """Whether the storage tier replayed stored frames (its feature
         cache): all of them were ready at once, whatever their timings say."""
-        return self.headers.get(protocol.CACHE.lower()) == "hit"
+        return self.headers.get(protocol.CACHE.lower()) == protocol.CACHE_HIT
 
     def __iter__(self):
         """Yield the batch frames, their features decompressed, in the wire

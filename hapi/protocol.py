@@ -31,8 +31,10 @@ COSTS_PATH = "/hapi/costs"
 DEVICE = "X-Hapi-Device"
 BATCH_USED = "X-Hapi-Batch-Used"
 SAMPLES = "X-Hapi-Samples"
-# How the request used the storage tier's feature cache: off, miss, hit (replayed).
+# How the request used the storage tier's feature cache: off, miss, or
+# CACHE_HIT (the stored frames replayed).
 CACHE = "X-Hapi-Cache"
+CACHE_HIT = "hit"
 CONTENT_TYPE = "application/vnd.hapi.frames"
 
 # X-Hapi-Dtype: the features' dtype on the wire (uint8: quantized per channel);

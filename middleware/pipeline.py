@@ -78,7 +78,7 @@ from hapi.middleware.responses import (
     stream_error_frame,
     summary_line,
 )
-from hapi.middleware.stored_features import CACHE_HEADER, StoredFeatures
+from hapi.middleware.stored_features import StoredFeatures
 from hapi.shards import ShardError
 
 # A cached stream is sent in pieces of this size.
@@ -418,7 +418,7 @@ class FeatureJob:
                          (model, batches[index], feature_req, index, self.number, self.started))
 
         try:
-            yield Respond(200, {**headers, CACHE_HEADER: "off" if kept is None else "miss"})
+            yield Respond(200, {**headers, protocol.CACHE: "off" if kept is None else "miss"})
             frame = first
             if len(batches) > 1:
                 pending.append((yield start(1)))
@@ -478,7 +478,7 @@ class FeatureJob:
         self.events.increment("cache_hit")
         sent, outcome = 0, "client disconnected"
         try:
-            yield Respond(200, {**hit.headers, CACHE_HEADER: "hit"})
+            yield Respond(200, {**hit.headers, protocol.CACHE: protocol.CACHE_HIT})
             for start in range(0, len(hit.body), REPLAY_CHUNK):
                 chunk = hit.body[start:start + REPLAY_CHUNK]
                 yield Send(chunk)

@@ -30,14 +30,11 @@ import hashlib
 import json
 import urllib.parse
 
-from hapi import protocol, wire
+from hapi import wire
 from hapi.middleware.effects import Fetch
 
 # The response headers kept with an entry (as JSON in this object metadata).
 META_RESPONSE = "X-Object-Meta-Hapi-Response"
-# The response header that says how a feature request used the cache.
-CACHE_HEADER = protocol.CACHE
-
 
 class StoredFeatures:
     def __init__(self, container, max_bytes):

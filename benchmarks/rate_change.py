@@ -4,11 +4,15 @@ split decide again?
 On the shaped two-tier set-up of ``benchmarks/shaped.py`` a training run
 with the automatic split starts at ``--from_mbit``; ``--change_after_s``
 seconds after it started, the link is reshaped to ``--to_mbit`` (a factor of
-2 or more). The run's metrics give every decision and every shard the
-selector observed, each with the host's monotonic clock
-(``split_selection.history[].monotonic_s``, ``split_selection.observed_at``),
-so the benchmark counts the shards observed after the change up to the first
-decision the change caused (its ``why`` starts with ``drift``). The features
+2 or more). The run's metrics give every decision, every request the
+selector heard of as it completed and every shard the consumer took, each
+with the host's monotonic clock (``split_selection.history[].monotonic_s``,
+``split_selection.completed_at``, ``split_selection.observed_at``), so the
+benchmark counts the requests completed after the change up to the first
+decision the change caused (its ``why`` starts with ``drift``): the shards
+the link carried at the new rate, or partly at it, before the decision.
+The shards the consumer took in that time are reported too; they include
+shards loaded before the change, which say nothing of it. The features
 are pinned to float32 (``--wire_dtype float32 --wire_encoding raw``) so that
 the link paces the transfers at both rates: a link that paces nothing cannot
 be measured and cannot matter to the choice.
@@ -35,15 +39,17 @@ RESULTS = "rate_change.json"
 
 
 def shards_to_decision(metrics, changed_at):
-    """(shards observed after ``changed_at`` up to the first drift decision
-    after it, that decision) or (None, None) when none came."""
+    """(requests completed after ``changed_at`` up to the first drift
+    decision after it, shards the consumer took in that time, that decision)
+    or (None, None, None) when none came."""
     selection = metrics["split_selection"]
     for step in selection["history"]:
         if step["monotonic_s"] > changed_at and step["why"].startswith("drift"):
-            observed = [t for t in selection["observed_at"]
-                        if changed_at < t <= step["monotonic_s"]]
-            return len(observed), step
-    return None, None
+            completed, observed = ([t for t in selection[key]
+                                    if changed_at < t <= step["monotonic_s"]]
+                                   for key in ("completed_at", "observed_at"))
+            return len(completed), len(observed), step
+    return None, None, None
 
 
 def one_run(tiers, settings, out_dir, repeat):
@@ -67,8 +73,9 @@ def one_run(tiers, settings, out_dir, repeat):
     tiers.set_rate(settings["to_mbit"])
     thread.join()
     metrics = result["run"].metrics
-    shards, step = shards_to_decision(metrics, changed_at)
+    shards, taken, step = shards_to_decision(metrics, changed_at)
     return {"repeat": repeat, "changed_at": changed_at, "shards": shards,
+            "shards_taken_by_consumer": taken,
             "decision": None if step is None else
             {key: step[key] for key in ("shard", "why", "from", "to", "from_format",
                                         "to_format")},
@@ -112,7 +119,9 @@ def main(argv=None):
             runs.append(run)
             say(f"[{repeat}/{args.repeats}] {args.from_mbit:g} -> {args.to_mbit:g} Mbit/s "
                 f"after {args.change_after_s:g} s: "
-                + (f"new decision {run['shards']} shard(s) later ({run['decision']['why']}, "
+                + (f"new decision {run['shards']} shard(s) later ("
+                   f"{run['shards_taken_by_consumer']} taken by the consumer; "
+                   f"{run['decision']['why']}, "
                    f"split {run['decision']['from']} -> {run['decision']['to']})"
                    if run["shards"] is not None else "no new decision"))
         setup = tiers.describe()

@@ -256,14 +256,17 @@ def profiling_s(metrics):
 def split_changes(metrics):
     """How many times the split moved in each epoch: the selector's decisions
     that changed it, each in the epoch of the shard it came after (the
-    selector counts every shard it is shown, training and held-out)."""
+    selector counts every shard it is shown, training and held-out). A
+    decision before the first shard (from the storage tier's layer costs)
+    chooses where the run starts: no request had gone out at the split it
+    replaces, so it is not a change."""
     ends, shards = [], 0
     for epoch in metrics["epochs"]:
         shards += sum(p["traffic"]["shards"] for p in (epoch["train"], epoch["holdout"]) if p)
         ends.append(shards)
     counts = [0] * len(ends)
     for step in metrics["split_selection"].get("history", ()):
-        if step["from"] != step["to"]:
+        if step["from"] != step["to"] and step["shard"] > 0:
             counts[min(bisect.bisect_left(ends, step["shard"]), len(ends) - 1)] += 1
     return counts
 

@@ -28,6 +28,7 @@ and a resumed epoch can skip exactly the samples it has already trained on.
 """
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import threading
@@ -106,9 +107,9 @@ class Transfer:
     headers (the filter computes the first frame before it answers).
     ``frames_on_link``: per frame, ``(ready_at, arrived_at, nbytes)``: when
     the storage tier had it ready to send (in this host's clock), when its
-    last byte arrived, and its bytes; for a raw GET, its body after the
-    first read; when empty, the body from the headers to its last byte
-    (:meth:`link_intervals`).
+    last byte arrived, and its bytes (:class:`FramesOnLink`); for a raw GET,
+    its body after the first read; when empty, the body from the headers to
+    its last byte (:meth:`link_intervals`).
     """
 
     nbytes: int
@@ -123,26 +124,45 @@ class Transfer:
         return self.frames_on_link or ((self.answered_at, self.done_at, self.nbytes),)
 
 
-def frames_on_link(answered_at, timings, arrivals, replayed=False):
-    """:attr:`Transfer.frames_on_link` of a feature stream whose headers came
-    at ``answered_at``: ``timings`` per batch frame, ``arrivals`` per frame
-    read (``hapi.client.features.FeatureStream.arrivals``, the end frame
-    last). The headers leave the storage tier with the first frame, so a
-    frame was ready ``ready_s`` after the first one's, counted from the
-    headers: a difference of the storage tier's own clock, whatever this
-    host's clock says. A replay from the storage tier's feature cache had
-    every frame ready at once. The end frame's bytes count with the last
-    batch frame."""
-    if not timings:
-        return ()
-    first = timings[0].get("ready_s", 0.0)
-    intervals, offset = [], 0
-    for index, frame in enumerate(timings):
-        arrived_at, upto = arrivals[-1] if index == len(timings) - 1 else arrivals[index]
-        ready = 0.0 if replayed else max(frame.get("ready_s", first) - first, 0.0)
-        intervals.append((min(answered_at + ready, arrived_at), arrived_at, upto - offset))
-        offset = upto
-    return tuple(intervals)
+class FramesOnLink:
+    """When each frame of a feature stream whose headers came at
+    ``answered_at`` was on the link: ``(start, end, nbytes)`` per frame as it
+    arrives (:meth:`frame`, then :meth:`end` for the end frame), all kept in
+    :attr:`parts` (:attr:`Transfer.frames_on_link`).
+
+    A frame was on the link from when the storage tier had it ready to when
+    its last byte arrived. The headers leave the storage tier with the first
+    frame, so a frame was ready ``ready_s`` after the first one's, counted
+    from the headers: a difference of the storage tier's own clock, whatever
+    this host's clock says; never after its arrival. A replay from the
+    storage tier's feature cache (``replayed``) had every frame ready at
+    once. The end frame follows the last batch frame."""
+
+    def __init__(self, answered_at, replayed=False):
+        self.answered_at = answered_at
+        self.replayed = replayed
+        self.parts = []
+        self._first = None  # the first frame's ready_s
+        self._offset = 0
+
+    def frame(self, timings, arrived_at, upto):
+        """A batch frame with ``timings``, its last byte at ``arrived_at`` and
+        at byte ``upto`` of the body; returns its part."""
+        if self._first is None:
+            self._first = timings.get("ready_s", 0.0)
+        ready = 0.0 if self.replayed else max(timings.get("ready_s", self._first) - self._first,
+                                              0.0)
+        return self._part(min(self.answered_at + ready, arrived_at), arrived_at, upto)
+
+    def end(self, arrived_at, upto):
+        """The end frame, its last byte at ``arrived_at`` and at byte ``upto``."""
+        return self._part(self.parts[-1][1] if self.parts else self.answered_at, arrived_at, upto)
+
+    def _part(self, start, end, upto):
+        part = (start, end, upto - self._offset)
+        self._offset = upto
+        self.parts.append(part)
+        return part
 
 
 @dataclass(frozen=True)
@@ -302,8 +322,12 @@ class FixedSplit:
     the run's own wire format.
 
     A split selector: ``split`` for the next request, ``route`` (the split
-    and the wire format name, None: the request's own), ``observe(shard)``
-    after each loaded shard, ``wants_step_times`` (and then
+    and the wire format name, None: the request's own); in the loader's
+    threads, ``opened()`` before each request goes out, then
+    ``on_link(request, start, end, nbytes)`` for each part of its body as it
+    arrives and ``closed(request, shard)`` (``shard`` None when it failed),
+    with what ``opened`` returned; ``observe(shard)`` as the consumer takes
+    each loaded shard, ``wants_step_times`` (and then
     ``observe_step(seconds)``), ``report()`` for the metrics. The trainer's
     automatic selection (``hapi.client.autosplit.AutomaticSplit``) is the other.
     """
@@ -317,6 +341,15 @@ class FixedSplit:
     @property
     def route(self):
         return self.split, None
+
+    def opened(self):
+        """A fixed split follows no request."""
+
+    def on_link(self, request, start, end, nbytes):
+        """A fixed split learns nothing from a body's parts."""
+
+    def closed(self, request, shard):
+        """A fixed split learns nothing from a request."""
 
     def observe(self, shard):
         """A fixed split learns nothing from a shard."""
@@ -415,12 +448,15 @@ class ShardSource:
         """Requests and failures per endpoint, for the metrics."""
         return merged_report(self.raw_endpoints, self.feature_endpoints)
 
-    def load(self, channel, ref, split, wire_format=None):
+    def load(self, channel, ref, split, wire_format=None, on_link=None):
         """``ref`` at ``split``, its features in ``wire_format`` (a
-        ``hapi.client.autosplit.wireformats.WireFormat``; None: the request's)."""
+        ``hapi.client.autosplit.wireformats.WireFormat``; None: the request's).
+        ``on_link(start, end, nbytes)`` hears of each part of the body as it
+        arrives (:attr:`Transfer.frames_on_link`)."""
+        on_link = on_link or _ignore_part
         if split == 0:
             return self._on_endpoint(self.raw_endpoints, channel, False,
-                                     lambda conn: self._load_raw(conn, ref))
+                                     lambda conn: self._load_raw(conn, ref, on_link))
         request = dataclasses.replace(self.request, split=split)
         if wire_format is not None:
             request = dataclasses.replace(request, dtype=wire_format.dtype,
@@ -431,7 +467,7 @@ class ShardSource:
             if entry is not None:
                 return self._cached(ref, split, entry, began)
         return self._on_endpoint(self.feature_endpoints, channel, True,
-                                 lambda conn: self._load_features(conn, ref, request))
+                                 lambda conn: self._load_features(conn, ref, request, on_link))
 
     @staticmethod
     def _on_endpoint(endpoints, channel, for_features, fetch):
@@ -450,7 +486,7 @@ class ShardSource:
         endpoints.succeeded(url)
         return result
 
-    def _load_features(self, conn, ref, request):
+    def _load_features(self, conn, ref, request, on_link):
         began = time.perf_counter()
         cpu_began = time.thread_time()
         stream = fetch_features(conn, self.container, ref.name, request)
@@ -462,7 +498,12 @@ class ShardSource:
                 else f"the proxy at {where} has no hapi filter in its pipeline"
             raise DataError(f"GET {self.container}/{ref.name} returned the object, not "
                             f"features: {why}")
-        frames = list(stream)
+        frames_on_link = FramesOnLink(answered, stream.replayed)
+        frames = []
+        for frame in stream:
+            frames.append(frame)
+            on_link(*frames_on_link.frame(frame.timings, *stream.arrivals[-1]))
+        on_link(*frames_on_link.end(*stream.arrivals[-1]))
         done = time.perf_counter()
         keys = [key for frame in frames for key in frame.keys]
         if len(keys) != ref.samples:
@@ -474,9 +515,7 @@ class ShardSource:
         transfer = Transfer(nbytes=stream.reader.bytes_read, sent_at=began,
                             answered_at=answered, done_at=done,
                             storage_early_s=sum(compute[:1]),
-                            frames_on_link=frames_on_link(
-                                answered, [frame.timings for frame in stats], stream.arrivals,
-                                stream.replayed))
+                            frames_on_link=tuple(frames_on_link.parts))
         storage = {"device": stream.device, "batch_used": stream.batch_used,
                    "compute_s": sum(compute)}
         inputs = torch.cat([f.float_features() for f in frames])
@@ -503,9 +542,11 @@ class ShardSource:
                                            done_at=done),
                          load_s=done - began, cache="hit", cache_read_bytes=entry.nbytes)
 
-    def _load_raw(self, conn, ref):
+    def _load_raw(self, conn, ref, on_link):
         began = time.perf_counter()
         samples, transfer = raw_samples(conn, self.container, ref)
+        for part in transfer.link_intervals():
+            on_link(*part)
         samples = samples[ref.lo:ref.hi]
         try:
             inputs = preprocess([s.image for s in samples], self.request.preset,
@@ -516,6 +557,10 @@ class ShardSource:
                          labels=torch.tensor([s.label for s in samples]),
                          keys=[s.key for s in samples], transfer=transfer,
                          load_s=time.perf_counter() - began)
+
+
+def _ignore_part(start, end, nbytes):
+    """``on_link`` for a load that no one measures."""
 
 
 def _storage_seconds(timings):
@@ -599,8 +644,10 @@ class ShardLoader:
     side. Shards are yielded in the order given, whatever order they arrive in.
 
     ``selector`` chooses the split and the wire format: each request is sent
-    at ``selector.route`` as it is then, and ``selector.observe(shard)`` hears
-    about every loaded shard, in order and in the consumer's thread.
+    at ``selector.route`` as it is then; the selector hears of each request
+    in its worker's thread (``opened``, ``on_link`` for each part of the
+    body as it arrives, ``closed``: see :class:`FixedSplit`), and of every
+    loaded shard in order and in the consumer's thread (``observe``).
     ``depth=0`` loads each shard in the caller's thread when it is needed: no
     overlap (``--sequential``).
 
@@ -641,12 +688,18 @@ class ShardLoader:
     def _load(self, ref, route):
         split, wire_format = route
         channel = self._channel()
+        request, shard = self.selector.opened(), None
+        on_link = functools.partial(self.selector.on_link, request)
         try:
-            return self.retry.call(self.source.describe(ref, split),
-                                   lambda: self.source.load(channel, ref, split, wire_format),
-                                   reset=channel.close)
+            shard = self.retry.call(
+                self.source.describe(ref, split),
+                lambda: self.source.load(channel, ref, split, wire_format, on_link),
+                reset=channel.close)
+            return shard
         except ClientException as err:
             raise storage_error(err, self.source.container, ref.name) from None
+        finally:
+            self.selector.closed(request, shard)
 
     def __call__(self, refs):
         """Yield a :class:`ShardData` per ref, in order."""

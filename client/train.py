@@ -786,6 +786,16 @@ class _FetchedOnly:
     def route(self):
         return self._selector.route
 
+    def opened(self):
+        return self._selector.opened()
+
+    def on_link(self, request, start, end, nbytes):
+        self._selector.on_link(request, start, end, nbytes)
+
+    def closed(self, request, shard):
+        self._selector.closed(request, None if shard is not None and shard.cache == "hit"
+                              else shard)
+
     def observe(self, shard):
         if shard.cache != "hit":
             self._selector.observe(shard)

@@ -284,10 +284,11 @@ def test_rate_change_counts_the_shards_between_the_change_and_the_new_decision()
     history = [{"monotonic_s": 1.0, "why": "profiled"},
                {"monotonic_s": 5.0, "why": "drift: bandwidth -50%"}]
     metrics = {"split_selection": {"history": history,
+                                   "completed_at": [0.4, 0.9, 1.9, 3.4, 4.5, 5.2],
                                    "observed_at": [0.5, 1.0, 2.0, 3.5, 4.0, 4.9, 5.5]}}
-    shards, step = shards_to_decision(metrics, changed_at=3.0)
-    assert shards == 3 and step is history[1]  # 3.5, 4.0 and 4.9
-    assert shards_to_decision(metrics, changed_at=6.0) == (None, None)
+    shards, taken, step = shards_to_decision(metrics, changed_at=3.0)
+    assert (shards, taken) == (2, 3) and step is history[1]  # 3.4, 4.5; 3.5, 4.0, 4.9
+    assert shards_to_decision(metrics, changed_at=6.0) == (None, None, None)
 
 
 def test_split_changes_are_counted_in_the_epoch_they_happened():
@@ -297,7 +298,9 @@ def test_split_changes_are_counted_in_the_epoch_they_happened():
         return {"train": {"traffic": {"shards": train}},
                 "holdout": {"traffic": {"shards": holdout}} if holdout else None}
 
-    history = [{"shard": 4, "from": 11, "to": 8}, {"shard": 5, "from": 8, "to": 8},
+    # The first decision, before any request, chooses where the run starts.
+    history = [{"shard": 0, "from": 13, "to": 11},
+               {"shard": 4, "from": 11, "to": 8}, {"shard": 5, "from": 8, "to": 8},
                {"shard": 6, "from": 8, "to": 9}, {"shard": 7, "from": 9, "to": 8},
                {"shard": 13, "from": 8, "to": 11}]
     metrics = {"epochs": [epoch(5, 1), epoch(5, 1), epoch(5, None)],

@@ -194,17 +194,21 @@ class StubSource:
     def describe(self, ref, split):
         return ref.name
 
-    def load(self, channel, ref, split, wire_format=None):
+    def load(self, channel, ref, split, wire_format=None, on_link=None):
         with self.lock:
             self.events.append(("start", ref.name, time.monotonic()))
+        sent_at = time.perf_counter()
         time.sleep(self.load_s)
+        done_at = time.perf_counter()
+        if on_link is not None:
+            on_link(sent_at, done_at, self.nbytes)
         with self.lock:
             self.events.append(("end", ref.name, time.monotonic()))
         return data.ShardData(ref=ref, split=split,
                               inputs=torch.zeros(self.nbytes, dtype=torch.uint8),
                               labels=torch.zeros(ref.samples, dtype=torch.int64),
                               keys=[str(i) for i in range(ref.samples)],
-                              transfer=data.Transfer(self.nbytes, 0.0, 0.0, 0.0),
+                              transfer=data.Transfer(self.nbytes, sent_at, sent_at, done_at),
                               load_s=self.load_s)
 
 
@@ -220,13 +224,35 @@ class NoRetry:
         return func()
 
 
-def loader(source, depth, lookahead, max_bytes):
-    return data.ShardLoader(source, StubConnection, depth, data.FixedSplit(3), NoRetry(),
-                            lookahead_samples=lookahead, max_buffered_bytes=max_bytes)
+def loader(source, depth, lookahead, max_bytes, selector=None):
+    return data.ShardLoader(source, StubConnection, depth, selector or data.FixedSplit(3),
+                            NoRetry(), lookahead_samples=lookahead, max_buffered_bytes=max_bytes)
 
 
-def refs(n, samples):
-    return [data.ShardRef(f"s{i:02d}", samples, 1000, 0, samples) for i in range(n)]
+class RecordingSplit(data.FixedSplit):
+    """A fixed split that keeps what the loader told it, in order."""
+
+    def __init__(self):
+        super().__init__(3)
+        self.events, self.lock = [], threading.Lock()
+
+    def opened(self):
+        request = object()
+        with self.lock:
+            self.events.append(("opened", request, None))
+        return request
+
+    def on_link(self, request, start, end, nbytes):
+        with self.lock:
+            self.events.append(("part", request, nbytes))
+
+    def closed(self, request, shard):
+        with self.lock:
+            self.events.append(("closed", request, shard))
+
+    def observe(self, shard):
+        with self.lock:
+            self.events.append(("observed", None, shard))
 
 
 def test_a_request_goes_out_when_one_completes_not_when_one_is_consumed():
@@ -239,6 +265,32 @@ def test_a_request_goes_out_when_one_completes_not_when_one_is_consumed():
         assert started == [f"s{i:02d}" for i in range(6)]
         rest = [first, *stream]
     assert [s.ref.name for s in rest] == [f"s{i:02d}" for i in range(6)]
+
+
+def refs(n, samples):
+    return [data.ShardRef(f"s{i:02d}", samples, 1000, 0, samples) for i in range(n)]
+
+
+@pytest.mark.parametrize("depth", [0, 3])
+def test_the_selector_hears_each_request_its_parts_then_its_end(depth):
+    """Every request is opened, then the parts of its body are heard as they
+    arrive, then it is closed with its shard, all before the consumer takes
+    that shard: the link's clock learns from the bytes, not from the consumer."""
+    source = StubSource(samples=4, nbytes=100, load_s=0.02)
+    selector = RecordingSplit()
+    with loader(source, depth=depth, lookahead=1000, max_bytes=1 << 20,
+                selector=selector) as shards:
+        names = [shard.ref.name for shard in shards(refs(10, 4))]
+    assert names == [f"s{i:02d}" for i in range(10)]
+    events = selector.events
+    for index, (kind, _, shard) in enumerate(events):
+        if kind != "observed":
+            continue
+        closed = [i for i, (k, _, s) in enumerate(events) if k == "closed" and s is shard]
+        assert len(closed) == 1 and closed[0] < index
+        request = events[closed[0]][1]
+        heard = [k for k, r, _ in events if r is request]
+        assert heard == ["opened", "part", "closed"]
 
 
 def test_lookahead_is_counted_in_samples():

@@ -1,6 +1,7 @@
 """The trainer's estimate of the link: bytes over the time the link was busy,
 over all connections at once, from when each frame was ready at the storage
-tier to when its last byte arrived.
+tier to when its last byte arrived, each moment shared among the requests
+on the link then.
 
 The clock's arithmetic on stated intervals, the reader that hands a frame
 over as soon as its last byte is here, and, through the session's Swift,
@@ -12,24 +13,78 @@ from helpers import feature_request, small_shard_connection
 from pytest import approx
 
 from hapi import wire
-from hapi.client.autosplit.estimator import MIN_TIMED_BYTES, LinkClock, OnlineEstimator
-from hapi.client.data import ShardRef, Transfer, frames_on_link, leading_samples
+from hapi.client.autosplit.estimator import (
+    MIN_TIMED_BYTES,
+    MIN_TIMED_S,
+    LinkClock,
+    OnlineEstimator,
+)
+from hapi.client.data import FramesOnLink, ShardRef, Transfer, leading_samples
 from hapi.client.features import ChunkReader, FeatureStream, fetch_features
 
 CONTAINER = "hapi-link-estimate"
 
 
+class RecordingEstimator(OnlineEstimator):
+    """An estimator that also keeps every transfer observation it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.observed = []
+
+    def observe_transfer(self, nbytes, seconds):
+        self.observed.append((nbytes, seconds))
+        super().observe_transfer(nbytes, seconds)
+
+
 def clock():
-    estimator = OnlineEstimator()
+    estimator = RecordingEstimator()
     return LinkClock(estimator), estimator
 
 
-def test_raw_bodies_in_flight_together_count_over_their_union():
+def test_requests_in_flight_together_share_the_link():
+    """A 1 MB/s link. The first request's 1 MB: 0.5 MB alone, then 0.5 MB
+    at half the rate while the second's shares the link; the second's
+    finishes alone. Each is observed at the link's rate, once no request
+    still open can have shared its time."""
     link, estimator = clock()
-    link.observe(Transfer(10**6, sent_at=-0.1, answered_at=0.0, done_at=1.0))
-    link.observe(Transfer(10**6, sent_at=0.4, answered_at=0.5, done_at=2.0))
-    assert estimator.bandwidth_bytes_per_s == approx(1e6)  # 2 MB over 2 s, not over 2.5 s
-    assert estimator.request_latency_s == approx(0.1)
+    first, second = link.open(at=-0.1), link.open(at=0.4)
+    link.on_link(first, 0.0, 1.5, 10**6)
+    assert estimator.observed == []  # the second was open since 0.4 and reported nothing
+    link.on_link(second, 0.5, 2.0, 10**6)
+    assert estimator.observed == [(10**6, approx(1.0))]  # the first's part: no more sharers
+    link.close(first)
+    assert estimator.observed == [(10**6, approx(1.0))] * 2
+    link.close(second)
+    assert estimator.bandwidth_bytes_per_s == approx(1e6)
+
+
+def test_a_request_within_anothers_time_reads_the_link_rate_too():
+    """The second request's 1 MB crossed while the first's was on the link
+    (each at half the 1 MB/s): each observation reads 1 MB/s, none reads a
+    spike, whichever ended first."""
+    link, estimator = clock()
+    first, second = link.open(at=0.0), link.open(at=0.9)
+    link.on_link(second, 1.0, 3.0, 10**6)
+    link.close(second)
+    link.on_link(first, 0.0, 3.0, 2 * 10**6)
+    link.close(first)
+    assert sorted(nbytes / seconds for nbytes, seconds in estimator.observed) == \
+        [approx(1e6), approx(1e6)]
+
+
+def test_frames_are_observed_as_they_arrive_each_after_the_one_before():
+    """A body's frames are observed before the request ends. A frame ready
+    while the one before it was still arriving was on the link only from
+    that one's last byte: a connection's bytes go in order."""
+    link, estimator = clock()
+    request = link.open(at=0.0)
+    link.on_link(request, 0.0, 1.0, 10**6)
+    assert estimator.observed == [(10**6, approx(1.0))]
+    link.on_link(request, 0.5, 2.0, 10**6)
+    assert estimator.observed == [(10**6, approx(1.0))] * 2
+    link.close(request)
+    assert estimator.bandwidth_bytes_per_s == approx(1e6)
 
 
 def test_a_frame_still_computing_is_not_link_time():
@@ -43,47 +98,43 @@ def test_a_frame_still_computing_is_not_link_time():
     assert estimator.request_latency_s == approx(0.0)
 
 
-def test_bytes_within_counted_time_go_with_the_next_transfer():
-    """The second request's frame shared the link with the first's: it adds
-    no time of its own, so its bytes wait for a transfer that adds some, and
-    nothing is lost from the sum."""
-    link, estimator = clock()
-    link.observe(Transfer(10**6, 0.0, 0.0, 2.0, frames_on_link=((0.0, 2.0, 10**6),)))
-    link.observe(Transfer(10**6, 0.5, 0.6, 1.5, frames_on_link=((0.6, 1.5, 10**6),)))
-    assert estimator.transfers == 1
-    link.observe(Transfer(10**6, 1.0, 2.0, 3.0, frames_on_link=((2.0, 3.0, 10**6),)))
-    assert estimator.transfers == 2
-    assert estimator.bandwidth_bytes_per_s == approx(1e6)  # 3 MB over 3 s
-
-
-def test_small_parts_are_not_timed():
-    """Frames of a few KB cross in a shaper's burst or the socket buffers:
-    they leave the estimate to larger transfers."""
+def test_small_parts_and_instant_transfers_are_not_timed():
+    """Frames of a few KB cross in a shaper's burst or the socket buffers, a
+    megabyte in a millisecond on loopback: they leave the estimate to
+    transfers the link paced."""
     link, estimator = clock()
     small = MIN_TIMED_BYTES - 1
     link.observe(Transfer(3 * small, 0.0, 0.0, 3.0,
                           frames_on_link=((0.0, 0.001, small), (1.0, 1.001, small),
                                           (2.0, 2.001, small))))
+    link.observe(Transfer(10**6, 3.0, 3.0, 3.0 + MIN_TIMED_S / 2))
     assert estimator.bandwidth_bytes_per_s is None
-    link.observe(Transfer(small + 10**6, 3.0, 3.0, 5.0,
-                          frames_on_link=((3.0, 3.001, small), (4.0, 5.0, 10**6))))
-    assert estimator.bandwidth_bytes_per_s == approx(1e6)
+    link.observe(Transfer(small + 10**6, 4.0, 4.0, 6.0,
+                          frames_on_link=((4.0, 4.001, small), (5.0, 6.0, 10**6))))
+    assert estimator.observed == [(10**6, approx(1.0))]
 
 
 def test_frames_on_link_are_counted_from_the_headers_in_the_storage_tiers_clock():
     """The headers leave with the first frame: later frames were ready their
-    ``ready_s`` after it, from when the headers came; the end frame's bytes
-    count with the last batch frame; a replay had every frame ready at once."""
+    ``ready_s`` after it, from when the headers came; the end frame follows
+    the last batch frame; a replay had every frame ready at once."""
     timings = [{"ready_s": 5.0}, {"ready_s": 5.75}, {"ready_s": 6.0}]
     arrivals = [(10.5, 100), (11.0, 250), (11.75, 400), (11.8, 420)]
-    assert frames_on_link(10.0, timings, arrivals) == \
-        ((10.0, 10.5, 100), (10.75, 11.0, 150), (11.0, 11.8, 170))
-    assert frames_on_link(10.0, timings, arrivals, replayed=True) == \
-        ((10.0, 10.5, 100), (10.0, 11.0, 150), (10.0, 11.8, 170))
+
+    def parts(replayed):
+        on_link = FramesOnLink(10.0, replayed)
+        frames = [on_link.frame(t, *arrived) for t, arrived in zip(timings, arrivals, strict=False)]
+        assert [*frames, on_link.end(*arrivals[-1])] == on_link.parts
+        return on_link.parts
+
+    assert parts(False) == [(10.0, 10.5, 100), (10.75, 11.0, 150), (11.0, 11.75, 150),
+                            (11.75, 11.8, 20)]
+    assert parts(True) == [(10.0, 10.5, 100), (10.0, 11.0, 150), (10.0, 11.75, 150),
+                           (11.75, 11.8, 20)]
     # A frame's ready time never falls after its arrival.
-    assert frames_on_link(10.0, [{"ready_s": 0.0}, {"ready_s": 9.0}],
-                          [(10.2, 10), (10.4, 20), (10.5, 25)])[1][0] == 10.5
-    assert frames_on_link(10.0, [], [(10.0, 12)]) == ()
+    on_link = FramesOnLink(10.0)
+    on_link.frame({"ready_s": 0.0}, 10.2, 10)
+    assert on_link.frame({"ready_s": 9.0}, 10.4, 20) == (10.4, 10.4, 10)
 
 
 def test_a_frame_is_handed_over_before_the_next_frames_bytes_exist():
@@ -121,7 +172,11 @@ def test_a_feature_stream_tells_when_each_frame_was_ready_and_arrived(conn):
     offsets = [offset for _, offset in stream.arrivals]
     assert offsets == sorted(offsets) and offsets[-1] == stream.reader.bytes_read
     answered = stream.arrivals[0][0] - 1.0
-    intervals = frames_on_link(answered, [frame.timings for frame in frames], stream.arrivals)
+    on_link = FramesOnLink(answered)
+    for frame, arrived in zip(frames, stream.arrivals, strict=False):
+        on_link.frame(frame.timings, *arrived)
+    on_link.end(*stream.arrivals[-1])
+    intervals = on_link.parts
     assert sum(nbytes for _, _, nbytes in intervals) == stream.reader.bytes_read
     assert [start for start, _, _ in intervals] == sorted(start for start, _, _ in intervals)
     assert all(answered <= start <= end for start, end, _ in intervals)

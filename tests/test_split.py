@@ -707,11 +707,21 @@ class StorageTier:
                          keys=[str(i) for i in range(n)], frames=frames, load_s=0.0,
                          transfer=Transfer(int(nbytes), sent, answered, self.clock))
 
+    @staticmethod
+    def deliver(selector, shard):
+        """Hand ``shard`` over as the loader does, nothing else in flight: its
+        request, the parts of its body, then the consumer takes it."""
+        request = selector.opened()
+        for part in shard.transfer.link_intervals():
+            selector.on_link(request, *part)
+        selector.closed(request, shard)
+        selector.observe(shard)
+
     def run(self, selector, bandwidth, shards):
         """Feed ``shards`` shards at the selector's split; return the split after each."""
         splits = []
         for _ in range(shards):
-            selector.observe(self.shard(selector.split, bandwidth))
+            self.deliver(selector, self.shard(selector.split, bandwidth))
             splits.append(selector.split)
         return splits
 
@@ -749,8 +759,9 @@ def test_auto_split_decides_within_the_bound_and_follows_drift():
     assert phases["fast"] == [recorded_profile.freeze] * 3 + [expected]
     assert auto.decisions[0].storage_ratio_source.startswith("measured")
 
-    # The link degrades 100x: the choice moves to fewer bytes once 2 slow
-    # transfers show it (a change of 2x or more counts on the last two alone).
+    # The link degrades 100x: the choice moves to fewer bytes once 3 slow
+    # bodies show it (a large change counts on the last three alone), as the
+    # third one's bytes arrive: before the consumer takes its shard.
     assert phases["decisions_slow"] == 2 and auto.history[1]["why"].startswith("drift")
     assert auto.history[1]["shard"] == 4 + 2
     assert phases["slow"][-1] == expected_slow
@@ -775,7 +786,8 @@ def test_step_times_and_frame_overhead_reach_the_profile():
     for seconds in (0.3, 0.1, 0.2):
         assert auto.wants_step_times
         auto.observe_step(seconds)
-    auto.observe(StorageTier(recorded("resnet18-112.json"), truth).shard(auto.split, 1e6))
+    StorageTier.deliver(auto, StorageTier(recorded("resnet18-112.json"), truth)
+                        .shard(auto.split, 1e6))
     measured = auto.current_profile()
     assert measured.trainer_step_s == pytest.approx(0.2)
     assert measured.frame_overhead_bytes == pytest.approx(40.0)
@@ -850,7 +862,7 @@ def test_latency_leaves_out_the_storage_tiers_queue_wait():
     tier = StorageTier(profile, truth)
     auto = AutomaticSplit(profile, log=[].append)
     for queued in (0.5, 2.0, 0.0, 1.0):
-        auto.observe(tier.shard(auto.split, 1e7, queued_s=queued))
+        tier.deliver(auto, tier.shard(auto.split, 1e7, queued_s=queued))
     assert auto.current_profile().request_latency_s == pytest.approx(0.01)
     link = LinkClock(OnlineEstimator())
     link.observe(Transfer(10**6, sent_at=0.0, answered_at=1.3, done_at=2.0,
@@ -884,8 +896,8 @@ def noisy_run(seed, epoch_shards, shards=60):
     tier = StorageTier(recorded_profile, truth)
     rng = random.Random(seed)
     for _ in range(shards):
-        auto.observe(tier.shard(auto.split, 22 * MBIT * math.exp(rng.gauss(0, 0.35)),
-                                math.exp(rng.gauss(0, 0.25))))
+        tier.deliver(auto, tier.shard(auto.split, 22 * MBIT * math.exp(rng.gauss(0, 0.35)),
+                                      math.exp(rng.gauss(0, 0.25))))
     return [step["shard"] for step in auto.history if step["from"] != step["to"]]
 
 

@@ -59,8 +59,8 @@ def test_float16_features_train_like_float32(cluster, monkeypatch):
     dtypes = []
     load = data.ShardSource.load
 
-    def recording_load(self, channel, ref, split, wire_format=None):
-        shard = load(self, channel, ref, split, wire_format)
+    def recording_load(self, channel, ref, split, wire_format=None, on_link=None):
+        shard = load(self, channel, ref, split, wire_format, on_link)
         dtypes.append(shard.inputs.dtype)
         return shard
 

@@ -6,23 +6,31 @@ the bandwidth, fills them into a
 :class:`hapi.client.autosplit.profiling.Profile`, and says when either has
 drifted from the values the current split choice was made with (the
 selector, ``hapi.client.autosplit.selector``, re-decides then).
-:class:`LinkClock` turns the requests' transfers into the link's busy time
-that the estimator counts.
+:class:`LinkClock` turns the parts of the requests' bodies, as they arrive
+over all connections, into the observations of the link's rate that the
+estimator counts.
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
+import threading
+import time
 from collections import deque
 
 from hapi.client.autosplit.profiling import Profile
 
-__all__ = ["MIN_TIMED_BYTES", "LinkClock", "OnlineEstimator"]
+__all__ = ["MIN_TIMED_BYTES", "MIN_TIMED_S", "LinkClock", "OnlineEstimator"]
 
 # A frame smaller than this crosses the link in a few milliseconds, or at
 # once when a shaper's bucket (tens of KiB) or the socket buffers hold it:
 # its time says more about the hosts' clocks than about the link's rate.
 MIN_TIMED_BYTES = 64 * 1024
+# A transfer whose share of the link's time is shorter than this (a fast
+# link: loopback, a LAN) is not timed either: a few milliseconds are within
+# the jitter of the two hosts' threads and of the storage tier's ready time.
+MIN_TIMED_S = 0.005
 
 
 class _Series:
@@ -115,9 +123,9 @@ class OnlineEstimator:
             self._to_wire.add(float(timings["to_wire_s"]) / feature_bytes)
 
     def observe_transfer(self, nbytes: int, seconds: float):
-        """``nbytes`` received in ``seconds`` of the link's busy time: the time
-        the bytes were on the way, not the time the storage tier spent
-        computing them (see :class:`LinkClock`)."""
+        """``nbytes`` received in ``seconds`` of the link's busy time (a frame,
+        or a raw body): the time the bytes were on the way, not the time the
+        storage tier spent computing them (see :class:`LinkClock`)."""
         if nbytes > 0 and seconds > 0:
             self._transfers.add((nbytes, seconds))
             self.transfers += 1
@@ -222,6 +230,15 @@ class OnlineEstimator:
         changes = self._changes(self.drift_window, self.min_observations)
         return {**changes, **self._quick_changes()} if quick else changes
 
+    def settled(self) -> set[str]:
+        """The quantities whose value at :meth:`mark` rested on
+        ``min_observations`` or more (after a quick drift it rests on the
+        few observations that showed it)."""
+        if self._baseline is None:
+            return set()
+        return {name for name, count in self._baseline["observations"].items()
+                if count >= self.min_observations}
+
     def _quick_changes(self) -> dict:
         """The changes by ``quick_factor`` or more over the last
         ``quick_observations`` observations since the mark, for the
@@ -232,9 +249,9 @@ class OnlineEstimator:
         if self.quick_observations >= self.min_observations or self._baseline is None:
             return {}
         changes = self._changes(self.quick_observations, self.quick_observations)
-        settled = self._baseline["observations"]
+        settled = self.settled()
         return {name: change for name, change in changes.items() if change is not None
-                and settled[name] >= self.min_observations
+                and name in settled
                 and (change + 1 >= self.quick_factor or change + 1 <= 1 / self.quick_factor)}
 
     def _changes(self, limit: int, enough: int) -> dict:
@@ -304,59 +321,147 @@ def _rate(transfers) -> float | None:
 
 
 class LinkClock:
-    """Feeds the requests' :class:`hapi.client.data.Transfer` to an estimator,
-    in the order they were sent: their latency, and the link's rate while it
-    had something to carry.
+    """The link's rate, measured on the frames as they arrive, over all
+    connections at once; and the requests' latency. Thread-safe: the
+    loader's threads feed it, and its :attr:`lock` guards the estimator too.
 
-    A request's latency is its wait for the response headers less the
-    storage tier's work before them: the first frame's compute and its wait
-    for a device slot (``queued_s``, the frame's ``slot_wait_s``): queueing
-    at the storage tier is not the link's latency.
+    A request is :meth:`open` before it goes out; each part of its body is
+    reported as it arrives (:meth:`on_link`: per frame, from when the storage
+    tier had it ready to when its last byte arrived; a raw body as one part),
+    then the request is :meth:`close`\\ d. A part was on the link from its
+    start, or from when the part before it in the same body arrived if that
+    was later (a connection's bytes go in order), to its end. So a frame
+    still computing is not link time, and neither the storage tier's pace
+    nor its queue is taken for the link's.
 
-    The link's rate is bytes over busy time, over all connections at once.
-    Each part of a body was on the link from when the storage tier had it
-    ready to when its last byte arrived (``Transfer.link_intervals``: per
-    frame; a raw body from its headers on). The link was busy over the union
-    of those intervals, whichever request they belong to: requests in flight
-    together share it, and a frame still computing was not on it, so neither
-    the storage tier's pace nor its queue is taken for the link's. Each
-    transfer adds its bytes and the time its intervals add to the union of
-    those counted before; bytes whose intervals lie within time already
-    counted (another request's frames had the link then) go with the next
-    transfer that adds time. Summed over the estimator's window, that is
-    the bytes over the busy time. Parts smaller than :data:`MIN_TIMED_BYTES`
-    are not timed: with only those (small features), the estimate stays
-    what larger transfers, the probe's at least, made it.
+    Requests in flight together share the link: each moment is divided
+    equally among the requests on the link then (as TCP shares a bottleneck
+    among its connections), and each part is observed as its bytes over its
+    share of the time. The shares add up to the time the link was busy, and
+    each is about the part's bytes over the link's rate: no observation is
+    spiky because another request's bytes had the link. A part's share is
+    known once every request that could have shared its time has reported
+    its parts up to the part's end; parts are observed then, in the order
+    they ended, a few frames after they arrived rather than a whole request
+    later. Parts smaller than :data:`MIN_TIMED_BYTES`, and parts whose share
+    is under :data:`MIN_TIMED_S`, are not observed (they still share).
+
+    :meth:`observe` takes a whole request at once (the probe before the
+    run, alone on the link).
     """
 
     def __init__(self, estimator: OnlineEstimator):
         self.estimator = estimator
-        self._busy: list[tuple[float, float]] = []  # disjoint, in order: link time counted
-        self._carried = 0  # bytes of transfers that added no time yet
+        self.lock = threading.RLock()
+        # Open, or closed but able to share time with a part still to observe.
+        self._requests: list[_OnLink] = []
+
+    def open(self, at: float | None = None) -> _OnLink:
+        """A request about to go out (at ``time.perf_counter()``, or ``at``);
+        report its parts and close it with what this returns."""
+        with self.lock:
+            request = _OnLink(time.perf_counter() if at is None else at)
+            self._requests.append(request)
+            return request
+
+    def on_link(self, request: _OnLink, start: float, end: float, nbytes: int) -> bool:
+        """A part of ``request``'s body, on the link from ``start`` to ``end``
+        (``time.perf_counter()``). Returns whether the estimator got an observation."""
+        with self.lock:
+            request.add(start, end, nbytes)
+            return self._settle()
+
+    def close(self, request: _OnLink) -> bool:
+        """``request`` is over (its body read, or given up). Returns whether
+        the estimator got an observation."""
+        with self.lock:
+            request.closed = True
+            return self._settle()
+
+    def observe_latency(self, transfer, queued_s: float = 0.0) -> None:
+        """A request's wait for its response headers less the storage tier's
+        work before them: the first frame's compute and its wait for a
+        device slot (``queued_s``, the frame's ``slot_wait_s``): queueing at
+        the storage tier is not the link's latency."""
+        with self.lock:
+            self.estimator.observe_latency(transfer.answered_at - transfer.sent_at
+                                           - transfer.storage_early_s - queued_s)
 
     def observe(self, transfer, queued_s: float = 0.0) -> None:
-        self.estimator.observe_latency(
-            transfer.answered_at - transfer.sent_at - transfer.storage_early_s - queued_s)
-        timed = [part for part in transfer.link_intervals() if part[2] >= MIN_TIMED_BYTES]
-        added = sum(self._cover(start, end) for start, end, _ in timed)
-        # Later transfers were sent after this one: nothing of theirs falls
-        # before it was sent.
-        self._busy = [span for span in self._busy if span[1] > transfer.sent_at]
-        self._carried += sum(nbytes for _, _, nbytes in timed)
-        if added > 0:
-            self.estimator.observe_transfer(self._carried, added)
-            self._carried = 0
+        """A whole request (``hapi.client.data.Transfer``) that had the link to
+        itself: its latency and its parts."""
+        with self.lock:
+            self.observe_latency(transfer, queued_s)
+            request = _OnLink(transfer.sent_at)
+            self._requests.append(request)
+            for part in transfer.link_intervals():
+                request.add(*part)
+            self.close(request)
 
-    def _cover(self, start: float, end: float) -> float:
-        """Add ``[start, end]`` to the busy time; return how much of it is new."""
-        if end <= start:
-            return 0.0
-        new, merged, kept = end - start, [start, end], []
-        for span in self._busy:
-            if span[1] < start or span[0] > end:
-                kept.append(span)
-            else:
-                new -= min(span[1], end) - max(span[0], start)
-                merged = [min(merged[0], span[0]), max(merged[1], span[1])]
-        self._busy = sorted([*kept, tuple(merged)])
-        return max(new, 0.0)
+    def _settle(self) -> bool:
+        """Observe the parts no request still to report can share time with."""
+        open_requests = [r for r in self._requests if not r.closed]
+        horizon = min((r.known_until for r in open_requests), default=time.perf_counter())
+        ready = sorted(((part, request) for request in self._requests
+                        for part in request.unobserved() if part.end <= horizon),
+                       key=lambda item: item[0].end)
+        observed = False
+        for part, request in ready:
+            part.observed = True
+            share = part.share([r for r in self._requests if r is not request])
+            if part.nbytes >= MIN_TIMED_BYTES and share >= MIN_TIMED_S:
+                self.estimator.observe_transfer(part.nbytes, share)
+                observed = True
+        waiting = [part.start for r in self._requests for part in r.unobserved()]
+        since = min([*waiting, horizon])
+        self._requests = [r for r in self._requests
+                          if not r.closed or r.unobserved() or r.ends_after(since)]
+        return observed
+
+
+class _Part:
+    """A part of a body on the link from ``start`` to ``end``, its ``nbytes``."""
+
+    __slots__ = ("end", "nbytes", "observed", "start")
+
+    def __init__(self, start: float, end: float, nbytes: int):
+        self.start, self.end, self.nbytes, self.observed = start, end, nbytes, False
+
+    def share(self, others) -> float:
+        """This part's time on the link, each moment divided by the number of
+        requests on it then (this part's and those of ``others`` active)."""
+        cuts = sorted({self.start, self.end,
+                       *(edge for other in others for part in other.parts
+                         for edge in (part.start, part.end) if self.start < edge < self.end)})
+        return sum((right - left) / (1 + sum(other.active((left + right) / 2) for other in others))
+                   for left, right in itertools.pairwise(cuts))
+
+
+class _OnLink:
+    """One request's parts on the link, in order; they never overlap."""
+
+    def __init__(self, opened_at: float):
+        self.opened_at = opened_at
+        self.parts: list[_Part] = []
+        self.closed = False
+
+    @property
+    def known_until(self) -> float:
+        """Every part of this request on the link before this time is known:
+        a part still to come starts after the last one's end, and the first
+        after the request was opened."""
+        return self.parts[-1].end if self.parts else self.opened_at
+
+    def add(self, start: float, end: float, nbytes: int) -> None:
+        if self.parts:
+            start = max(start, self.parts[-1].end)  # the bytes before it were still arriving
+        self.parts.append(_Part(min(start, end), end, nbytes))
+
+    def active(self, moment: float) -> bool:
+        return any(part.start <= moment < part.end for part in self.parts)
+
+    def unobserved(self) -> list[_Part]:
+        return [part for part in self.parts if not part.observed]
+
+    def ends_after(self, moment: float) -> bool:
+        return bool(self.parts) and self.parts[-1].end > moment

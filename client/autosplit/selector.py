@@ -46,9 +46,12 @@ DRIFT_SPREAD_FACTOR = 2.0  # ... if also this many times the observations' own s
 MARGIN = 0.05  # a new split must be predicted this much faster to replace the one in use
 DRIFT_WINDOW = 8  # drift is judged on up to this many observations since the last decision
 DRIFT_MIN_OBSERVATIONS = 4  # ... once there are at least this many
-DRIFT_QUICK_OBSERVATIONS = 2  # ... a change by LARGE_DRIFT_FACTOR on the last this many
+DRIFT_QUICK_OBSERVATIONS = 3  # ... a change by LARGE_DRIFT_FACTOR on the last this many
 STEP_SAMPLES = 16  # optimizer steps timed for the profile's trainer_step_s
-LARGE_DRIFT_FACTOR = 2.0  # a drift by this factor either way re-decides at once (a shaped link)
+# A drift by this factor either way shows on the last DRIFT_QUICK_OBSERVATIONS
+# alone, and within an epoch of the last change re-decides once
+# DRIFT_MIN_OBSERVATIONS confirm it: a link reshaped to half its rate reads 1.8-2.1x.
+LARGE_DRIFT_FACTOR = 1.6
 HOST_WINDOW = 16  # shards whose loader CPU gives the trainer's receive cost per byte
 
 
@@ -73,7 +76,10 @@ class AutomaticSplit:
     iterations train like any other.
 
     The public API is what the trainer calls: :attr:`split` (the split for
-    the requests still to send), :meth:`observe` (a loaded shard),
+    the requests still to send), :meth:`opened`, :meth:`on_link` and
+    :meth:`closed` (a request and the parts of its body as they arrive, in
+    the loader's threads), :meth:`observe` (a loaded shard, in the
+    consumer's),
     :attr:`wants_step_times` and :meth:`observe_step` (an optimizer step's
     time), :meth:`report` and :meth:`plot`; :attr:`decisions` and
     :attr:`history` are there to read.
@@ -86,10 +92,12 @@ class AutomaticSplit:
     latest after ``max_profile_shards`` shards. After it, a drift of the
     bandwidth or the storage speed beyond ``drift_threshold`` and beyond the
     noise of the observations (``OnlineEstimator.drifted``) re-evaluates the
-    choice; with hysteresis: once the split changed, it changes again only
-    after ``epoch_shards`` more shards (an epoch's requests), unless the
-    drift is a factor of ``LARGE_DRIFT_FACTOR`` or more either way, as a
-    shaped link makes it. Every decision, the first one too (the split in use is then
+    choice, as soon as the drift shows: as frames arrive (the link) or as
+    the consumer takes a shard (the storage tier's times); with
+    hysteresis: once the split changed, it changes again only after
+    ``epoch_shards`` more shards (an epoch's requests), unless the drift is
+    a factor of ``LARGE_DRIFT_FACTOR`` or more either way, as a reshaped
+    link makes it. Every decision, the first one too (the split in use is then
     the start), moves the split only when the new best is predicted more
     than ``margin`` faster: predictions a few percent apart are within the
     noise of the measurements they come from, and the start, ``f``, is the
@@ -120,6 +128,9 @@ class AutomaticSplit:
                            key=lambda name: profile.wire_formats[name].bytes[self._split])
         self._link = link or LinkClock(default_estimator())
         self._estimator = self._link.estimator
+        # The loader's threads feed the link's clock as the bytes arrive; the
+        # consumer's thread feeds the storage tier's times. Both decide.
+        self._lock = self._link.lock
         self._profile_frames = profile_frames
         self._max_profile_shards = max_profile_shards
         self._drift_threshold = drift_threshold
@@ -136,6 +147,7 @@ class AutomaticSplit:
         self._shards = 0
         self._samples = 0
         self._observed_at: list[float] = []  # time.monotonic() of each shard observed
+        self._completed_at: list[float] = []  # ... of each request heard as it completed
         self._decisions: list[Decision] = []
         self._history: list[dict] = []
 
@@ -208,14 +220,42 @@ class AutomaticSplit:
         start, not a change of split: the measured decision still comes)."""
         self._decide(why)
 
+    def opened(self):
+        """A request is about to go out (in a loader's thread); returns what
+        :meth:`on_link` and :meth:`closed` take for it."""
+        return self._link.open()
+
+    def on_link(self, request, start: float, end: float, nbytes: int) -> None:
+        """A part of ``request``'s body arrived (a frame; a raw body whole),
+        on the link from ``start`` to ``end`` (``time.perf_counter()``). A
+        reshaped link shows here first: a few frames after it changed, while
+        the consumer may still be taking shards loaded before."""
+        with self._lock:
+            if self._link.on_link(request, start, end, nbytes) and self._profiled:
+                self._follow_drift()
+
+    def closed(self, request, shard) -> None:
+        """``request`` is over: ``shard`` (a ``hapi.client.data.ShardData``)
+        loaded, or None when it failed or nothing crossed the link."""
+        with self._lock:
+            observed = self._link.close(request)
+            if shard is not None:
+                # The storage tier's queue wait for its device before the first
+                # frame came before the headers too: queueing, not latency.
+                queued = shard.frames[0].timings.get("slot_wait_s", 0.0) if shard.frames else 0.0
+                self._link.observe_latency(shard.transfer, queued_s=queued)
+                self._completed_at.append(time.monotonic())
+            if observed and self._profiled:
+                self._follow_drift()
+
     def observe(self, shard) -> None:
         """Learn from a loaded shard (``hapi.client.data.ShardData``), then
         decide or re-decide when it is time."""
-        queued = 0.0
+        with self._lock:
+            self._observe(shard)
+
+    def _observe(self, shard) -> None:
         if shard.frames:
-            # The storage tier's queue wait for its device before the first
-            # frame came before the headers too: queueing, not latency.
-            queued = shard.frames[0].timings.get("slot_wait_s", 0.0)
             # One observation per shard: per-sample times over all its frames,
             # so that a small last frame does not weigh like a full one.
             features = sum(frame.feature_bytes for frame in shard.frames)
@@ -227,7 +267,6 @@ class AutomaticSplit:
             self._observe_host(shard, samples)
         self._samples += len(shard.keys)
         self._observed_at.append(time.monotonic())
-        self._link.observe(shard.transfer, queued_s=queued)
         try:
             self._update()
         except ValueError as err:
@@ -257,6 +296,7 @@ class AutomaticSplit:
                 "table": decision.format_table() if decision else None,
                 "history": [dict(step) for step in self._history],
                 "observed_at": list(self._observed_at),
+                "completed_at": list(self._completed_at),
                 "profiling": self._profiling, "profile": self.current_profile().to_dict()}
 
     def plot(self, path) -> bool:
@@ -290,7 +330,8 @@ class AutomaticSplit:
             measured["trainer_step_s"] = statistics.median(self._step_times)
         if self._receive_costs:
             measured["trainer_receive_s_per_byte"] = statistics.median(self._receive_costs)
-        return self._estimator.apply(self._profile.with_measurements(**measured))
+        with self._lock:
+            return self._estimator.apply(self._profile.with_measurements(**measured))
 
     # Deciding -------------------------------------------------------------------------
 
@@ -305,17 +346,25 @@ class AutomaticSplit:
                 self._profiled = True
                 self._decide("profiled" if measured else
                              f"profiling bound reached ({self._shards} shards)")
-        elif est.drifted(self._drift_threshold):
-            change = est.drift()
-            if self._settling() and not _large(est.drift(quick=False)):
-                # Hysteresis: the drift re-decides once the epoch is over, or
-                # sooner if min_observations confirm a large one (two quick
-                # observations could be noise, and the split just changed).
-                return
-            est.keep_recent()
-            self._decide("drift: " + ", ".join(f"{name} {value:+.0%}"
-                                               for name, value in change.items()
-                                               if value is not None))
+        else:
+            self._follow_drift()
+
+    def _follow_drift(self) -> None:
+        """Re-decide when the bandwidth or the storage speed drifted."""
+        est = self._estimator
+        if not est.drifted(self._drift_threshold):
+            return
+        change = est.drift()
+        if self._settling() and not _large(est.drift(quick=False), est.settled()):
+            # Hysteresis: the drift re-decides once the epoch is over, or
+            # sooner if min_observations confirm a large one against a
+            # baseline of as many (a few quick observations could be noise,
+            # and the split just changed).
+            return
+        est.keep_recent()
+        self._decide("drift: " + ", ".join(f"{name} {value:+.0%}"
+                                           for name, value in change.items()
+                                           if value is not None))
 
     def _decide(self, why: str) -> None:
         """Choose again, with the split in use as the incumbent, and log it."""
@@ -360,12 +409,13 @@ class AutomaticSplit:
                 self._log(line)
 
 
-def _large(change: dict) -> bool:
+def _large(change: dict, names) -> bool:
     """Whether a drift (``OnlineEstimator.drift``) is a factor of
-    ``LARGE_DRIFT_FACTOR`` or more either way in bandwidth or storage speed."""
-    return any(value is not None and (value <= 1 / LARGE_DRIFT_FACTOR - 1 or
-                                      value >= LARGE_DRIFT_FACTOR - 1)
-               for value in change.values())
+    ``LARGE_DRIFT_FACTOR`` or more either way in one of ``names``
+    (bandwidth, storage speed)."""
+    return any(value is not None and name in names and
+               (value <= 1 / LARGE_DRIFT_FACTOR - 1 or value >= LARGE_DRIFT_FACTOR - 1)
+               for name, value in change.items())
 
 
 def _summed_timings(frames) -> dict:

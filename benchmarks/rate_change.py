@@ -3,19 +3,22 @@ split decide again?
 
 On the shaped two-tier set-up of ``benchmarks/shaped.py`` a training run
 with the automatic split starts at ``--from_mbit``; ``--change_after_s``
-seconds after it started, the link is reshaped to ``--to_mbit`` (a factor of
-2 or more). The run's metrics give every decision, every request the
-selector heard of as it completed and every shard the consumer took, each
-with the host's monotonic clock (``split_selection.history[].monotonic_s``,
+seconds after its first decision from measurements (its log says
+``profiled`` or ``profiling bound``), the link is reshaped to ``--to_mbit``
+(a factor of 2 or more): the change comes mid-run, after the estimate it
+departs from has settled, however long the trainer took to start. The run's
+metrics give every decision, every request the selector heard of as it
+completed and every shard the consumer took, each with the host's monotonic
+clock (``split_selection.history[].monotonic_s``,
 ``split_selection.completed_at``, ``split_selection.observed_at``), so the
 benchmark counts the requests completed after the change up to the first
 decision the change caused (its ``why`` starts with ``drift``): the shards
-the link carried at the new rate, or partly at it, before the decision.
-The shards the consumer took in that time are reported too; they include
-shards loaded before the change, which say nothing of it. The features
-are pinned to float32 (``--wire_dtype float32 --wire_encoding raw``) so that
-the link paces the transfers at both rates: a link that paces nothing cannot
-be measured and cannot matter to the choice.
+the link carried at the new rate, or partly at it, before the decision. The
+shards the consumer took in that time are reported too; they include shards
+loaded before the change, which say nothing of it. The features are pinned
+to float32 (``--wire_dtype float32 --wire_encoding raw``) so that the link
+paces the transfers at both rates: a link that paces nothing cannot be
+measured and cannot matter to the choice.
 
 Output: a table, ``OUT/rate_change.json`` (per repeat: the change's time,
 the shards to the new decision, the decision; ``summary``: the median and
@@ -26,6 +29,7 @@ the range of shards, and whether every repeat decided within
 """
 
 import argparse
+import os
 import statistics
 import threading
 import time
@@ -52,8 +56,24 @@ def shards_to_decision(metrics, changed_at):
     return None, None, None
 
 
+MEASURED_DECISION = ("profiled", "profiling bound")  # in the trainer's log line of the decision
+
+
+def wait_for_measured_decision(log_file, thread):
+    """Until the trainer's log (``log_file``, written as it runs) shows its
+    first decision from measurements, or the run is over."""
+    while thread.is_alive():
+        if log_file.exists() and any(
+                line.startswith("split selection after") and
+                any(why in line for why in MEASURED_DECISION)
+                for line in log_file.read_text().splitlines()):
+            return
+        time.sleep(0.05)
+
+
 def one_run(tiers, settings, out_dir, repeat):
-    """Train once, reshaping the link ``change_after_s`` after the start."""
+    """Train once, reshaping the link ``change_after_s`` after the first
+    decision from measurements."""
     tiers.set_rate(settings["from_mbit"])
     flags = ["--dataset", settings["container"], "--model", settings["model"],
              "--weights", "seed:0", "--batch_size", settings["batch_size"],
@@ -61,13 +81,14 @@ def one_run(tiers, settings, out_dir, repeat):
              "--cpuonly", "--no-progress", "--freeze", "--wire_dtype", "float32",
              "--wire_encoding", "raw"]
     command = tiers.trainer_command(python(TRAINER, *flags))
-    result = {}
+    result, name = {}, f"{settings['model']}-r{repeat}"
 
     def train():
-        result["run"] = run_measured(tiers, command, f"{settings['model']}-r{repeat}", out_dir)
+        result["run"] = run_measured(tiers, command, name, out_dir)
 
     thread = threading.Thread(target=train)
     thread.start()
+    wait_for_measured_decision(out_dir / "runs" / f"{name}.log", thread)
     thread.join(settings["change_after_s"])
     changed_at = time.monotonic()
     tiers.set_rate(settings["to_mbit"])
@@ -88,8 +109,9 @@ def main(argv=None):
     parser.add_argument("--model", default="alexnet")
     parser.add_argument("--from_mbit", type=float, default=5)
     parser.add_argument("--to_mbit", type=float, default=2.5)
-    parser.add_argument("--change_after_s", type=float, default=8.0,
-                        help="seconds after the run's start (default: %(default)s)")
+    parser.add_argument("--change_after_s", type=float, default=2.0,
+                        help="seconds after the first decision from measurements "
+                             "(default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, default=480)
     parser.add_argument("--shard_size", type=int, default=16)
@@ -107,6 +129,8 @@ def main(argv=None):
     settings = {**{key: value for key, value in vars(args).items() if key != "out"},
                 "container": f"hapi-rate-{args.image_size}px-{args.images}",
                 "quality": 90, "classes": 10, "threads": 1}
+    # The trainer's log is read as it is written (wait_for_measured_decision).
+    os.environ["PYTHONUNBUFFERED"] = "1"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "runs").mkdir(exist_ok=True)
     with TwoTier(args.out, args.from_mbit, network=args.network,
@@ -118,7 +142,7 @@ def main(argv=None):
             run = one_run(tiers, settings, args.out, repeat)
             runs.append(run)
             say(f"[{repeat}/{args.repeats}] {args.from_mbit:g} -> {args.to_mbit:g} Mbit/s "
-                f"after {args.change_after_s:g} s: "
+                f"{args.change_after_s:g} s after the first measured decision: "
                 + (f"new decision {run['shards']} shard(s) later ("
                    f"{run['shards_taken_by_consumer']} taken by the consumer; "
                    f"{run['decision']['why']}, "

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -289,6 +290,26 @@ def test_rate_change_counts_the_shards_between_the_change_and_the_new_decision()
     shards, taken, step = shards_to_decision(metrics, changed_at=3.0)
     assert (shards, taken) == (2, 3) and step is history[1]  # 3.4, 4.5; 3.5, 4.0, 4.9
     assert shards_to_decision(metrics, changed_at=6.0) == (None, None, None)
+
+
+def test_rate_change_waits_for_the_first_decision_from_measurements(tmp_path):
+    """The link changes only after the trainer's log shows a decision from
+    measurements (not the start from the storage tier's layer costs), or
+    once the run is over."""
+    wait = benchmark_module("rate_change").wait_for_measured_decision
+    log = tmp_path / "run.log"
+    log.write_text("split selection after 0 shard(s), the storage tier's layer costs: ...\n")
+    waiter = threading.Thread(target=wait, args=(log, threading.current_thread()))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()
+    log.write_text(log.read_text() + "split selection after 4 shard(s), profiled: 18 -> 18\n")
+    waiter.join(5)
+    assert not waiter.is_alive()
+    finished = threading.Thread(target=lambda: None)
+    finished.start()
+    finished.join()
+    wait(tmp_path / "never-written.log", finished)
 
 
 def test_split_changes_are_counted_in_the_epoch_they_happened():

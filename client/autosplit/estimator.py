@@ -21,7 +21,7 @@ from collections import deque
 
 from hapi.client.autosplit.profiling import Profile
 
-__all__ = ["MIN_TIMED_BYTES", "MIN_TIMED_S", "LinkClock", "OnlineEstimator"]
+__all__ = ["MIN_OBSERVED_S", "MIN_TIMED_BYTES", "MIN_TIMED_S", "LinkClock", "OnlineEstimator"]
 
 # A frame smaller than this crosses the link in a few milliseconds, or at
 # once when a shaper's bucket (tens of KiB) or the socket buffers hold it:
@@ -31,6 +31,15 @@ MIN_TIMED_BYTES = 64 * 1024
 # link: loopback, a LAN) is not timed either: a few milliseconds are within
 # the jitter of the two hosts' threads and of the storage tier's ready time.
 MIN_TIMED_S = 0.005
+# One observation of the link's rate pools the frames' shares until they add
+# up to this much link time (or the link has nothing more in flight). A
+# single frame's share is only as good as the equal division of the moments
+# it shared, and a shaper's bucket lets a frame after an idle moment go
+# partly at line rate: frame by frame the rate reads up to twice too fast or
+# too slow, and the drift test re-decided on noise. Pooled over much longer,
+# profiling ends with too few observations; at this, neither (measured on
+# 65 KB frames at 5 and 2.5 Mbit/s: docs/DESIGN.md).
+MIN_OBSERVED_S = 0.2
 
 
 class _Series:
@@ -343,8 +352,10 @@ class LinkClock:
     known once every request that could have shared its time has reported
     its parts up to the part's end; parts are observed then, in the order
     they ended, a few frames after they arrived rather than a whole request
-    later. Parts smaller than :data:`MIN_TIMED_BYTES`, and parts whose share
-    is under :data:`MIN_TIMED_S`, are not observed (they still share).
+    later, their bytes and shares pooled until the shares add up to
+    :data:`MIN_OBSERVED_S` or no request is open: one observation of the
+    estimator. Parts smaller than :data:`MIN_TIMED_BYTES`, and parts whose
+    share is under :data:`MIN_TIMED_S`, are not timed (they still share).
 
     :meth:`observe` takes a whole request at once (the probe before the
     run, alone on the link).
@@ -355,6 +366,7 @@ class LinkClock:
         self.lock = threading.RLock()
         # Open, or closed but able to share time with a part still to observe.
         self._requests: list[_OnLink] = []
+        self._pooled = [0, 0.0]  # bytes and link time of parts timed, not yet observed
 
     def open(self, at: float | None = None) -> _OnLink:
         """A request about to go out (at ``time.perf_counter()``, or ``at``);
@@ -399,7 +411,9 @@ class LinkClock:
             self.close(request)
 
     def _settle(self) -> bool:
-        """Observe the parts no request still to report can share time with."""
+        """Time the parts no request still to report can share time with;
+        observe the pool whenever it is full, and when the link has nothing
+        in flight."""
         open_requests = [r for r in self._requests if not r.closed]
         horizon = min((r.known_until for r in open_requests), default=time.perf_counter())
         ready = sorted(((part, request) for request in self._requests
@@ -410,13 +424,22 @@ class LinkClock:
             part.observed = True
             share = part.share([r for r in self._requests if r is not request])
             if part.nbytes >= MIN_TIMED_BYTES and share >= MIN_TIMED_S:
-                self.estimator.observe_transfer(part.nbytes, share)
-                observed = True
+                self._pooled[0] += part.nbytes
+                self._pooled[1] += share
+                if self._pooled[1] >= MIN_OBSERVED_S:
+                    observed = self._observe_pool()
+        if not open_requests and self._pooled[1] > 0:
+            observed = self._observe_pool()
         waiting = [part.start for r in self._requests for part in r.unobserved()]
         since = min([*waiting, horizon])
         self._requests = [r for r in self._requests
                           if not r.closed or r.unobserved() or r.ends_after(since)]
         return observed
+
+    def _observe_pool(self) -> bool:
+        self.estimator.observe_transfer(*self._pooled)
+        self._pooled = [0, 0.0]
+        return True
 
 
 class _Part:

@@ -40,6 +40,8 @@ from tl_benchmark import TRAINER, load_dataset, python, run_measured, say, warm_
 
 FORMAT = "hapi-rate-change/1"
 RESULTS = "rate_change.json"
+# Words of the trainer's log line for a decision from measurements.
+MEASURED_DECISION = ("profiled", "profiling bound")
 
 
 def shards_to_decision(metrics, changed_at):
@@ -54,9 +56,6 @@ def shards_to_decision(metrics, changed_at):
                                    for key in ("completed_at", "observed_at"))
             return len(completed), len(observed), step
     return None, None, None
-
-
-MEASURED_DECISION = ("profiled", "profiling bound")  # in the trainer's log line of the decision
 
 
 def wait_for_measured_decision(log_file, thread):

@@ -366,7 +366,8 @@ class LinkClock:
         self.lock = threading.RLock()
         # Open, or closed but able to share time with a part still to observe.
         self._requests: list[_OnLink] = []
-        self._pooled = [0, 0.0]  # bytes and link time of parts timed, not yet observed
+        # Bytes and link time of the parts timed since the last observation.
+        self._pooled_bytes, self._pooled_s = 0, 0.0
 
     def open(self, at: float | None = None) -> _OnLink:
         """A request about to go out (at ``time.perf_counter()``, or ``at``);
@@ -424,11 +425,11 @@ class LinkClock:
             part.observed = True
             share = part.share([r for r in self._requests if r is not request])
             if part.nbytes >= MIN_TIMED_BYTES and share >= MIN_TIMED_S:
-                self._pooled[0] += part.nbytes
-                self._pooled[1] += share
-                if self._pooled[1] >= MIN_OBSERVED_S:
+                self._pooled_bytes += part.nbytes
+                self._pooled_s += share
+                if self._pooled_s >= MIN_OBSERVED_S:
                     observed = self._observe_pool()
-        if not open_requests and self._pooled[1] > 0:
+        if not open_requests and self._pooled_s > 0:
             observed = self._observe_pool()
         waiting = [part.start for r in self._requests for part in r.unobserved()]
         since = min([*waiting, horizon])
@@ -437,8 +438,8 @@ class LinkClock:
         return observed
 
     def _observe_pool(self) -> bool:
-        self.estimator.observe_transfer(*self._pooled)
-        self._pooled = [0, 0.0]
+        self.estimator.observe_transfer(self._pooled_bytes, self._pooled_s)
+        self._pooled_bytes, self._pooled_s = 0, 0.0
         return True
 
 

@@ -168,8 +168,11 @@ def pack_features(x, dtype, encoding="raw"):
         return PackedFeatures(tensors)
     if encoding != "zstd":
         raise ValueError(f"unknown wire encoding {encoding!r}; known: {', '.join(WIRE_ENCODINGS)}")
-    features = tensors["features"].contiguous()
-    raw = features.view(torch.uint8).numpy() if features.numel() else b""
+    features = tensors["features"]
+    # Flat first: a contiguous tensor with dimensions of size 1 (features
+    # after a global pool, [N, C, 1, 1], from a channels-last forward) may
+    # keep a last stride other than 1, which view() to bytes refuses.
+    raw = features.reshape(-1).view(torch.uint8).numpy() if features.numel() else b""
     compressed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
     tensors["features"] = torch.frombuffer(bytearray(compressed), dtype=torch.uint8)
     return PackedFeatures(tensors, {"encoding": "zstd", "features_dtype": dtype,

@@ -151,6 +151,21 @@ def test_zstd_frames_decode_bit_exactly(dtype):
     assert torch.equal(packed.labels, torch.arange(5))
 
 
+@pytest.mark.parametrize("dtype", wire.WIRE_DTYPES)
+def test_zstd_packs_pooled_channels_last_features(dtype):
+    # A global pool of a channels-last batch: [N, C, 1, 1], contiguous, yet
+    # its last stride is C, not 1 (mobilenet_v3_small at split 14).
+    x = torch.nn.functional.adaptive_avg_pool2d(
+        torch.rand(3, 8, 4, 4).contiguous(memory_format=torch.channels_last), 1)
+    assert x.is_contiguous() and x.stride(-1) != 1
+    frame = wire.decode_frame(wire.encode_frame(
+        "batch", features=wire.pack_features(x, dtype, "zstd"))[wire.LENGTH.size:])
+    raw = wire.decode_frame(wire.encode_frame(
+        "batch", features=wire.pack_features(x, dtype))[wire.LENGTH.size:])
+    assert torch.equal(frame.float_features(), raw.float_features())
+    assert frame.features.shape == (3, 8, 1, 1)
+
+
 def test_zstd_compresses_relu_features():
     x = torch.randn(16, 64, 6, 6).relu()
     sizes = {encoding: len(wire.encode_frame("batch", features=wire.pack_features(

@@ -36,7 +36,7 @@ from hapi.middleware.memory import (
     MEASURED_BATCHES,
     auto_cpu_budget,
     cpu_request_peak,
-    trace_forward,
+    trace_splits,
 )
 from hapi.middleware.model_cache import ModelCache
 from hapi.preprocess import DecodeError, check_image, preprocess, preset_size
@@ -65,6 +65,8 @@ class FeatureEngine:
         self.models = ModelCache(max_cached_models, threading_module)
         self._layer_counts = {}
         self._costs = {}
+        self._traces = {}
+        self._traces_lock = threading_module.Lock()
         self._layer_costs = {}
 
     # Models -------------------------------------------------------------
@@ -171,7 +173,7 @@ class FeatureEngine:
         fitted to the peaks at :data:`MEASURED_BATCHES`, cached per model,
         split, preset size and wire dtype. Blocking: run it in a worker thread.
 
-        On the CPU the peaks come from :func:`trace_forward` (see
+        On the CPU the peaks come from :func:`trace_splits` (see
         :func:`cpu_request_peak`). On a GPU they are measured: the peak memory
         torch allocates for the forward and the wire-dtype copy. Other
         requests running on the device meanwhile can only blur that reading,
@@ -184,7 +186,7 @@ class FeatureEngine:
         key = (request.model, request.split, size, request.dtype)
         cost = self._costs.get(key)
         if cost is None:
-            traces = trace_forward(request.model, size, request.split, request.dtype)
+            traces = self._split_traces(request.model, size, request.dtype)[request.split]
             if self.device.type == "cuda":
                 measured = MemoryCost.fit({batch: self._device_peak(model, request, size, batch)
                                            for batch in MEASURED_BATCHES})
@@ -195,6 +197,18 @@ class FeatureEngine:
                 cost = MemoryCost.fit({batch: cpu_request_peak(t) for batch, t in traces.items()})
             self._costs[key] = cost
         return cost
+
+    def _split_traces(self, name, size, dtype):
+        """:func:`trace_splits` of a model, preset size and wire dtype, traced
+        once: the first requests of a job arrive together, and each tracing
+        the same forward side by side would hold all of them back on the
+        storage tier's cores (a trace takes 0.1-1 s of one core)."""
+        key = (name, size, dtype)
+        with self._traces_lock:
+            traces = self._traces.get(key)
+            if traces is None:
+                traces = self._traces[key] = trace_splits(name, size, dtype)
+        return traces
 
     def _device_peak(self, model, request, size, batch):
         """Peak bytes torch allocates on the GPU for one batch of ``request``."""
@@ -249,7 +263,7 @@ class FeatureEngine:
                 bad = samples[err.index]
                 raise ShardError(str(err), f"{bad.key}.{bad.ext}") from None
             # No other reference to the input: the first layer's output replaces it,
-            # as in trace_forward.
+            # as in trace_splits.
             # Split 0 runs no layer: the images leave as they are, not
             # converted there and back.
             x = x.to(self.device, non_blocking=True,

@@ -3,7 +3,7 @@
 The admission of requests (:mod:`hapi.middleware.admission`) needs, per
 model, split, preset size and wire dtype, the bytes one request holds at a
 storage batch b. On the CPU that comes from a trace of the forward on the meta
-device (:func:`trace_forward`: every tensor the ops create is counted, no
+device (:func:`trace_splits`: every tensor the ops create is counted, no
 weights are built and nothing runs); on a GPU the engine measures torch's peak
 allocation and never counts less than the trace.
 """
@@ -63,7 +63,7 @@ class LiveBytes(TorchDispatchMode):
 
 @dataclass(frozen=True)
 class ForwardTrace:
-    """Bytes of one batch's forward, from :func:`trace_forward`."""
+    """Bytes of one batch's forward to one split, from :func:`trace_splits`."""
 
     peak: int  # input, layers [0, split) and the wire-dtype copy, temporaries included
     input: int  # the preprocessed float32 batch
@@ -71,28 +71,39 @@ class ForwardTrace:
     wire: int  # the features in the wire dtype
 
 
-def trace_forward(name, size, split, dtype, batches=MEASURED_BATCHES):
-    """Trace layers [0, split) of ``name`` and the cast to the wire ``dtype``
-    on the meta device, for a batch of each size in ``batches`` of images of
-    ``size`` px, in the engine's layout: the batch copied channels-last
-    before the first layer, the features copied out contiguous after the
-    cast. Every tensor the ops create is counted, no weights are built and
-    nothing runs. A :class:`ForwardTrace` per batch size."""
+def trace_splits(name, size, dtype, batches=MEASURED_BATCHES):
+    """Trace the forward of ``name`` to every split and the cast to the wire
+    ``dtype`` there, on the meta device, for a batch of each size in
+    ``batches`` of images of ``size`` px, in the engine's layout: the batch
+    copied channels-last before the first layer, the features copied out
+    contiguous after the cast. Every tensor the ops create is counted, no
+    weights are built and nothing runs.
+
+    One pass through the layers per batch size serves every split: the
+    peak to split s is the peak of layers [0, s) (kept as the pass goes on)
+    or of the cast at s, whichever is larger, and the cast's tensors are
+    dropped before the next layer runs. A request at a new split then costs
+    nothing to trace, and a model costs one pass per preset size and dtype.
+    ``{split: {batch: ForwardTrace}}`` for splits 0..len(layers)."""
     with torch.device("meta"):
         model = zoo.build_model(name)
-    traces = {}
+    traces = {split: {} for split in range(len(model.layers) + 1)}
     for batch in batches:
         trace = LiveBytes()
         with torch.inference_mode(), trace:
             x = torch.empty((batch, 3, size, size), device="meta")
             input_bytes = x.nbytes
-            if split:
-                x = x.contiguous(memory_format=LAYOUT)
-            for layer in model.layers[:split]:
-                x = layer(x)
-            wire = to_wire_dtype(x, dtype)["features"].contiguous()
-        traces[batch] = ForwardTrace(peak=trace.peak, input=input_bytes, output=x.nbytes,
-                                     wire=wire.nbytes)
+            for split in traces:
+                if split == 1:
+                    x = x.contiguous(memory_format=LAYOUT)
+                if split:
+                    x = model.layers[split - 1](x)
+                layers_peak = trace.peak
+                wire = to_wire_dtype(x, dtype)["features"].contiguous()
+                traces[split][batch] = ForwardTrace(peak=trace.peak, input=input_bytes,
+                                                    output=x.nbytes, wire=wire.nbytes)
+                del wire
+                trace.peak = layers_peak
     return traces
 
 

@@ -12,9 +12,10 @@ from helpers import ServerProcess, feature_request, raw_get, samples
 from swiftclient import ClientException
 
 from hapi.client.features import fetch_features, intermediate_connection
+from hapi.middleware import engine as engine_module
 from hapi.middleware.admission import MemoryBudget, MemoryCost, OverBudget
 from hapi.middleware.engine import FeatureEngine
-from hapi.middleware.memory import trace_forward
+from hapi.middleware.memory import trace_splits
 from hapi.middleware.responses import RequestError
 from hapi.middleware.settings import Settings, parse_memory_budget
 from hapi.shards import write_shard
@@ -154,15 +155,49 @@ def test_memory_options():
 
 
 def test_a_forward_trace_counts_every_live_tensor():
-    trace = trace_forward("alexnet", 64, 1, "float32", batches=(2,))[2]  # the first conv
+    full = trace_splits("alexnet", 64, "float32", batches=(2,))
+    trace = full[1][2]  # the first conv
     conv_out = 2 * 64 * 15 * 15 * 4
     assert trace.input == 2 * 3 * 64 * 64 * 4 and trace.output == trace.wire == conv_out
     assert trace.peak == trace.input + conv_out
-    half = trace_forward("alexnet", 64, 1, "float16", batches=(2,))[2]
+    half = trace_splits("alexnet", 64, "float16", batches=(2,))[1][2]
     # The cast happens once the input is freed: the conv's output and its copy.
     assert half.wire == conv_out // 2 and half.peak == max(trace.peak, conv_out + half.wire)
-    deeper = trace_forward("alexnet", 64, 3, "float32", batches=(2,))[2]  # conv, ReLU_, pool
+    deeper = full[3][2]  # conv, ReLU_, pool
     assert deeper.peak == trace.peak and deeper.output < conv_out
+
+
+def test_one_pass_traces_each_split_without_the_casts_before_it():
+    floats = trace_splits("alexnet", 64, "float32", batches=(2,))
+    quantized = trace_splits("alexnet", 64, "uint8", batches=(2,))
+    assert len(floats) == len(quantized) == 23  # splits 0..22
+    # uint8 at the first conv holds a float32 temporary besides the features...
+    assert quantized[1][2].peak > floats[1][2].peak
+    # ...which is gone by the pool's small features: the layers' peak counts there.
+    assert quantized[3][2].peak == floats[3][2].peak
+
+
+def test_requests_arriving_together_trace_a_model_once(monkeypatch):
+    calls = []
+
+    def counting_trace(*args):
+        calls.append(args)
+        time.sleep(0.05)
+        return trace_splits(*args)
+
+    monkeypatch.setattr(engine_module, "trace_splits", counting_trace)
+    engine = FeatureEngine(device="cpu", memory_budget=1 << 30)
+    model = engine.load_model(("alexnet", "seed:0"), "alexnet", feature_request("alexnet").weights)
+    requests = [feature_request("alexnet", split=split, preset="imagenet-112")
+                for split in (3, 3, 6, 6)]
+    threads = [threading.Thread(target=engine.memory_cost, args=(model, req)) for req in requests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls == [("alexnet", 112, "float32")]
+    # Each split still has its own cost, from its own trace.
+    assert engine.memory_cost(model, requests[0]) != engine.memory_cost(model, requests[2])
 
 
 def test_cpu_cost_is_linear_in_the_batch_and_the_models_leave_the_budget():
@@ -171,7 +206,7 @@ def test_cpu_cost_is_linear_in_the_batch_and_the_models_leave_the_budget():
     model = engine.load_model(("resnet18", "seed:0"), "resnet18", req.weights)
     cost = engine.memory_cost(model, req)
     assert cost.per_sample > 0 and cost is engine.memory_cost(model, req)
-    assert trace_forward("resnet18", 112, req.split, "float32", (16,))[16].peak <= cost.at(16)
+    assert trace_splits("resnet18", 112, "float32", (16,))[req.split][16].peak <= cost.at(16)
     params = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
     assert engine.resident_bytes == params
     assert engine.memory_capacity() == (1 << 30) - params

@@ -17,22 +17,22 @@ size, on the shaped two-tier set-up of ``benchmarks/shaped.py``,
    luck.
 
 The automatic run chooses the wire format with the split; every timed
-split runs in the format it chose, so that the comparison is between
-splits. Splits the cost model sees as the same work as the chosen one (the
-same bytes on the wire and the same compute on each tier, within 1%: e.g.
-AlexNet's boundaries before and after ``flatten``) are ties: a run cannot
-tell them apart but by noise.
+split runs in the format that run's cost model gave it (its decision's row
+for that split; the format the run used where it made no decision), so that
+each split is timed as the choice would have run it. Splits the cost model
+sees as the same work as the chosen one (the same bytes on the wire and the
+same compute on each tier, within 1%: e.g. AlexNet's boundaries before and
+after ``flatten``) are ties: a run cannot tell them apart but by noise.
 
 A case is a hit when the measured time at the chosen split, or at a split
 tied with it, is within the tolerance (5%) of the fastest split's; the
-report gives the share of hits
-and of exact best choices. A miss is also marked *within noise* when the
-chosen split's runs and the best split's runs overlap (the slowest run of
-the best is slower than the fastest run of the chosen): the measurement
-then cannot order the two, whatever their medians say. Results go to
-``OUT/split_quality.json``, a table to stdout, and ``OUT/split_quality.png``
-draws, per case, the measured time of every split beside the time the cost
-model predicted for it.
+report gives the share of hits and of exact best choices. A miss is also
+marked *within noise* when the chosen split's runs and the best split's
+runs overlap (the slowest run of the best is slower than the fastest run of
+the chosen): the measurement then cannot order the two, whatever their
+medians say. Results go to ``OUT/split_quality.json``, a table to stdout,
+and ``OUT/split_quality.png`` draws, per case, the measured time of every
+split beside the time the cost model predicted for it.
 
     python benchmarks/split_quality.py --quick
     python benchmarks/split_quality.py --models alexnet resnet18 resnet50 \\
@@ -82,9 +82,12 @@ def train_time(metrics):
     return metrics["epochs"][-1]["train"]["time_s"]
 
 
-def format_flags(metrics):
-    """The trainer's flags pinning the wire format an automatic run chose."""
-    name = (metrics.get("split_selection") or {}).get("wire_format")
+def format_flags(metrics, split):
+    """The trainer's flags pinning the wire format an automatic run's cost
+    model gave ``split``, or the format the run used where it has no row."""
+    selection = metrics.get("split_selection") or {}
+    rows = {row["split"]: row for row in (selection.get("decision") or {}).get("rows", ())}
+    name = (rows.get(split) or {}).get("wire_format") or selection.get("wire_format")
     if not name:
         return []
     dtype, _, encoding = name.partition("+")
@@ -120,8 +123,8 @@ def predicted_epoch_s(metrics):
 
 
 def timed_run(tiers, flags, split, name, out_dir, limit=None):
-    """One run at ``split`` (``tiers.measure``'s record)."""
-    command = python(TRAINER, *flags, "--manual_split", "--split_idx", split)
+    """One run at ``split`` with ``flags(split)`` (``tiers.measure``'s record)."""
+    command = python(TRAINER, *flags(split), "--manual_split", "--split_idx", split)
     return run_measured(tiers, tiers.trainer_command(command), name, out_dir, limit)
 
 
@@ -177,12 +180,15 @@ def run_case(tiers, settings, model, rate, batch, out_dir):
     again (:func:`confirm`).
     """
     freeze = zoo.MODELS[model].default_freeze
-    flags = run_flags(settings, model, batch)
+    base = run_flags(settings, model, batch)
     tag = f"{model}-{rate}mbit-b{batch}"
-    auto = run_measured(tiers, tiers.trainer_command(python(TRAINER, *flags)),
+    auto = run_measured(tiers, tiers.trainer_command(python(TRAINER, *base)),
                         f"{tag}-auto", out_dir).metrics
     chosen = auto["split"]
-    flags += format_flags(auto)
+
+    def flags(split):
+        return [*base, *format_flags(auto, split)]
+
     order = [chosen, *(s for s in range(freeze, -1, -1) if s != chosen)]
     runs = screen(tiers, settings, flags, tag, order, out_dir)
     contenders = confirm(tiers, settings, flags, tag, runs, chosen, out_dir)

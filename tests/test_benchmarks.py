@@ -280,6 +280,18 @@ def test_splits_of_the_same_bytes_and_compute_are_ties():
     assert tied_splits({"split_selection": {"decision": None}}, 5) == [5]
 
 
+def test_each_split_is_timed_in_the_format_its_row_predicted():
+    format_flags = benchmark_module("split_quality").format_flags
+    rows = [{"split": 0, "wire_format": ""}, {"split": 5, "wire_format": "uint8+zstd"},
+            {"split": 10, "wire_format": "float16"}]
+    metrics = {"split_selection": {"wire_format": "float16+zstd", "decision": {"rows": rows}}}
+    assert format_flags(metrics, 5) == ["--wire_dtype", "uint8", "--wire_encoding", "zstd"]
+    assert format_flags(metrics, 10) == ["--wire_dtype", "float16", "--wire_encoding", "raw"]
+    # No row, or split 0's empty format: the format the run used.
+    assert format_flags(metrics, 0) == ["--wire_dtype", "float16", "--wire_encoding", "zstd"]
+    assert format_flags({"split_selection": {"decision": None}}, 3) == []
+
+
 def test_rate_change_counts_the_shards_between_the_change_and_the_new_decision():
     shards_to_decision = benchmark_module("rate_change").shards_to_decision
     history = [{"monotonic_s": 1.0, "why": "profiled"},

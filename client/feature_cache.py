@@ -43,6 +43,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 import hapi
+from hapi import wire
 
 FORMAT = "hapi-feature-cache/1"
 SUFFIX = ".safetensors"
@@ -83,7 +84,7 @@ class Entry:
 def _checksum(inputs, labels, keys):
     digest = hashlib.sha256()
     for tensor in (inputs, labels):
-        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        digest.update(wire.raw_bytes(tensor))
     digest.update(json.dumps(keys).encode())
     return digest.hexdigest()
 

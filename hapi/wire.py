@@ -169,14 +169,19 @@ def pack_features(x, dtype, encoding="raw"):
     if encoding != "zstd":
         raise ValueError(f"unknown wire encoding {encoding!r}; known: {', '.join(WIRE_ENCODINGS)}")
     features = tensors["features"]
-    # Flat first: a contiguous tensor with dimensions of size 1 (features
-    # after a global pool, [N, C, 1, 1], from a channels-last forward) may
-    # keep a last stride other than 1, which view() to bytes refuses.
-    raw = features.reshape(-1).view(torch.uint8).numpy() if features.numel() else b""
-    compressed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
+    compressed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw_bytes(features))
     tensors["features"] = torch.frombuffer(bytearray(compressed), dtype=torch.uint8)
     return PackedFeatures(tensors, {"encoding": "zstd", "features_dtype": dtype,
                                     "features_shape": json.dumps(list(features.shape))})
+
+
+def raw_bytes(tensor):
+    """A CPU tensor's bytes in its element order, as a flat uint8 array.
+
+    Flat before the byte view: a contiguous tensor with dimensions of size 1
+    (features after a global pool, ``[N, C, 1, 1]``, from a channels-last
+    forward) may keep a last stride other than 1, which ``view`` refuses."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def feature_bytes(sample_shape, dtype, frame_samples):

@@ -186,8 +186,9 @@ def test_a_second_run_decides_before_its_first_feature_request(cluster, tmp_path
     assert after["profiling"]["trainer_times"] == "cached"
     assert after["profiling"]["trainer_times_s"] < before["profiling"]["trainer_times_s"]
     assert after["profile"]["layers"][0]["storage_s"] > 0
-    # One file of layer times, one of the wire formats' costs.
-    assert len(list(tmp_path.iterdir())) == 2
+    # Layer times at two small batches (the training batch, 20, is larger
+    # than the profile's), one file of the wire formats' costs.
+    assert len(list(tmp_path.iterdir())) == 3
 
 
 # Pieces, without Swift ---------------------------------------------------------------

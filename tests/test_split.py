@@ -49,6 +49,7 @@ from hapi.client.autosplit.profiling import (
     LayerProfile,
     Profile,
     TrainerTimes,
+    at_batch,
     measure_copy_rate,
     measure_decode,
     measure_trainer_layers,
@@ -1060,18 +1061,22 @@ def test_profiler_handles_inplace_layers_in_the_trainable_part():
 
 
 def test_trainer_times_are_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
-    """The trainer times its layers at a small batch once per model, device,
-    batch and library versions; a second run reads them (JSON) from the
-    cache; a file that does not match, or a cache that cannot be written,
-    only means measuring again."""
+    """The trainer times its layers at two small batches once per model,
+    device, batch and library versions and extrapolates to the training
+    batch; a second run reads them (JSON) from the cache; a file that does
+    not match, or a cache that cannot be written, only means measuring again."""
     model = zoo.build_model("resnet18", seed=0).freeze(11)
     cache = TrainerTimesCache(tmp_path / "profiles")
     first, cached = trainer_times(model, (3, 32, 32), 11, 32, "cpu", 0, cache)
-    assert not cached and first.batch_size == PROFILE_BATCH
-    [stored] = (tmp_path / "profiles").iterdir()
-    doc = json.loads(stored.read_text())
-    assert doc["key"] == times_key(model, (3, 32, 32), 11, PROFILE_BATCH, "cpu")
-    assert doc["key"]["torch"] == torch.__version__
+    assert not cached and first.batch_size == 32
+    stored = sorted((tmp_path / "profiles").iterdir())
+    docs = [json.loads(path.read_text()) for path in stored]
+    assert sorted(doc["key"]["batch"] for doc in docs) == [PROFILE_BATCH // 4, PROFILE_BATCH]
+    large = next(doc for doc in docs if doc["key"]["batch"] == PROFILE_BATCH)
+    assert large["key"] == times_key(model, (3, 32, 32), 11, PROFILE_BATCH, "cpu")
+    assert large["key"]["torch"] == torch.__version__
+    assert all(ours <= theirs
+               for ours, theirs in zip(first.forward_s, large["times"]["forward_s"], strict=True))
 
     def no_measuring(*args, **kwargs):
         raise AssertionError("measured again")
@@ -1085,10 +1090,11 @@ def test_trainer_times_are_measured_once_then_read_from_the_cache(tmp_path, monk
         trainer_times(model, (3, 64, 64), 11, 32, "cpu", 0, cache)
     monkeypatch.undo()
 
-    stored.write_text(json.dumps({**doc, "key": {**doc["key"], "torch": "0.0"}}))
+    path = stored[docs.index(large)]
+    path.write_text(json.dumps({**large, "key": {**large["key"], "torch": "0.0"}}))
     again, cached = trainer_times(model, (3, 32, 32), 11, 4, "cpu", 0, cache)
     assert not cached and again.batch_size == 4
-    stored.write_text("{not json")
+    path.write_text("{not json")
     assert not trainer_times(model, (3, 32, 32), 11, 32, "cpu", 0, cache)[1]
     assert trainer_times(model, (3, 32, 32), 11, 32, "cpu", 0, cache)[1]
 
@@ -1097,6 +1103,25 @@ def test_trainer_times_are_measured_once_then_read_from_the_cache(tmp_path, monk
     times, cached = trainer_times(model, (3, 32, 32), 11, 32, "cpu", 0,
                                   TrainerTimesCache(blocked / "profiles"))
     assert not cached and len(times.forward_s) == len(model)
+
+
+def test_per_sample_times_at_a_larger_batch_follow_each_layers_fixed_cost():
+    """A layer whose time does not grow with the batch (its weights read
+    once per batch) costs less per sample at a larger batch; one whose time
+    is proportional does not; one that grew per sample keeps the larger
+    measured batch's time; layers without training times stay without."""
+    small = TrainerTimes(forward_s=[0.5, 1.0, 1.0], train_s=[None, None, 3.0],
+                         batch_size=2, device="cpu", iterations=3)
+    large = TrainerTimes(forward_s=[0.125, 1.0, 1.2], train_s=[None, None, 3.0],
+                         batch_size=8, device="cpu", iterations=3)
+    times = at_batch(small, large, 32)
+    assert times.forward_s == pytest.approx([1 / 32, 1.0, 1.2])
+    assert times.train_s[:2] == [None, None] and times.train_s[2] == pytest.approx(3.0)
+    assert times.batch_size == 32
+    with pytest.raises(ValueError, match="two smaller measured batches"):
+        at_batch(large, small, 32)
+    with pytest.raises(ValueError, match="two smaller measured batches"):
+        at_batch(small, large, 8)
 
 
 def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):

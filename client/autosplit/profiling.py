@@ -6,12 +6,13 @@ code that takes them before training (``hapi.client.autosplit.estimator``
 folds in what the stream measures during it):
 
 - :class:`Profile` (with one :class:`LayerProfile` per layer): plain
-  dataclasses that round-trip through JSON. Times are seconds *per sample*,
-  sizes bytes *per sample*, so one profile serves any batch size.
+  dataclasses that round-trip through JSON. Times are seconds *per sample*
+  at the batch the profile is for, sizes bytes *per sample*.
 - :func:`measure_trainer_layers`: per-layer forward time of every layer and
   forward+backward time of the trainable ones, on the trainer (a few timed
-  passes after a warm-up); :func:`trainer_times` runs it at a small batch
-  and keeps the result on local disk
+  passes after a warm-up); :func:`trainer_times` runs it at one or two
+  small batches, extrapolates to the training batch (:func:`at_batch`),
+  and keeps the measurements on local disk
   (``hapi.client.autosplit.profilecache``), so that a second run of the
   same model does not measure again.
 - :func:`measure_decode` (vanilla's decode + preprocess on the trainer) and
@@ -53,7 +54,7 @@ from hapi.hostmem import available_memory_bytes
 from hapi.preprocess import DecodeError, preprocess, preset_size
 
 __all__ = [
-    "PROFILE_FORMAT", "LayerProfile", "Profile", "TrainerTimes",
+    "PROFILE_FORMAT", "LayerProfile", "Profile", "TrainerTimes", "at_batch",
     "free_memory_bytes", "measure_copy_rate", "measure_decode", "measure_profile",
     "measure_trainer_layers", "profile_from_model", "trainer_times",
 ]
@@ -441,13 +442,29 @@ def profile_from_model(model, *, input_shape: Sequence[int], freeze: int, batch_
 
 def trainer_times(model, input_shape, freeze: int, batch_size: int, device, seed: int,
                   cache: TrainerTimesCache | None = None) -> tuple[TrainerTimes, bool]:
-    """Every layer's per-sample time on the trainer (:func:`measure_trainer_layers`)
-    at a small batch (at most :data:`PROFILE_BATCH` samples: the per-sample
-    times are what the cost model uses), from ``cache`` when it holds them
-    for this model, device, batch and library versions, else measured and
-    stored there. Returns (times, whether they came from the cache)."""
+    """Every layer's per-sample time on the trainer at ``batch_size``.
+
+    A batch up to :data:`PROFILE_BATCH` samples is timed as it is
+    (:func:`measure_trainer_layers`). A larger one is not: the times at
+    :data:`PROFILE_BATCH` and at a quarter of it are extrapolated
+    (:func:`at_batch`), because per-sample times fall with the batch (a
+    linear layer reads all its weights once per batch: AlexNet's classifier
+    takes about the same time for 2 samples as for 8) and timing the
+    training batch itself would make profiling as long as training. Each
+    measured batch is read from ``cache`` when it holds it for this model,
+    device and library versions, else measured and stored there. Returns
+    (times, whether every measurement came from the cache)."""
     device = torch.device(device)
-    batch = min(batch_size, PROFILE_BATCH)
+    if batch_size <= PROFILE_BATCH:
+        return _times_at(model, input_shape, freeze, batch_size, device, seed, cache)
+    large, large_cached = _times_at(model, input_shape, freeze, PROFILE_BATCH, device, seed,
+                                    cache)
+    small, small_cached = _times_at(model, input_shape, freeze, PROFILE_BATCH // 4, device,
+                                    seed, cache)
+    return at_batch(small, large, batch_size), large_cached and small_cached
+
+
+def _times_at(model, input_shape, freeze, batch, device, seed, cache):
     key = times_key(model, input_shape, freeze, batch, device) if cache else None
     if cache is not None and (doc := cache.get(key)) is not None:
         with contextlib.suppress(TypeError, ValueError):
@@ -457,6 +474,35 @@ def trainer_times(model, input_shape, freeze: int, batch_size: int, device, seed
     if cache is not None:
         cache.put(key, asdict(times))
     return times, False
+
+
+def at_batch(small: TrainerTimes, large: TrainerTimes, batch: int) -> TrainerTimes:
+    """Per-sample times at ``batch`` from those measured at two smaller batches.
+
+    Each layer's time per batch is taken as affine in the batch, ``T(n) =
+    fixed + n * v`` (the fixed part: reading weights, launching kernels),
+    through the two measurements: per sample at ``batch`` that is ``v +
+    fixed / batch``. With ``v`` clamped at 0 and ``fixed`` anchored on the
+    larger measurement (the steadier one, and the nearer to ``batch``), a
+    layer whose per-sample time grew from the small batch to the large one
+    keeps the large batch's, and none is predicted below ``v``."""
+    if not small.batch_size < large.batch_size < batch:
+        raise ValueError(f"extrapolating to batch {batch} needs two smaller measured "
+                         f"batches, got {small.batch_size} and {large.batch_size}")
+
+    def per_sample(low: float | None, high: float | None) -> float | None:
+        if low is None or high is None:
+            return None
+        t_low, t_high = low * small.batch_size, high * large.batch_size
+        slope = max((t_high - t_low) / (large.batch_size - small.batch_size), 0.0)
+        fixed = max(t_high - large.batch_size * slope, 0.0)
+        return min(slope + fixed / batch, high)
+
+    return TrainerTimes(
+        forward_s=[per_sample(lo, hi)
+                   for lo, hi in zip(small.forward_s, large.forward_s, strict=True)],
+        train_s=[per_sample(lo, hi) for lo, hi in zip(small.train_s, large.train_s, strict=True)],
+        batch_size=batch, device=large.device, iterations=large.iterations)
 
 
 def format_costs(model, inputs, config, cache: TrainerTimesCache | None = None):

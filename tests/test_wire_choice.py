@@ -6,6 +6,7 @@ from a real zoo model, and formats are measured on real preprocessed images.
 """
 
 import io
+import statistics
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from PIL import Image
 from hapi import names, zoo
 from hapi.client.autosplit import AutomaticSplit
 from hapi.client.autosplit.costmodel import choose_split
+from hapi.client.autosplit.estimator import ReceiveCost
 from hapi.client.autosplit.profiling import LayerProfile, Profile
 from hapi.client.autosplit.wireformats import (
     FormatCosts,
@@ -189,13 +191,60 @@ def test_the_selector_starts_on_the_fewest_bytes_and_routes_its_choice():
     assert selector.history[-1]["to_format"] == "uint8+zstd"
 
 
+def test_the_receive_cost_has_a_part_per_request_and_a_part_per_byte():
+    # 0.2 ms a sample whatever the bytes, plus 0.1 us a byte.
+    def cost(per_sample_bytes):
+        return 2e-4 + 1e-7 * per_sample_bytes
+
+    fit = ReceiveCost(window=16)
+    assert fit.costs() == (0.0, 0.0) and not fit
+    for size in (1000, 1100, 1000):
+        fit.observe(size, cost(size))
+    # Shards alike in bytes cannot tell the two parts apart: all per sample.
+    assert not fit.separable
+    assert fit.costs() == (pytest.approx(cost(1000)), 0.0)
+    for size in (4000, 8000):
+        fit.observe(size, cost(size))
+    assert fit.separable
+    assert fit.costs() == (pytest.approx(2e-4), pytest.approx(1e-7))
+    # Once measured, the cost per byte stays when the window holds one size again.
+    for _ in range(16):
+        fit.observe(8000, cost(8000))
+    assert fit.costs() == (pytest.approx(2e-4), pytest.approx(1e-7))
+    # A cost that grows faster than the bytes (a negative part per request)
+    # counts wholly per byte.
+    steep = ReceiveCost(window=16)
+    for size in (1000, 4000):
+        steep.observe(size, 1e-7 * size - 5e-5)
+    assert steep.costs() == (0.0, pytest.approx(statistics.median([0.5e-7, 0.875e-7])))
+
+
+def test_the_receive_cost_per_sample_weighs_on_every_split():
+    profile = formats_profile(bandwidth=1e5)
+    base = {row.split: row.trainer_host_s for row in choose_split(profile).rows}
+    costly = choose_split(profile.with_measurements(trainer_receive_s_per_sample=1e-3))
+    assert {row.split: row.trainer_host_s for row in costly.rows} == \
+        {split: pytest.approx(host + 4 * 1e-3) for split, host in base.items()}
+
+
 def test_the_loaders_cpu_beyond_the_decode_is_the_receive_cost():
     selector = AutomaticSplit(formats_profile(bandwidth=1e5, decode_s=1e-3),
-                              log=lambda line: None, profile_frames=100, max_profile_shards=100)
+                              log=lambda line: None, profile_frames=1, max_profile_shards=1)
     for _ in range(3):  # 24 ms for 8 samples, of which 8 decoding, over 4100 bytes
         selector.observe(shard_at(2, "uint8+zstd", host_cpu_s=24e-3))
-    assert selector.current_profile().trainer_receive_s_per_byte == \
-        pytest.approx(16e-3 / 4100)
+    profile = selector.current_profile()
+    assert profile.trainer_receive_s_per_sample == pytest.approx(16e-3 / 8)
+    assert profile.trainer_receive_s_per_byte == 0.0
+    assert [step["why"] for step in selector.history] == ["profiling bound reached (1 shards)"]
+    # Shards ten times larger in bytes tell the two parts apart, and the
+    # split is chosen again with them: 16 ms more for 36000 more bytes.
+    for _ in range(3):
+        selector.observe(shard_at(2, "uint8+zstd", host_cpu_s=40e-3, nbytes=40000))
+    profile = selector.current_profile()
+    assert profile.trainer_receive_s_per_byte == pytest.approx(16e-3 / 36000)
+    assert profile.trainer_receive_s_per_sample == pytest.approx(
+        (16e-3 - 16e-3 / 36000 * 4100) / 8)
+    assert [step["why"] for step in selector.history][1:] == ["receive cost per byte measured"]
 
 
 # The ranged probe --------------------------------------------------------------------

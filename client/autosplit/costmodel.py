@@ -23,7 +23,8 @@ the wire dtype, ``a[s]`` in float32)::
     N(s)     = wire(s) / bandwidth
     H(s)     = trainer_decode_s + trainer_copy_s_per_byte * a[0]   s = 0
              = trainer_copy_s_per_byte * b[s]                       s > 0
-               (either + trainer_receive_s_per_byte * wire(s))
+               (either + trainer_receive_s_per_sample
+                       + trainer_receive_s_per_byte * wire(s))
     C(s)     = sum(t_T[s:f]) + sum(t_TB[f:L]) + trainer_step_s / batch
 
 The storage tier, the link and the trainer are three resources that work at
@@ -64,11 +65,14 @@ split ``s > 0`` is predicted in every format ``F``::
 
     wire(s, F) = bytes_F[s] + frame_overhead_bytes
     S(s, F)    = storage_decode_s + sum(t_S[0:s]) + rho * encode_F[s]
-    H(s, F)    = decode_F[s] + trainer_receive_s_per_byte * wire(s, F)
+    H(s, F)    = decode_F[s] + trainer_receive_s_per_sample
+                 + trainer_receive_s_per_byte * wire(s, F)
 
-(``rho``: the storage/trainer speed ratio below; ``trainer_receive_s_per_byte``:
-the loader's measured CPU per received byte beyond the decode, which every
-``H`` above includes, vanilla's too), and each split's row is its best
+(``rho``: the storage/trainer speed ratio below;
+``trainer_receive_s_per_sample`` and ``trainer_receive_s_per_byte``: the
+loader's measured CPU beyond the decode, per sample whatever the split and
+per received byte, which every ``H`` above includes, vanilla's too), and
+each split's row is its best
 format. Without formats the split's features are ``wire_dtype``, raw, as in
 the formulas above.
 
@@ -330,7 +334,7 @@ def evaluate_split(profile: Profile, split: int, freeze: int | None = None, *,
         storage = p.storage_decode_s + sum(storage_times[:split]) + \
             p.storage_to_wire_s_per_byte * b[split]
         host = p.trainer_copy_s_per_byte * b[split]
-    host += p.trainer_receive_s_per_byte * wire
+    host += p.trainer_receive_s_per_sample + p.trainer_receive_s_per_byte * wire
     transfer = wire / p.bandwidth_bytes_per_s
     compute = sum(layer.trainer_forward_s for layer in layers[split:freeze]) + \
         sum(_train_time(layer) for layer in layers[freeze:]) + p.trainer_step_s / batch
@@ -513,7 +517,7 @@ def _inputs(p: Profile) -> dict:
     """The scalar measurements a decision was made with (for the metrics JSON)."""
     names = ("batch_size", "bandwidth_bytes_per_s", "raw_bytes", "wire_dtype", "storage_decode_s",
              "trainer_decode_s", "trainer_copy_s_per_byte", "trainer_receive_s_per_byte",
-             "trainer_step_s",
+             "trainer_receive_s_per_sample", "trainer_step_s",
              "request_latency_s", "samples_per_request", "storage_batch", "prefetch_depth",
              "trainer_device", "trainer_free_bytes", "trainer_host_free_bytes",
              "storage_budget_bytes", "epoch_samples")

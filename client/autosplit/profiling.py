@@ -131,10 +131,12 @@ class Profile:
     freeze index; the cost model chooses among them with the split. Empty:
     the one format ``wire_dtype`` (raw), sized by ``boundary_bytes`` and
     costed by ``storage_to_wire_s_per_byte`` and ``trainer_copy_s_per_byte``.
-    ``trainer_receive_s_per_byte``: the trainer's loader CPU per received
-    byte beyond the decode times (socket reads, the frames' parsing, copies:
-    what a decode timed alone does not see), measured on the real loader
-    during the run; 0 until measured.
+    ``trainer_receive_s_per_sample`` and ``trainer_receive_s_per_byte``: the
+    trainer's loader CPU beyond the decode times (the request, socket reads,
+    the frames' parsing, copies: what a decode timed alone does not see), a
+    part per sample whatever the split and a part per received byte,
+    measured on the real loader during the run
+    (``hapi.client.autosplit.estimator.ReceiveCost``); 0 until measured.
     """
 
     model: str
@@ -166,6 +168,7 @@ class Profile:
     epoch_samples: int | None = None
     wire_formats: dict = field(default_factory=dict)
     trainer_receive_s_per_byte: float = 0.0
+    trainer_receive_s_per_sample: float = 0.0
 
     def __post_init__(self):
         self.input_shape = tuple(self.input_shape)
@@ -174,9 +177,9 @@ class Profile:
             if len(costs.bytes) != self.freeze + 1:
                 raise ValueError(f"wire format {name} needs costs at the {self.freeze + 1} "
                                  f"boundaries up to the freeze index, got {len(costs.bytes)}")
-        if not self.trainer_receive_s_per_byte >= 0:
-            raise ValueError("trainer_receive_s_per_byte must be >= 0, got "
-                             f"{self.trainer_receive_s_per_byte}")
+        for name in ("trainer_receive_s_per_byte", "trainer_receive_s_per_sample"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self.layers = [layer if isinstance(layer, LayerProfile) else LayerProfile(**layer)
                        for layer in self.layers]
         n = len(self.layers)

@@ -16,12 +16,11 @@ is large.
 import math
 import statistics
 import time
-from collections import deque
 
 from tqdm import tqdm
 
 from hapi.client.autosplit.costmodel import Decision, choose_split
-from hapi.client.autosplit.estimator import LinkClock, OnlineEstimator
+from hapi.client.autosplit.estimator import LinkClock, OnlineEstimator, ReceiveCost
 from hapi.client.autosplit.plot import plot_decision
 from hapi.client.autosplit.profilecache import TrainerTimesCache
 from hapi.client.autosplit.profiling import Profile, measure_profile
@@ -52,7 +51,7 @@ STEP_SAMPLES = 16  # optimizer steps timed for the profile's trainer_step_s
 # alone, and within an epoch of the last change re-decides once
 # DRIFT_MIN_OBSERVATIONS confirm it: a link reshaped to half its rate reads 1.8-2.1x.
 LARGE_DRIFT_FACTOR = 1.6
-HOST_WINDOW = 16  # shards whose loader CPU gives the trainer's receive cost per byte
+HOST_WINDOW = 16  # shards whose loader CPU gives the trainer's receive cost
 
 
 def default_estimator() -> OnlineEstimator:
@@ -142,7 +141,7 @@ class AutomaticSplit:
         self._profiling = profiling or {}
         self._log = log
         self._step_times: list[float] = []
-        self._receive_costs = deque(maxlen=HOST_WINDOW)
+        self._receive_cost = ReceiveCost(HOST_WINDOW)
         self._frame_overhead_bytes = profile.frame_overhead_bytes
         self._shards = 0
         self._samples = 0
@@ -264,7 +263,12 @@ class AutomaticSplit:
             # Frame headers, keys, labels, timings: what a frame adds to its
             # features (compressed features count as features).
             self._frame_overhead_bytes = max(shard.bytes_received - features, 0) / samples
+            separable = self._receive_cost.separable
             self._observe_host(shard, samples)
+            if self._profiled and self._receive_cost.separable and not separable:
+                # Shards of another size now tell the receive cost per byte from
+                # the cost per request: new knowledge of every split's trainer stage.
+                self._decide("receive cost per byte measured")
         self._samples += len(shard.keys)
         self._observed_at.append(time.monotonic())
         try:
@@ -275,8 +279,7 @@ class AutomaticSplit:
 
     def _observe_host(self, shard, samples) -> None:
         """The loader's CPU for the shard beyond the decode the profile
-        predicts for its split and format, per received byte: the trainer's
-        receive cost."""
+        predicts for its split and format: the trainer's receive cost."""
         formats = self._profile.wire_formats
         if shard.split == 0 or shard.host_cpu_s <= 0 or shard.bytes_received <= 0:
             return
@@ -286,7 +289,7 @@ class AutomaticSplit:
             decode = self._profile.trainer_copy_s_per_byte * \
                 self._profile.boundary_bytes[shard.split]
         beyond = max(shard.host_cpu_s - decode * samples, 0.0)
-        self._receive_costs.append(beyond / shard.bytes_received)
+        self._receive_cost.observe(shard.bytes_received / samples, beyond / samples)
 
     def report(self) -> dict:
         """The decision (its table too), how it came about, and what it was made from."""
@@ -328,8 +331,9 @@ class AutomaticSplit:
         measured = {"frame_overhead_bytes": self._frame_overhead_bytes}
         if self._step_times:
             measured["trainer_step_s"] = statistics.median(self._step_times)
-        if self._receive_costs:
-            measured["trainer_receive_s_per_byte"] = statistics.median(self._receive_costs)
+        if self._receive_cost:
+            (measured["trainer_receive_s_per_sample"],
+             measured["trainer_receive_s_per_byte"]) = self._receive_cost.costs()
         with self._lock:
             return self._estimator.apply(self._profile.with_measurements(**measured))
 

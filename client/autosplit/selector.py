@@ -254,6 +254,7 @@ class AutomaticSplit:
             self._observe(shard)
 
     def _observe(self, shard) -> None:
+        separated = False
         if shard.frames:
             # One observation per shard: per-sample times over all its frames,
             # so that a small last frame does not weigh like a full one.
@@ -265,13 +266,14 @@ class AutomaticSplit:
             self._frame_overhead_bytes = max(shard.bytes_received - features, 0) / samples
             separable = self._receive_cost.separable
             self._observe_host(shard, samples)
-            if self._profiled and self._receive_cost.separable and not separable:
-                # Shards of another size now tell the receive cost per byte from
-                # the cost per request: new knowledge of every split's trainer stage.
-                self._decide("receive cost per byte measured")
+            separated = self._receive_cost.separable and not separable
         self._samples += len(shard.keys)
         self._observed_at.append(time.monotonic())
         try:
+            if separated and self._profiled:
+                # Shards of another size now tell the receive cost per byte from
+                # the cost per request: new knowledge of every split's trainer stage.
+                self._decide("receive cost per byte measured")
             self._update()
         except ValueError as err:
             raise SplitSelectionError(f"automatic split selection: {err} (choose a split "

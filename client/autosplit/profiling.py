@@ -453,8 +453,8 @@ def trainer_times(model, input_shape, freeze: int, batch_size: int, device, seed
     (:func:`at_batch`), because per-sample times fall with the batch (a
     linear layer reads all its weights once per batch: AlexNet's first
     classifier layer takes twice the time for 8 samples as for 2, not four
-    times) and timing the
-    training batch itself would make profiling as long as training. Each
+    times) and timing the training batch itself would make profiling as
+    long as training. Each
     measured batch is read from ``cache`` when it holds it for this model,
     device and library versions, else measured and stored there. Returns
     (times, whether every measurement came from the cache)."""

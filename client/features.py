@@ -11,6 +11,7 @@ Nothing of the storage tier: no eventlet, no aiohttp, no Swift server code
 
 import time
 import urllib.parse
+from collections import deque
 from dataclasses import dataclass, field
 
 from swiftclient import Connection
@@ -18,6 +19,25 @@ from swiftclient import Connection
 from hapi import protocol, wire
 
 CHUNK_BYTES = 1 << 20
+# After an idle moment a shaper's bucket (tc tbf: 32 KiB in the benchmarks)
+# and the socket buffers let about this many bytes of a body through at
+# once, however slow the link: they are not timed (:func:`burst_end`), and
+# frames smaller than this are not timed at all.
+BURST_BYTES = 64 * 1024
+
+
+def burst_end(arrivals, start, end):
+    """Where the first bytes of the body's bytes ``[start, end)`` that may
+    have come in a burst end: of ``arrivals``, ``(body offset, time)`` per
+    chunk read, in order, the last one inside ``(start, start +
+    BURST_BYTES)`` and before ``end``; None if there is none."""
+    found = None
+    for offset, at in arrivals:
+        if offset >= min(start + BURST_BYTES, end):
+            break
+        if offset > start:
+            found = (offset, at)
+    return found
 
 
 class ChunkReader:
@@ -28,12 +48,15 @@ class ChunkReader:
     A frame is therefore complete as soon as its last byte is here, never
     held until the next frame's first bytes fill a chunk (the next frame may
     still be computing). ``arrived_at``: ``time.perf_counter()`` when the
-    bytes read last arrived."""
+    bytes read last arrived; :meth:`burst_end`: when a frame's first bytes
+    were here."""
 
     def __init__(self, read_some):
         self._read_some = read_some
         self._buffer = bytearray()
         self._pos = 0
+        self._received = 0
+        self._arrivals = deque()  # (body offset after the chunk, time) per chunk read
         self.bytes_read = 0
         self.arrived_at = time.perf_counter()
 
@@ -43,6 +66,8 @@ class ChunkReader:
             if not chunk:
                 break
             self.arrived_at = time.perf_counter()
+            self._received += len(chunk)
+            self._arrivals.append((self._received, self.arrived_at))
             del self._buffer[:self._pos]
             self._pos = 0
             self._buffer += chunk
@@ -51,13 +76,22 @@ class ChunkReader:
         self.bytes_read += len(data)
         return data
 
+    def burst_end(self, start, end):
+        """:func:`burst_end` of the bytes ``[start, end)`` read; the chunks
+        that arrived before ``end`` are forgotten (ask in the body's order)."""
+        found = burst_end(self._arrivals, start, end)
+        while self._arrivals and self._arrivals[0][0] <= end:
+            self._arrivals.popleft()
+        return found
+
 
 @dataclass
 class FeatureStream:
     """One shard's features: the response headers, then frames as they arrive.
 
     ``arrivals``: per frame read (the end frame too), when its last byte
-    arrived and the body's bytes up to its end."""
+    arrived, the body's bytes up to its end, and where its first bytes that
+    may have come in a burst end (:meth:`ChunkReader.burst_end`)."""
 
     headers: dict
     reader: ChunkReader
@@ -88,7 +122,8 @@ class FeatureStream:
         dtype (``frame.float_features()`` dequantizes uint8 to float32);
         raises wire.StreamError on an in-stream error."""
         for frame in wire.read_frames(self.reader.read, self.max_frame_bytes):
-            self.arrivals.append((self.reader.arrived_at, self.reader.bytes_read))
+            start, end = self.arrivals[-1][1] if self.arrivals else 0, self.reader.bytes_read
+            self.arrivals.append((self.reader.arrived_at, end, self.reader.burst_end(start, end)))
             if frame.kind == "batch":
                 yield frame
             else:

@@ -8,7 +8,11 @@ over as soon as its last byte is here, and, through the session's Swift,
 the frames' ``ready_s`` and arrivals a real feature request gives.
 """
 
+import itertools
+import time
+
 import pytest
+import torch
 from helpers import feature_request, small_shard_connection
 from pytest import approx
 
@@ -21,7 +25,7 @@ from hapi.client.autosplit.estimator import (
     OnlineEstimator,
 )
 from hapi.client.data import FramesOnLink, ShardRef, Transfer, leading_samples
-from hapi.client.features import ChunkReader, FeatureStream, fetch_features
+from hapi.client.features import BURST_BYTES, ChunkReader, FeatureStream, fetch_features
 
 CONTAINER = "hapi-link-estimate"
 
@@ -139,8 +143,9 @@ def test_frames_on_link_are_counted_from_the_headers_in_the_storage_tiers_clock(
 
     def parts(replayed):
         on_link = FramesOnLink(10.0, replayed)
-        frames = [on_link.frame(t, *arrived) for t, arrived in zip(timings, arrivals, strict=False)]
-        assert [*frames, on_link.end(*arrivals[-1])] == on_link.parts
+        frames = [part for t, arrived in zip(timings, arrivals, strict=False)
+                  for part in on_link.frame(t, *arrived)]
+        assert [*frames, *on_link.end(*arrivals[-1])] == on_link.parts
         return on_link.parts
 
     assert parts(False) == [(10.0, 10.5, 100), (10.75, 11.0, 150), (11.0, 11.75, 150),
@@ -150,7 +155,55 @@ def test_frames_on_link_are_counted_from_the_headers_in_the_storage_tiers_clock(
     # A frame's ready time never falls after its arrival.
     on_link = FramesOnLink(10.0)
     on_link.frame({"ready_s": 0.0}, 10.2, 10)
-    assert on_link.frame({"ready_s": 9.0}, 10.4, 20) == (10.4, 10.4, 10)
+    assert on_link.frame({"ready_s": 9.0}, 10.4, 20) == [(10.4, 10.4, 10)]
+
+
+def test_a_frame_that_found_its_connection_idle_is_timed_after_its_first_burst():
+    """A 1 MB/s link whose shaper passes 32 KiB at once after an idle moment.
+    A 160 KB frame ready on an idle connection: its first 32 KiB arrive at
+    once, the rest at 1 MB/s; timed whole it reads 1.26 MB/s. As two parts,
+    its first bytes up to the burst's end (48 KiB, untimed) and the rest,
+    the link reads 1 MB/s. The next frame, ready before the first had
+    arrived, was queued behind it: one part, timed whole."""
+    rate, bucket, size, burst = 1e6, 32 * 1024, 160_000, 48 * 1024
+
+    def arrived(offset):  # when the body's first ``offset`` bytes were here
+        return max(offset - bucket, 0) / rate
+
+    assert size / arrived(size) == approx(1.26 * rate, rel=0.01)
+    on_link = FramesOnLink(0.0)
+    first = on_link.frame({"ready_s": 1.0}, arrived(size), size, (burst, arrived(burst)))
+    assert first == [(0.0, arrived(burst), burst), (arrived(burst), arrived(size), size - burst)]
+    done = arrived(size) + size / rate
+    second = on_link.frame({"ready_s": 1.1}, done, 2 * size, (size + burst, done - 0.1))
+    assert second == [(approx(0.1), done, size)]
+    link, estimator = clock()
+    link.observe(Transfer(2 * size, 0.0, 0.0, done, frames_on_link=tuple(on_link.parts)))
+    assert estimator.bandwidth_bytes_per_s == approx(rate)
+
+
+def test_the_reader_tells_where_each_frames_first_burst_ends():
+    """Frames of about 100 KB read 16 KiB at a time: for each, the last
+    chunk that arrived within its first BURST_BYTES, when it arrived."""
+    frames = [wire.encode_frame("batch", {"index": str(i), "keys": ["a"], "timings": {}},
+                                features=torch.zeros(1, 25_000)) for i in range(3)]
+    body, chunk = b"".join(frames), 16 * 1024
+    pieces = [body[at:at + chunk] for at in range(0, len(body), chunk)]
+    handed = []
+
+    def read_some(n):
+        handed.append(time.perf_counter())
+        return pieces.pop(0) if pieces else b""
+
+    stream = FeatureStream(headers={}, reader=ChunkReader(read_some))
+    assert len(list(itertools.islice(stream, 3))) == 3
+    start = 0
+    for (_, end, (offset, at)), frame in zip(stream.arrivals, frames, strict=True):
+        assert end == start + len(frame)
+        assert offset % chunk == 0 and start < offset < start + BURST_BYTES
+        assert offset + chunk >= min(start + BURST_BYTES, end)
+        assert handed[offset // chunk - 1] <= at <= handed[offset // chunk]
+        start = end
 
 
 def test_a_frame_is_handed_over_before_the_next_frames_bytes_exist():
@@ -168,7 +221,7 @@ def test_a_frame_is_handed_over_before_the_next_frames_bytes_exist():
 
     stream = FeatureStream(headers={}, reader=ChunkReader(read_some))
     assert next(iter(stream)).keys == ["a"]
-    assert [offset for _, offset in stream.arrivals] == [len(first)]
+    assert [offset for _, offset, _ in stream.arrivals] == [len(first)]
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +238,7 @@ def test_a_feature_stream_tells_when_each_frame_was_ready_and_arrived(conn):
     ready = [frame.timings["ready_s"] for frame in frames]
     assert len(frames) == 3 and ready == sorted(ready) and ready[0] > 0
     assert len(stream.arrivals) == 4 and stream.end is not None
-    offsets = [offset for _, offset in stream.arrivals]
+    offsets = [offset for _, offset, _ in stream.arrivals]
     assert offsets == sorted(offsets) and offsets[-1] == stream.reader.bytes_read
     answered = stream.arrivals[0][0] - 1.0
     on_link = FramesOnLink(answered)
@@ -198,15 +251,46 @@ def test_a_feature_stream_tells_when_each_frame_was_ready_and_arrived(conn):
     assert all(answered <= start <= end for start, end, _ in intervals)
 
 
-def test_a_raw_body_is_timed_after_what_came_with_its_headers(conn):
+def test_a_raw_body_is_timed_after_its_first_burst(conn):
     """A raw GET through the session's Swift proxy: the link is timed from
-    the body's first read to its last byte, on the bytes after that read."""
+    after the body's first burst to its last byte, on the bytes after it."""
     ref = data_ref(conn)
     images, transfer = leading_samples(conn, CONTAINER, ref, ref.bytes)
     (start, end, nbytes), = transfer.link_intervals()
     assert images and transfer.nbytes == ref.bytes
     assert transfer.answered_at <= start <= end == transfer.done_at
     assert 0 <= nbytes < transfer.nbytes
+
+
+class ChunkedConnection:
+    """A stand-in for swiftclient's connection whose GET body is ``chunks``."""
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+
+    def get_object(self, container, name, resp_chunk_size=None, headers=None):
+        return {}, self.chunks
+
+
+def test_a_raw_bodys_first_burst_is_not_timed():
+    """After an idle moment a shaper's bucket passes a body's first bytes at
+    line rate: of a body that arrives 16 KiB at a time, the link is timed
+    on what came after the last chunk within its first BURST_BYTES, from
+    when that chunk was read."""
+    chunk, count, handed = 16 * 1024, 10, []
+
+    def body():
+        for _ in range(count):
+            handed.append(time.perf_counter())
+            yield bytes(chunk)
+
+    ref = ShardRef("burst.tar", 1, chunk * count, 0, 1)
+    _, transfer = leading_samples(ChunkedConnection(body()), CONTAINER, ref, ref.bytes)
+    (start, end, nbytes), = transfer.link_intervals()
+    burst = (BURST_BYTES - 1) // chunk  # chunks that end within the first BURST_BYTES
+    assert nbytes == chunk * (count - burst) == transfer.nbytes - burst * chunk
+    assert handed[burst - 1] <= start <= handed[burst]
+    assert end == transfer.done_at
 
 
 def data_ref(conn):

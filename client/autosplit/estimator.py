@@ -20,14 +20,15 @@ import time
 from collections import deque
 
 from hapi.client.autosplit.profiling import Profile
+from hapi.client.features import BURST_BYTES
 
 __all__ = ["MIN_OBSERVED_S", "MIN_TIMED_BYTES", "MIN_TIMED_S", "LinkClock", "OnlineEstimator",
            "ReceiveCost"]
 
 # A frame smaller than this crosses the link in a few milliseconds, or at
-# once when a shaper's bucket (tens of KiB) or the socket buffers hold it:
-# its time says more about the hosts' clocks than about the link's rate.
-MIN_TIMED_BYTES = 64 * 1024
+# once when a shaper's bucket or the socket buffers hold it: its time says
+# more about the hosts' clocks than about the link's rate.
+MIN_TIMED_BYTES = BURST_BYTES
 # A transfer whose share of the link's time is shorter than this (a fast
 # link: loopback, a LAN) is not timed either: a few milliseconds are within
 # the jitter of the two hosts' threads and of the storage tier's ready time.

@@ -50,6 +50,7 @@ from hapi.client.autosplit.wireformats import (
     measure_formats,
     pinned,
 )
+from hapi.client.features import BURST_BYTES
 from hapi.hostmem import available_memory_bytes
 from hapi.preprocess import DecodeError, preprocess, preset_size
 
@@ -62,10 +63,10 @@ __all__ = [
 PROFILE_FORMAT = "hapi-profile/1"
 PROBE_SAMPLES = 1.5  # samples' worth of bytes read from a shard to time vanilla's decode
 # ... and at least this many: the probe's transfer gives the first bandwidth;
-# what came with its headers is not timed (a shaper lets a first burst, tc
-# tbf: 32 KB in the benchmarks, through at once), and the rest must be
-# worth timing (hapi.client.autosplit.estimator.MIN_TIMED_BYTES).
-PROBE_MIN_BYTES = 128 * 1024
+# its first hapi.client.features.BURST_BYTES are not timed (a shaper lets a
+# first burst through at once), and the rest must be worth timing
+# (hapi.client.autosplit.estimator.MIN_TIMED_BYTES).
+PROBE_MIN_BYTES = 2 * BURST_BYTES
 MIN_PROBE_S = 1e-4  # a body read faster than this is read at this (no division by zero)
 PROFILE_BATCH = 8  # samples per pass when the trainer times its layers
 

@@ -63,9 +63,9 @@ __all__ = [
 PROFILE_FORMAT = "hapi-profile/1"
 PROBE_SAMPLES = 1.5  # samples' worth of bytes read from a shard to time vanilla's decode
 # ... and at least this many: the probe's transfer gives the first bandwidth;
-# its first hapi.client.features.BURST_BYTES are not timed (a shaper lets a
-# first burst through at once), and the rest must be worth timing
-# (hapi.client.autosplit.estimator.MIN_TIMED_BYTES).
+# what may have come in a first burst (a shaper lets up to
+# hapi.client.features.BURST_BYTES through at once) is not timed, and the
+# rest must be worth timing (hapi.client.autosplit.estimator.MIN_TIMED_BYTES).
 PROBE_MIN_BYTES = 2 * BURST_BYTES
 MIN_PROBE_S = 1e-4  # a body read faster than this is read at this (no division by zero)
 PROFILE_BATCH = 8  # samples per pass when the trainer times its layers

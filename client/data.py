@@ -642,8 +642,8 @@ def _raw_get(conn, container, name, headers=None):
     done = time.perf_counter()
     body = b"".join(parts)
     untimed, timed_from = received, done  # an empty body: nothing to time
-    if arrivals:  # from the later of the first read and the burst's end
-        untimed, timed_from = max(arrivals[0], burst_end(arrivals, 0, received) or arrivals[0])
+    if arrivals:  # a burst ends at the first read or after it
+        untimed, timed_from = burst_end(arrivals, 0, received) or arrivals[0]
     return body, Transfer(nbytes=len(body), sent_at=began, answered_at=answered, done_at=done,
                           frames_on_link=((timed_from, done, len(body) - untimed),))
 

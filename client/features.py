@@ -30,10 +30,13 @@ def burst_end(arrivals, start, end):
     """Where the first bytes of the body's bytes ``[start, end)`` that may
     have come in a burst end: of ``arrivals``, ``(body offset, time)`` per
     chunk read, in order, the last one inside ``(start, start +
-    BURST_BYTES)`` and before ``end``; None if there is none."""
+    BURST_BYTES)``; None if there is none, or if all of the bytes fit in a
+    burst."""
+    if end - start <= BURST_BYTES:
+        return None
     found = None
     for offset, at in arrivals:
-        if offset >= min(start + BURST_BYTES, end):
+        if offset >= start + BURST_BYTES:
             break
         if offset > start:
             found = (offset, at)

@@ -95,14 +95,14 @@ FIELDS = (
     "raw_shard_bytes", "trainer_compute_s", "trainer_wait_s", "storage_compute_s",
     "storage_wait_s", "storage_frames_s", "storage_cpu_s", "trainer_cpu_s", "transfer_s",
     "bound_s", "bound_ratio", "accuracy", "train_samples", "samples_per_split",
-    "profiling_s", "split_changes", "cache_hits", "runs",
+    "profiling_s", "split_changes", "link_estimate_mbit", "cache_hits", "runs",
 )
 # The figures a cell (the repeats of one model, bandwidth, mode and encoding) gives
 # as {"median", "min", "max"}; "bytes" is the link's count, else the trainer's.
 CELL_FIGURES = (
     "epoch_s", "bytes", "link_bytes", "trainer_bytes", "link_goodput_mbit",
     "trainer_compute_s", "trainer_wait_s", "storage_compute_s", "storage_wait_s",
-    "transfer_s", "bound_s", "bound_ratio", "accuracy", "split",
+    "transfer_s", "bound_s", "bound_ratio", "accuracy", "split", "link_estimate_mbit",
 )
 
 
@@ -244,13 +244,21 @@ def trainer_record(measured, where, shaped, runs):
         accuracy=metrics["accuracy"], train_samples=metrics["samples"]["train"],
         samples_per_split=metrics["split_selection"]["samples_per_split"],
         profiling_s=profiling_s(metrics), split_changes=split_changes(metrics),
-        cache_hits=metrics["cache_hits"], runs=runs)
+        link_estimate_mbit=link_estimate_mbit(metrics), cache_hits=metrics["cache_hits"],
+        runs=runs)
 
 
 def profiling_s(metrics):
     """What the automatic split's measurements took before the first request
     (outside the epochs' times); 0 for a fixed split."""
     return (metrics["split_selection"].get("profiling") or {}).get("seconds", 0.0)
+
+
+def link_estimate_mbit(metrics):
+    """The automatic split's last estimate of the link's rate, in Mbit/s, to
+    set beside the goodput measured from outside; None for a fixed split."""
+    rate = (metrics["split_selection"].get("profile") or {}).get("bandwidth_bytes_per_s")
+    return rate * 8 / 1e6 if rate else None
 
 
 def split_changes(metrics):
@@ -305,7 +313,7 @@ def all_in_cos_record(tiers, freeze, flags, where, name, out_dir):
         transfer_s=_transfer_s(got["bytes"], where["link"]["goodput"]), bound_s=None,
         bound_ratio=None, accuracy=metrics["accuracy"],
         train_samples=metrics["samples"]["train"], samples_per_split={"0": train["samples"]},
-        profiling_s=0.0, split_changes=None, cache_hits=None,
+        profiling_s=0.0, split_changes=None, link_estimate_mbit=None, cache_hits=None,
         runs=[f"{name}-job", f"{name}-fetch"])
 
 
@@ -801,11 +809,12 @@ def resummarise(path):
     computed again by this version of the script, written back in place."""
     doc = json.loads(path.read_text())
     for index, record in enumerate(doc["results"]):
-        figures = {"profiling_s": 0.0, "split_changes": None}
+        figures = {"profiling_s": 0.0, "split_changes": None, "link_estimate_mbit": None}
         if record["mode"] != "all_in_cos":
             metrics = json.loads((path.parent / "runs" / f"{record['runs'][0]}.json").read_text())
             figures = {"profiling_s": profiling_s(metrics),
-                       "split_changes": split_changes(metrics)}
+                       "split_changes": split_changes(metrics),
+                       "link_estimate_mbit": link_estimate_mbit(metrics)}
         doc["results"][index] = {name: {**record, **figures}[name] for name in FIELDS}
     doc["cells"] = summarise_cells(doc["results"])
     doc["summary"] = summarise(doc["results"], doc["settings"]["encodings"])

@@ -47,7 +47,6 @@ from hapi.client.endpoints import Endpoints, merged_report
 from hapi.client.features import (
     CHUNK_BYTES,
     burst_end,
-    came_in_a_burst,
     endpoint_connection,
     fetch_features,
     read_some_of,
@@ -147,11 +146,10 @@ class FramesOnLink:
     once. The end frame follows the last batch frame.
 
     A frame ready after the one before it had arrived found its connection
-    idle, and a shaper's bucket may have passed its first bytes at once: if
-    they came faster than the rest (:func:`hapi.client.features.came_in_a_burst`),
-    it is two parts, its first bytes up to where such a burst ends
-    (``burst``, :meth:`hapi.client.features.ChunkReader.burst_end`: fewer
-    than :data:`hapi.client.features.BURST_BYTES`, never timed) and the rest.
+    idle, and a shaper's bucket may have passed its first bytes at once: it
+    is two parts, its first bytes up to where such a burst ends (``burst``,
+    :meth:`hapi.client.features.ChunkReader.burst_end`: fewer than
+    :data:`hapi.client.features.BURST_BYTES`, never timed) and the rest.
     Measured on a 32 Mbit/s link of 30.5 Mbit/s goodput, alexnet's 153 KB
     frames, each timed whole, read 38 Mbit/s. A frame queued behind the one
     before it is one part: the link was busy, the bucket empty."""
@@ -181,8 +179,7 @@ class FramesOnLink:
     def _parts(self, start, end, upto, burst):
         parts = []
         idle = not self.parts or start > self.parts[-1][1]
-        if idle and burst is not None and start < burst[1] < end and came_in_a_burst(
-                burst[0] - self._offset, burst[1] - start, upto - self._offset, end - start):
+        if idle and burst is not None and start < burst[1] < end:
             parts.append(self._part(start, burst[1], burst[0]))
             start = burst[1]
         parts.append(self._part(start, end, upto))
@@ -629,11 +626,9 @@ def _raw_get(conn, container, name, headers=None):
     """A plain GET of an object, whole; returns (body, :class:`Transfer`).
 
     The link is timed on the body after its first read (what came with the
-    headers), and after its first bytes if they came in a burst
-    (:func:`hapi.client.features.burst_end`,
-    :func:`~hapi.client.features.came_in_a_burst`): timed from its first
-    read, the 128 KiB probe read a 2 Mbit/s link of 1.7 Mbit/s goodput as
-    2.35."""
+    headers) and after its first bytes that may have come in a burst
+    (:func:`hapi.client.features.burst_end`): timed from its first read,
+    the 128 KiB probe read a 2 Mbit/s link of 1.7 Mbit/s goodput as 2.35."""
     began = time.perf_counter()
     _, response = conn.get_object(container, name, resp_chunk_size=CHUNK_BYTES,
                                   headers=headers)
@@ -647,11 +642,8 @@ def _raw_get(conn, container, name, headers=None):
     done = time.perf_counter()
     body = b"".join(parts)
     untimed, timed_from = received, done  # an empty body: nothing to time
-    if arrivals:
-        untimed, timed_from = arrivals[0]  # what came with the headers
-        burst = burst_end(arrivals, 0, received)
-        if burst and came_in_a_burst(burst[0], burst[1] - answered, received, done - answered):
-            untimed, timed_from = burst
+    if arrivals:  # a burst ends at the first read or after it
+        untimed, timed_from = burst_end(arrivals, 0, received) or arrivals[0]
     return body, Transfer(nbytes=len(body), sent_at=began, answered_at=answered, done_at=done,
                           frames_on_link=((timed_from, done, len(body) - untimed),))
 

@@ -43,16 +43,6 @@ def burst_end(arrivals, start, end):
     return found
 
 
-def came_in_a_burst(first_bytes, first_s, nbytes, seconds):
-    """Whether the first ``first_bytes`` of ``nbytes`` came faster than the
-    rest: in less than their share of the ``seconds`` all of them took (the
-    first of them in ``first_s``). A shaper's burst does that. A read that
-    came late, or a sender that paused, makes the first bytes look slow
-    instead, and setting them apart would leave the rest timed on too
-    little of the time (frames on a 512 Mbit/s link read 4 Gbit/s)."""
-    return first_s * nbytes < seconds * first_bytes
-
-
 class ChunkReader:
     """``read(n)`` over ``read_some(n)`` (:func:`read_some_of`), which
     returns what has arrived of the next ``n`` bytes, at least one byte

@@ -1,6 +1,8 @@
 """The feature engine on its own: batches, errors naming members, weights files, devices."""
 
 import io
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -107,6 +109,29 @@ def test_file_weights_stay_inside_weights_dir(tmp_path):
 def test_layer_count_needs_no_weights():
     engine = FeatureEngine(device="cpu")
     assert engine.layer_count("vgg19") == len(zoo.build_model("vgg19", seed=0))
+
+
+class SlowFirstCall(torch.nn.Module):
+    """A layer whose first call takes 50 ms longer, as a shape's first pass
+    pays for building its kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        time.sleep(0.05 if self.calls == 1 else 0.001)
+        return x
+
+
+def test_layer_costs_leave_out_a_shapes_first_pass():
+    layers = [SlowFirstCall(), SlowFirstCall()]
+    req = request()
+    costs = FeatureEngine(device="cpu").layer_costs(SimpleNamespace(layers=layers), req)
+    assert [layer.calls for layer in layers] == [2, 2]
+    assert len(costs) == 2
+    assert all(0.001 / req.batch <= c < 0.02 / req.batch for c in costs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),

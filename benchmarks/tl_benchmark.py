@@ -148,10 +148,10 @@ def trainer_flags(settings, model):
             "--cpuonly", "--no-progress"]
 
 
-def mode_flags(mode, freeze):
+def mode_flags(mode, freeze, split_tie=names.SPLIT_TIE):
     return {
         "vanilla": ["--freeze", "--manual_split", "--split_idx", 0],
-        "hapi_auto": ["--freeze"],
+        "hapi_auto": ["--freeze", "--split_tie", split_tie],
         "hapi_freeze": ["--freeze", "--manual_split", "--split_idx", freeze],
         "hapi_sequential": ["--freeze", "--manual_split", "--split_idx", freeze, "--sequential"],
     }[mode]
@@ -190,8 +190,8 @@ def run_mode(tiers, settings, model, mode, encoding, repeat, link, out_dir):
     extra = ["--cache_dir", cache] if settings["cache"] else []
     try:
         measured = run_measured(tiers, tiers.trainer_command(python(
-            TRAINER, *flags, *mode_flags(mode, freeze), *wire_flags(encoding or "float32"),
-            *extra)), name, out_dir)
+            TRAINER, *flags, *mode_flags(mode, freeze, settings["split_tie"]),
+            *wire_flags(encoding or "float32"), *extra)), name, out_dir)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     return trainer_record(measured, where, tiers.shaped, [name])
@@ -748,6 +748,9 @@ def parse_args(argv=None):
                         f"{' '.join(DEFAULT_ENCODINGS)})")
     parser.add_argument("--wire_dtype", choices=names.WIRE_DTYPES,
                         help="the same as --encodings WIRE_DTYPE")
+    parser.add_argument("--split_tie", type=float, default=names.SPLIT_TIE, metavar="SHARE",
+                        help="the automatic mode's --split_tie: predictions within this share "
+                             "of the fastest are won by the fewest bytes (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds over the whole grid; medians and min-max (default: 3)")
     parser.add_argument("--images", type=int, help="synthetic images in the data set")
@@ -794,7 +797,7 @@ def parse_args(argv=None):
 def settings_from(args):
     size = args.image_size if args.image_size == IMAGENET_LIKE else f"{args.image_size}px"
     return {"models": args.models, "bandwidths": sorted(args.bandwidths), "modes": args.modes,
-            "encodings": args.encodings, "repeats": args.repeats,
+            "encodings": args.encodings, "split_tie": args.split_tie, "repeats": args.repeats,
             "images": args.images, "shard_size": args.shard_size,
             "batch_size": args.batch_size, "epochs": args.epochs, "cache": args.cache,
             "image_size": args.image_size, "quality": args.quality, "classes": args.classes,

@@ -203,6 +203,12 @@ def build_parser(prog=None):
                          help="compression of the features on the wire: zstd (lossless) or "
                               "raw; auto: chosen with the split (with a fixed split: "
                               f"{names.DEFAULT_WIRE_ENCODING}) (default: %(default)s)")
+    storage.add_argument("--split_tie", type=float, default=names.SPLIT_TIE, metavar="SHARE",
+                         help="automatic split: splits and wire formats predicted within this "
+                              "share of the fastest are ties, won by the fewest bytes on the "
+                              "link; the default only breaks ties within the measurements' "
+                              "noise, a larger one (e.g. 0.2) trades up to that much predicted "
+                              "time for fewer bytes (default: %(default)s)")
     storage.add_argument("--prefetch", type=int, default=4, help="shard requests in flight "
                          "at most while the trainer computes (default: %(default)s)")
     storage.add_argument("--prefetch_samples", type=int,
@@ -312,6 +318,9 @@ def check_args(args):
             raise ConfigError(f"--{name} {value}: cannot be negative")
     if args.timeout <= 0:
         raise ConfigError(f"--timeout {args.timeout:g}: must be above 0 seconds")
+    if not 0 <= args.split_tie < 1:
+        raise ConfigError(f"--split_tie {args.split_tie:g}: must be in [0, 1) (a share of the "
+                          "fastest split's predicted time)")
     if not 0 <= args.holdout < 1:
         raise ConfigError(f"--holdout {args.holdout:g}: must be in [0, 1) (0: hold nothing out)")
     if args.end is not None and args.end <= args.start:
@@ -491,7 +500,7 @@ def train_config(args, log=print):
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, seed=args.seed,
         storage_batch=args.storage_batch, wire_dtype=args.wire_dtype,
-        wire_encoding=args.wire_encoding,
+        wire_encoding=args.wire_encoding, split_tie=args.split_tie,
         holdout=0.0 if args.testonly else args.holdout, start=args.start, end=args.end,
         prefetch=0 if args.sequential else args.prefetch,
         prefetch_samples=args.prefetch_samples, max_buffered_bytes=args.max_buffered_mb << 20,

@@ -88,6 +88,7 @@ class TrainConfig:
     storage_batch: int | None = None  # None: data.streaming_batch of the largest shard
     wire_dtype: str = names.WIRE_AUTO  # auto: chosen with the split (a fixed split: float32)
     wire_encoding: str = names.WIRE_AUTO  # auto: chosen with the split (a fixed split: raw)
+    split_tie: float = names.SPLIT_TIE  # automatic split: this close, fewer bytes win
     holdout: float = 0.2
     start: int = 0
     end: int | None = None

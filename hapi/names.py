@@ -19,4 +19,8 @@ DEFAULT_WIRE_ENCODING = "raw"
 # The trainer's --wire_dtype/--wire_encoding: "auto" leaves them to the
 # automatic split, which chooses them with the split.
 WIRE_AUTO = "auto"
+# The automatic split's predictions this close (relative) are ties, won by
+# the fewest bytes on the wire: the default spans the measurements' noise;
+# the trainer's --split_tie raises it to trade time for bytes.
+SPLIT_TIE = 0.02
 DEFAULT_WEIGHTS = "pretrained"

@@ -30,7 +30,6 @@ from tqdm import tqdm
 from hapi import zoo
 from hapi.client.autosplit import AutomaticSplit, profiling
 from hapi.client.autosplit.costmodel import (
-    TIE,
     Decision,
     choose_split,
     evaluate_split,
@@ -63,6 +62,7 @@ from hapi.client.autosplit.storagecosts import (
     with_storage_costs,
 )
 from hapi.client.data import FrameStats, ShardData, ShardRef, Transfer
+from hapi.names import SPLIT_TIE
 
 DATA = Path(__file__).parent / "data"
 RECORDED = ("alexnet-224.json", "resnet18-112.json")
@@ -106,12 +106,12 @@ def constructed(model, boundary_bytes, *, bandwidth_bytes_per_s=100 * MBIT, stor
 
 def exhaustive_best(profile, freeze=None):
     """The best split by evaluating the cost model on every split, one by one:
-    the fewest bytes among the splits predicted within TIE of the fastest."""
+    the fewest bytes among the splits predicted within SPLIT_TIE of the fastest."""
     freeze = profile.freeze if freeze is None else freeze
     rows = [evaluate_split(profile, s, freeze) for s in range(freeze + 1)]
     feasible = [row for row in rows if row.feasible]
     fastest = min(row.iteration_s for row in feasible)
-    ties = [row for row in feasible if row.iteration_s <= fastest * (1 + TIE)]
+    ties = [row for row in feasible if row.iteration_s <= fastest * (1 + SPLIT_TIE)]
     fewest = min(row.wire_bytes for row in ties)
     return {row.split for row in ties if row.wire_bytes == fewest}, rows
 
@@ -254,6 +254,20 @@ def test_hand_computed_choice_the_middle_split_wins():
     assert [row.bottleneck for row in decision.rows] == ["trainer", "trainer", "requests"]
     assert decision.split == 1
     assert decision.chosen.iteration_s == pytest.approx(10e-3)
+
+
+def test_a_larger_tie_trades_predicted_time_for_fewer_bytes():
+    # As in the middle-split case: s=1 10 ms with 2000 bytes a sample, s=2
+    # 15 ms with 500. Within the default tie the faster wins; a tie of 60%
+    # makes them equals, won by the fewer bytes; the selector passes it on.
+    assert choose_split(tiny()).split == 1
+    assert choose_split(tiny(), tie=0.4).split == 1
+    traded = choose_split(tiny(), tie=0.6)
+    assert traded.split == 2 and traded.chosen.wire_bytes < traded.rows[1].wire_bytes
+    for tie, split in ((SPLIT_TIE, 1), (0.6, 2)):
+        selector = AutomaticSplit(tiny(), tie=tie, log=lambda *_: None)
+        selector.decide_now("the storage tier's layer costs")
+        assert selector.split == split
 
 
 def test_hand_computed_choice_a_slow_link_takes_the_fewest_bytes():

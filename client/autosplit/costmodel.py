@@ -82,7 +82,7 @@ Ranking
 With ``rest_samples`` the candidates are ranked by the predicted time of
 the samples left in the epoch (``fresh``, before any request: with the
 pipeline's fill, as ``epoch_s``), else per iteration. Predictions within
-``TIE`` of the fastest are ties, won by the fewest bytes on the wire.
+``SPLIT_TIE`` of the fastest are ties, won by the fewest bytes on the wire.
 docs/DESIGN.md ("Choosing the split and the wire format") says why the
 cycle is a max and not a queueing solution such as mean-value analysis.
 
@@ -91,7 +91,7 @@ overlaps, the iteration is the sum of everything); with a bottleneck stage
 well above the rest it hides behind the max. Kernel socket buffers let a
 frame's transfer overlap the next frame's computation a little; the model
 ignores that (it errs towards the slower of the two). The winner minimises
-the predicted time (see Ranking below); predictions within ``TIE`` of the
+the predicted time (see Ranking below); predictions within ``SPLIT_TIE`` of the
 fastest go to the fewest bytes, exact ties then to the smaller total work
 ``S + N + H + C``, then the larger split.
 
@@ -151,6 +151,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from hapi.client.autosplit.profiling import Profile
+from hapi.names import SPLIT_TIE
 
 __all__ = [
     "DECISION_FORMAT", "Decision", "SplitCost", "choose_split", "evaluate_split",
@@ -158,7 +159,6 @@ __all__ = [
 ]
 
 DECISION_FORMAT = "hapi-split-decision/1"
-TIE = 0.02  # predictions this close (relative) are ties, won by the fewest bytes
 
 
 @dataclass
@@ -446,7 +446,7 @@ def _rest_s(row: SplitCost, profile: Profile, rest_samples: int, fresh: bool) ->
 def choose_split(profile: Profile, freeze: int | None = None, *,
                  epoch_samples: int | None = None, current: int | None = None,
                  current_format: str | None = None, rest_samples: int | None = None,
-                 fresh: bool = False, margin: float = 0.0, tie: float = TIE,
+                 fresh: bool = False, margin: float = 0.0, tie: float = SPLIT_TIE,
                  candidates=None) -> Decision:
     """Predict every split in ``[0, freeze]`` (or ``candidates``) with every
     measured wire format, and choose the pair.

@@ -30,6 +30,7 @@ from hapi.client.autosplit.storagecosts import (
     with_storage_costs,
 )
 from hapi.client.autosplit.wireformats import WireFormat
+from hapi.names import SPLIT_TIE
 
 __all__ = ["AutomaticSplit", "SplitSelectionError"]
 
@@ -100,7 +101,10 @@ class AutomaticSplit:
     the start), moves the split only when the new best is predicted more
     than ``margin`` faster: predictions a few percent apart are within the
     noise of the measurements they come from, and the start, ``f``, is the
-    split the user's freeze index names.
+    split the user's freeze index names. Splits and wire formats predicted
+    within ``tie`` of the fastest are ties, won by the fewest bytes on the
+    link (:func:`choose_split`): the default only breaks ties within the
+    noise; a larger one trades that much predicted time for fewer bytes.
 
     ``log`` gets the decisions, one line per call, written so that they do
     not mix with tqdm progress bars: the first decision's whole table, a
@@ -114,6 +118,7 @@ class AutomaticSplit:
                  start: int | None = None, profile_frames: int = PROFILE_FRAMES,
                  max_profile_shards: int = MAX_PROFILE_SHARDS,
                  drift_threshold: float = DRIFT_THRESHOLD, margin: float = MARGIN,
+                 tie: float = SPLIT_TIE,
                  epoch_samples: int | None = None, epoch_shards: int | None = None,
                  profiling: dict | None = None, log=print):
         self._profile = profile
@@ -134,6 +139,7 @@ class AutomaticSplit:
         self._max_profile_shards = max_profile_shards
         self._drift_threshold = drift_threshold
         self._margin = margin
+        self._tie = tie
         self._epoch_samples = epoch_samples
         self._epoch_shards = epoch_shards
         self._last_change = -math.inf  # the shard after which the split last changed
@@ -173,6 +179,7 @@ class AutomaticSplit:
                                   "device": costs.device, "note": costs.note}
         selector = cls(profile, link=link, epoch_samples=plan.train_samples,
                        epoch_shards=len(plan.train) + len(plan.holdout), log=log,
+                       tie=config.split_tie,
                        profiling={**probe, "seconds": time.perf_counter() - began})
         where = f"the storage tier ({costs.url.split('?')[0]})"
         if costs.known:
@@ -380,7 +387,7 @@ class AutomaticSplit:
         decision = choose_split(self.current_profile(), epoch_samples=self._epoch_samples,
                                 current=self._split, current_format=self._format,
                                 rest_samples=rest, fresh=self._shards == 0,
-                                margin=self._margin)
+                                margin=self._margin, tie=self._tie)
         self._estimator.mark()
         chosen_format = decision.wire_format if decision.split else self._format
         step = {"shard": self._shards, "monotonic_s": time.monotonic(), "why": why,

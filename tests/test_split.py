@@ -267,7 +267,7 @@ def test_a_larger_tie_trades_predicted_time_for_fewer_bytes():
     for tie, split in ((SPLIT_TIE, 1), (0.6, 2)):
         selector = AutomaticSplit(tiny(), tie=tie, log=lambda *_: None)
         selector.decide_now("the storage tier's layer costs")
-        assert selector.split == split
+        assert selector.split == split and selector.report()["tie"] == tie
 
 
 def test_hand_computed_choice_a_slow_link_takes_the_fewest_bytes():

@@ -304,7 +304,7 @@ class AutomaticSplit:
         """The decision (its table too), how it came about, and what it was made from."""
         decision = self.decision
         return {"automatic": True, "split": self._split, "wire_format": self._format,
-                "decision": decision.to_dict() if decision else None,
+                "tie": self._tie, "decision": decision.to_dict() if decision else None,
                 "table": decision.format_table() if decision else None,
                 "history": [dict(step) for step in self._history],
                 "observed_at": list(self._observed_at),

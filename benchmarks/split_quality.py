@@ -190,20 +190,18 @@ def verdict_runs(tiers, settings, flags, tag, chosen, best, out_dir):
     return runs
 
 
-def judge(times, chosen, tied, verdict, tolerance):
-    """The case's verdict fields from the selection medians ``times`` and,
-    where the best is not among ``tied`` (the chosen split and its ties),
-    the fresh ``verdict`` runs of the chosen and the best split."""
-    done = {s: t for s, t in times.items() if t is not None}
-    best = min(done, key=done.get)
+def judge(times, chosen, best, verdict, tolerance):
+    """The case's verdict fields: with no ``verdict`` runs the chosen split
+    is the ``best`` or tied with it (a hit, at the selection medians
+    ``times``); else the fresh runs of the two alone decide."""
     if verdict is None:
-        ratio = times[chosen] / times[best] if best not in tied else 1.0
-        return {"best_split": best, "best_s": times[best], "ratio": ratio,
-                "hit": best in tied, "miss_within_noise": False}
+        return {"chosen_s": times[chosen], "best_split": best, "best_s": times[best],
+                "ratio": 1.0, "hit": True, "miss_within_noise": False}
     chosen_s, best_s = (statistics.median(verdict[s]) for s in (chosen, best))
     ratio = chosen_s / best_s
     hit = ratio <= 1 + tolerance
-    return {"best_split": best, "best_s": best_s, "ratio": ratio, "hit": hit,
+    return {"chosen_s": chosen_s, "best_split": best, "best_s": best_s, "ratio": ratio,
+            "hit": hit,
             "miss_within_noise": not hit and min(verdict[chosen]) <= max(verdict[best])}
 
 
@@ -234,14 +232,13 @@ def run_case(tiers, settings, model, rate, batch, out_dir):
     tied = tied_splits(auto, chosen)
     verdict = None if best in tied else \
         verdict_runs(tiers, settings, flags, tag, chosen, best, out_dir)
-    judged = judge(times, chosen, tied, verdict, settings["tolerance"])
+    judged = judge(times, chosen, best, verdict, settings["tolerance"])
     return {"model": model, "bandwidth_mbit": rate, "batch_size": batch,
             "iterations": settings["iterations"], "freeze": freeze, "times_s": times,
             "runs_s": dict(sorted(runs.items())), "contenders": contenders,
             "stopped": [s for s, t in times.items() if t is None],
-            "chosen_split": chosen, "tied": tied, "verdict_runs_s": verdict,
-            "chosen_s": statistics.median(verdict[chosen]) if verdict else times[chosen],
-            **judged, "wire_format": auto["split_selection"].get("wire_format"),
+            "chosen_split": chosen, "tied": tied, "verdict_runs_s": verdict, **judged,
+            "wire_format": auto["split_selection"].get("wire_format"),
             "is_best": chosen == best,
             "decided": predicted_epoch_s(auto) is not None,
             "predicted_s": predicted_epoch_s(auto), "auto_run_s": train_time(auto),

@@ -272,18 +272,18 @@ def test_a_choice_is_judged_on_fresh_runs_unless_it_is_the_best():
     judge = benchmark_module("split_quality").judge
     times = {0: 3.0, 1: 2.0, 2: 2.06}
     # The chosen split, or one tied with it, is the fastest: a hit, no verdict runs.
-    assert judge(times, 1, [1], None, 0.05)["hit"]
-    tied = judge(times, 2, [1, 2], None, 0.05)
+    assert judge(times, 1, 1, None, 0.05)["hit"]
+    tied = judge(times, 2, 1, None, 0.05)
     assert tied["hit"] and tied["best_split"] == 1 and tied["ratio"] == 1.0
     # Else the fresh runs alone decide, whatever the selection medians said:
     # 2.06 against 2.0 was within 5%, the verdict runs are 10% apart.
-    missed = judge(times, 2, [2], {2: [2.2, 2.3, 2.2], 1: [2.0, 2.1, 1.9]}, 0.05)
+    missed = judge(times, 2, 1, {2: [2.2, 2.3, 2.2], 1: [2.0, 2.1, 1.9]}, 0.05)
     assert missed["best_split"] == 1 and missed["ratio"] == pytest.approx(1.1)
     assert not missed["hit"] and not missed["miss_within_noise"]
-    overlapping = judge(times, 2, [2], {2: [2.2, 2.1, 2.2], 1: [2.0, 2.15, 1.9]}, 0.05)
+    overlapping = judge(times, 2, 1, {2: [2.2, 2.1, 2.2], 1: [2.0, 2.15, 1.9]}, 0.05)
     assert not overlapping["hit"] and overlapping["miss_within_noise"]
     # A choice the selection runs put 10% behind is a hit on fresh runs 4% apart.
-    hit = judge({1: 2.0, 2: 2.2}, 2, [2], {2: [2.08, 2.1, 2.0], 1: [2.0, 2.0, 2.05]}, 0.05)
+    hit = judge({1: 2.0, 2: 2.2}, 2, 1, {2: [2.08, 2.1, 2.0], 1: [2.0, 2.0, 2.05]}, 0.05)
     assert hit["hit"] and hit["ratio"] == pytest.approx(1.04)
 
 

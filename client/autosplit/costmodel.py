@@ -49,12 +49,26 @@ shards taken by the trainer::
     cycle(s) = max(S, N, H + C, Q)          (CPU trainer; max(S, N, H, C, Q) on a GPU)
     iteration_s = batch * cycle(s)
     fill_s   = Lat + R * (S + N + H)        the first shard, before training starts
-    epoch_s  = fill_s + max(samples - R, 0) * cycle(s) + min(samples, R) * C'
-                                            (C' = H + C on a CPU trainer, C on a GPU;
-                                             iterations = ceil(samples / batch))
+    ahead    = R * N                        s = 0: raw shards share the link
+             = B * max(S, N)                s > 0: another request's first frame
+             = 0                            s > 0 and B >= R: one frame a request
+    epoch_s  = max(fill_s + max(samples - R, 0) * cycle(s),
+                   fill_s + (k - 1) * ahead + max(samples - R, 0) * T)
+               + min(samples, R) * C'
+               (k = min(max(d, 1), shards in the epoch) requests sent together,
+                B the storage batch, T = H + C on a CPU trainer and
+                max(H, C) on a GPU, C' = H + C on a CPU trainer and C on a GPU;
+                iterations = ceil(samples / batch))
 
-The epoch waits for the first shard, then takes one shard a cycle, and
-ends with the trainer's work on the last one.
+The epoch is the later of two paths, plus the trainer's work on the last
+shard. Along the supply's, the first shard arrives, then one shard a cycle.
+Along the trainer's, it starts on the first shard and never waits again; but
+the ``k`` requests sent together at the start each have their first frame
+computed before the first shard's later ones (the storage tier's frame
+order, ``hapi.middleware.device.frame_priority``; raw shards share the link),
+so the first shard is ``(k - 1) * ahead`` late. On a storage-bound split that
+delay costs nothing (the storage tier works throughout); on a trainer-bound
+one the trainer waits for it.
 
 Wire formats
 ------------
@@ -164,7 +178,9 @@ DECISION_FORMAT = "hapi-split-decision/1"
 @dataclass
 class SplitCost:
     """The cost model's prediction for one split. Times are seconds per
-    training iteration (``batch`` samples) unless named otherwise; memory in
+    training iteration (``batch`` samples) unless named otherwise (``fill_s``
+    the first shard, ``first_ahead_s`` what one other request sent with it
+    holds it back, ``epoch_s`` and ``rest_s`` all of them); memory in
     bytes."""
 
     split: int
@@ -192,6 +208,8 @@ class SplitCost:
     work_s: float = 0.0
     samples_per_s: float = 0.0
     rest_s: float | None = None
+    first_ahead_s: float = 0.0
+    trainer_cycle_s: float = 0.0
 
 
 @dataclass
@@ -351,6 +369,7 @@ def evaluate_split(profile: Profile, split: int, freeze: int | None = None, *,
     cycle = stages[bottleneck]
     fill = p.request_latency_s + requests * (storage + transfer + host)
     last = compute + (host if _on_cpu(p.trainer_device) else 0.0)
+    trainer_cycle = host + compute if _on_cpu(p.trainer_device) else max(host, compute)
     samples = epoch_samples if epoch_samples is not None else p.epoch_samples
 
     # Memory.
@@ -364,6 +383,14 @@ def evaluate_split(profile: Profile, split: int, freeze: int | None = None, *,
         if storage_batch < 1:
             reasons.append(f"storage: one sample needs {_mb(storage_peak)} of activations, "
                            f"the budget is {_mb(p.storage_budget_bytes)}")
+    # Another request's first frame goes before the first shard's later
+    # frames on the storage tier (its frame_priority), and before them on
+    # the link; raw shards share the link whole.
+    frame = min(max(storage_batch, 1), requests)
+    if split == 0:
+        ahead = requests * transfer
+    else:
+        ahead = frame * max(storage, transfer) if frame < requests else 0.0
     held = (a[0] + p.raw_bytes) if split == 0 else b[split]
     host_memory = (depth + 2) * requests * held
     inference_peak = max((a[i] + a[i + 1] for i in range(split, freeze)), default=0)
@@ -389,8 +416,9 @@ def evaluate_split(profile: Profile, split: int, freeze: int | None = None, *,
         trainer_host_s=batch * host, trainer_compute_s=batch * compute,
         trainer_s=batch * (host + compute), pipeline_s=batch * pipeline,
         iteration_s=batch * cycle, bottleneck=bottleneck, fill_s=fill,
+        first_ahead_s=ahead, trainer_cycle_s=batch * trainer_cycle,
         epoch_s=None if samples is None else
-        fill + max(samples - requests, 0) * cycle + min(samples, requests) * last,
+        _fresh_s(fill, ahead, cycle, trainer_cycle, last, samples, requests, depth),
         iterations=None if samples is None else math.ceil(samples / batch),
         storage_batch=max(storage_batch, 0) if split else 0,
         storage_estimated_layers=sum(estimated[:split]),
@@ -428,19 +456,31 @@ def _fewest_bytes_of_the_fastest(rows, tie: float) -> SplitCost:
                key=lambda row: (row.wire_bytes, _rank(row)))
 
 
+def _fresh_s(fill, ahead, cycle, trainer_cycle, last, samples, requests, depth) -> float:
+    """Seconds for ``samples`` from an empty pipeline (the module docstring's
+    ``epoch_s``): the later of the supply's path (the first shard, then one
+    shard a cycle) and the trainer's (it starts on the first shard, which the
+    other requests sent with it delayed by ``ahead`` each, and then never
+    waits), and the trainer's work on the last shard."""
+    together = min(max(depth, 1), math.ceil(samples / requests))
+    rest = max(samples - requests, 0)
+    return max(fill + rest * cycle, fill + (together - 1) * ahead + rest * trainer_cycle) + \
+        min(samples, requests) * last
+
+
 def _rest_s(row: SplitCost, profile: Profile, rest_samples: int, fresh: bool) -> float:
     """Predicted seconds for the ``rest_samples`` samples still to load: with
-    ``fresh`` (no request out yet) the pipeline fills first and the trainer
-    finishes the last shard after it, as in ``epoch_s``; in a running
-    pipeline the requests in flight keep it full across a change of split."""
+    ``fresh`` (no request out yet) from an empty pipeline, as ``epoch_s``; in
+    a running pipeline the requests in flight keep it full across a change
+    of split."""
     cycle = row.iteration_s / profile.batch_size
     if not fresh:
         return rest_samples * cycle
-    requests = profile.samples_per_request
     last = (row.trainer_s if _on_cpu(profile.trainer_device) else row.trainer_compute_s) \
         / profile.batch_size
-    return row.fill_s + max(rest_samples - requests, 0) * cycle + \
-        min(rest_samples, requests) * last
+    return _fresh_s(row.fill_s, row.first_ahead_s, cycle,
+                    row.trainer_cycle_s / profile.batch_size, last, rest_samples,
+                    profile.samples_per_request, profile.prefetch_depth)
 
 
 def choose_split(profile: Profile, freeze: int | None = None, *,

@@ -327,6 +327,9 @@ def check_args(args):
         raise ConfigError(f"--end {args.end}: must be above --start {args.start}")
     if args.manual_split and args.split_idx is None:
         raise ConfigError("--manual_split needs --split_idx N")
+    if args.manual_split and args.split_tie != names.SPLIT_TIE:
+        raise ConfigError(f"--split_tie {args.split_tie:g} widens the automatic choice of the "
+                          "split, and --manual_split fixes the split: drop one")
     store = args.checkpoint_dir or args.checkpoint_container
     if args.resume and args.testonly:
         raise ConfigError("--resume continues a training, --testonly only evaluates (the "

@@ -119,6 +119,8 @@ def test_layer_count_without_building_the_model(model):
     (["--timeout", "0"], "--timeout 0: must be above 0 seconds"),
     (["--holdout", "1"], "--holdout 1: must be in [0, 1)"),
     (["--split_tie", "1.5"], "--split_tie 1.5: must be in [0, 1)"),
+    (["--manual_split", "--split_idx", "3", "--split_tie", "0.25"],
+     "--split_tie 0.25 widens the automatic choice of the split, and --manual_split fixes"),
     (["--start", "10", "--end", "5"], "--end 5: must be above --start 10"),
     (["--num_epochs", "two"], "argument --num_epochs: invalid int value: 'two'"),
     (["--checkpoint_dir", "a", "--checkpoint_container", "b"],

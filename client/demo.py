@@ -168,10 +168,13 @@ def run_demo(args, root, cluster):
 def report(metrics, vanilla, epochs):
     """The split run against vanilla: accuracy, bytes, time."""
     received, raw = metrics["bytes_received"], metrics["raw_shard_bytes"]
-    storage = ", ".join(metrics["devices"]["storage"])
+    storage = metrics["devices"]["storage"]
+    # None when every shard's features came from the feature cache (a rerun).
+    where = f"ran in Swift on {', '.join(storage)}" if storage else \
+        "came from the feature cache of an earlier run"
     print(f"\n{MODEL}, frozen below layer {metrics['freeze']} of {metrics['layers']}, split "
-          f"{metrics['split']}: layers [0, {metrics['split']}) ran in Swift on {storage}, the "
-          f"rest here on {metrics['devices']['trainer']}")
+          f"{metrics['split']}: layers [0, {metrics['split']}) {where}, the rest here on "
+          f"{metrics['devices']['trainer']}")
     print(f"held-out accuracy: {metrics['accuracy']:.1%} on {metrics['samples']['holdout']} "
           f"digits (chance: 10%)")
     print(f"received from Swift: {received / 1e6:.2f} MB of features; vanilla training moves "

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +55,9 @@ def test_short_run_learns_and_reports_the_bytes(demo_root, capsys):
     assert vanilla["split"] == 0 and vanilla["cache"] is None
     assert vanilla["bytes_received"] == vanilla["raw_shard_bytes"] == metrics["raw_shard_bytes"]
     assert len(list(cache.glob("*.safetensors"))) == 10
+    # Run again: every shard from the feature cache, nothing computed in Swift.
+    assert demo.main(["--root", str(demo_root), *SHORT, "--no_vanilla"]) == 0
+    assert "came from the feature cache of an earlier run" in capsys.readouterr().out
 
 
 @pytest.mark.swift
@@ -72,7 +76,9 @@ def test_ctrl_c_is_one_line_and_status_130(demo_root, capsys, monkeypatch):
 @pytest.mark.swift
 def test_sigint_while_training_leaves_the_cluster_serving(demo_root):
     """A real Ctrl-C (SIGINT) once training has begun: no traceback, status
-    130, and the cluster still answers."""
+    130, and the cluster still answers. The feature cache of the runs before
+    goes first: read from it, the epoch could end before the signal."""
+    shutil.rmtree(demo_root / "feature-cache", ignore_errors=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "hapi.client.demo", "--root", str(demo_root), *SHORT],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -82,7 +82,10 @@ def test_sigint_while_training_leaves_the_cluster_serving(demo_root):
     proc = subprocess.Popen(
         [sys.executable, "-m", "hapi.client.demo", "--root", str(demo_root), *SHORT],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # A suite started in the background inherits SIGINT ignored, and
+        # Python then leaves it ignored: a user's terminal does not.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stdout:
             if line.startswith(f"{demo.MODEL}: "):  # the trainer's first line: training begins

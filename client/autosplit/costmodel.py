@@ -180,8 +180,9 @@ class SplitCost:
     """The cost model's prediction for one split. Times are seconds per
     training iteration (``batch`` samples) unless named otherwise (``fill_s``
     the first shard, ``first_ahead_s`` what one other request sent with it
-    holds it back, ``epoch_s`` and ``rest_s`` all of them); memory in
-    bytes."""
+    holds it back, ``epoch_s`` and ``rest_s`` all of them); ``trainer_last_s``
+    is the trainer's work on a shard that arrived whole, which nothing
+    overlaps at the end of a job; memory in bytes."""
 
     split: int
     wire_format: str
@@ -210,6 +211,7 @@ class SplitCost:
     rest_s: float | None = None
     first_ahead_s: float = 0.0
     trainer_cycle_s: float = 0.0
+    trainer_last_s: float = 0.0
 
 
 @dataclass
@@ -417,6 +419,7 @@ def evaluate_split(profile: Profile, split: int, freeze: int | None = None, *,
         trainer_s=batch * (host + compute), pipeline_s=batch * pipeline,
         iteration_s=batch * cycle, bottleneck=bottleneck, fill_s=fill,
         first_ahead_s=ahead, trainer_cycle_s=batch * trainer_cycle,
+        trainer_last_s=batch * last,
         epoch_s=None if samples is None else
         _fresh_s(fill, ahead, cycle, trainer_cycle, last, samples, requests, depth),
         iterations=None if samples is None else math.ceil(samples / batch),
@@ -476,10 +479,9 @@ def _rest_s(row: SplitCost, profile: Profile, rest_samples: int, fresh: bool) ->
     cycle = row.iteration_s / profile.batch_size
     if not fresh:
         return rest_samples * cycle
-    last = (row.trainer_s if _on_cpu(profile.trainer_device) else row.trainer_compute_s) \
-        / profile.batch_size
     return _fresh_s(row.fill_s, row.first_ahead_s, cycle,
-                    row.trainer_cycle_s / profile.batch_size, last, rest_samples,
+                    row.trainer_cycle_s / profile.batch_size,
+                    row.trainer_last_s / profile.batch_size, rest_samples,
                     profile.samples_per_request, profile.prefetch_depth)
 
 

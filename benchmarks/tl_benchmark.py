@@ -375,12 +375,17 @@ def load_dataset(tiers, settings):
                    stdout=subprocess.DEVNULL)
 
 
-def warm_up(tiers, container, model, threads, out_dir, name):
-    """One small untimed HAPI request, so that no timed run pays for the proxy
-    building and caching the model (its cache key does not depend on the split)."""
+def warm_up(tiers, settings, model, threads, out_dir, name):
+    """One untimed HAPI request, so that no timed run pays for the proxy
+    building and caching the model (its cache key does not depend on the
+    split). It asks for one whole shard, so the trainer asks the storage tier
+    for the batch the timed runs ask for (a quarter of the shard), and the
+    storage tier measures its layer costs at that batch: every timed
+    automatic run then finds them and decides before its first request."""
     freeze = zoo.MODELS[model].default_freeze
-    flags = ["--dataset", container, "--model", model, "--weights", "seed:0",
-             "--batch_size", 1, "--end", 1, "--holdout", 0, "--threads", threads,
+    flags = ["--dataset", settings["container"], "--model", model, "--weights", "seed:0",
+             "--batch_size", 1, "--end", settings["shard_size"], "--holdout", 0,
+             "--threads", threads,
              "--cpuonly", "--no-progress", *mode_flags("hapi_freeze", freeze)]
     run_measured(tiers, tiers.trainer_command(python(TRAINER, *flags)), name, out_dir)
 
@@ -400,7 +405,7 @@ def run_all(settings, out_dir, log=say):
         for repeat in range(1, settings["repeats"] + 1):
             for model in settings["models"]:
                 tiers.set_rate(max(settings["bandwidths"]))
-                warm_up(tiers, settings["container"], model, settings["threads"], out_dir,
+                warm_up(tiers, settings, model, settings["threads"], out_dir,
                         f"{model}-warm-up-r{repeat}")
                 for rate in settings["bandwidths"]:
                     tiers.set_rate(rate)

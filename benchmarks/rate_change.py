@@ -135,7 +135,7 @@ def main(argv=None):
     with TwoTier(args.out, args.from_mbit, network=args.network,
                  link=args.link, log=say) as tiers:
         load_dataset(tiers, settings)
-        warm_up(tiers, settings, args.model, 1, args.out, "warm-up")
+        warm_up(tiers, settings, args.model, args.out, "warm-up")
         runs = []
         for repeat in range(1, args.repeats + 1):
             run = one_run(tiers, settings, args.out, repeat)

@@ -254,8 +254,7 @@ def run_all(settings, out_dir, log=say):
         doc["setup"] = tiers.describe()
         load_dataset(tiers, settings)
         for model in settings["models"]:
-            warm_up(tiers, settings, model, settings["threads"], out_dir,
-                    f"{model}-warm-up")
+            warm_up(tiers, settings, model, out_dir, f"{model}-warm-up")
             for rate in settings["bandwidths"]:
                 tiers.set_rate(rate)
                 for batch in settings["batch_sizes"]:

@@ -375,7 +375,7 @@ def load_dataset(tiers, settings):
                    stdout=subprocess.DEVNULL)
 
 
-def warm_up(tiers, settings, model, threads, out_dir, name):
+def warm_up(tiers, settings, model, out_dir, name):
     """One untimed HAPI request, so that no timed run pays for the proxy
     building and caching the model (its cache key does not depend on the
     split). It asks for one whole shard, so the trainer asks the storage tier
@@ -385,7 +385,7 @@ def warm_up(tiers, settings, model, threads, out_dir, name):
     freeze = zoo.MODELS[model].default_freeze
     flags = ["--dataset", settings["container"], "--model", model, "--weights", "seed:0",
              "--batch_size", 1, "--end", settings["shard_size"], "--holdout", 0,
-             "--threads", threads,
+             "--threads", settings["threads"],
              "--cpuonly", "--no-progress", *mode_flags("hapi_freeze", freeze)]
     run_measured(tiers, tiers.trainer_command(python(TRAINER, *flags)), name, out_dir)
 
@@ -405,8 +405,7 @@ def run_all(settings, out_dir, log=say):
         for repeat in range(1, settings["repeats"] + 1):
             for model in settings["models"]:
                 tiers.set_rate(max(settings["bandwidths"]))
-                warm_up(tiers, settings, model, settings["threads"], out_dir,
-                        f"{model}-warm-up-r{repeat}")
+                warm_up(tiers, settings, model, out_dir, f"{model}-warm-up-r{repeat}")
                 for rate in settings["bandwidths"]:
                     tiers.set_rate(rate)
                     link = probe_link(tiers, rate, f"{model}-{rate}mbit-link-r{repeat}",

@@ -971,6 +971,35 @@ def test_noise_changes_the_split_at_most_once_an_epoch():
             (seed, changes)
 
 
+def test_a_decision_ranks_only_the_samples_still_to_request():
+    """Requests already sent keep their split: a decision ranks the epoch's
+    samples less those in flight, in a running pipeline; once all of the
+    epoch's requests are out, the next epoch's, from an empty pipeline."""
+    profile = recorded("alexnet-224.json")
+    truth, _, _, _ = storage_layer_times(profile)
+    r, batch = profile.samples_per_request, profile.batch_size
+    auto = AutomaticSplit(profile, epoch_samples=8 * r, epoch_shards=8, log=[].append)
+    tier = StorageTier(profile, truth, frames=4, samples=r // 4)
+
+    def running(samples):
+        row = auto.decision.chosen
+        return max((samples * row.supply_s + min(samples, r) * row.trainer_last_s) / batch,
+                   samples * row.trainer_cycle_s / batch)
+
+    auto.decide_now("before the first request")
+    assert f"the {8 * r} samples still to request" in auto.history[-1]["reason"]
+    sent = [auto.opened() for _ in range(3)]  # in flight, not yet loaded
+    tier.run(auto, 100 * MBIT, 2)
+    auto.decide_now("two shards in, three in flight")
+    assert auto.decision.chosen.rest_s == pytest.approx(running(3 * r))
+    sent += [auto.opened() for _ in range(3)]
+    auto.decide_now("the epoch's requests all sent")
+    assert auto.decision.chosen.rest_s == pytest.approx(auto.decision.chosen.epoch_s)
+    auto.closed(sent.pop(), None)  # a request that failed is no longer in flight
+    auto.decide_now("one failed")
+    assert auto.decision.chosen.rest_s == pytest.approx(running(r))
+
+
 def test_a_large_drift_re_decides_within_the_epoch():
     """Hysteresis holds back a change by the noise, not a shaped link: a
     bandwidth cut to a tenth re-decides at once, in the epoch of the last change."""

@@ -93,9 +93,21 @@ the formulas above.
 Ranking
 -------
 
-With ``rest_samples`` the candidates are ranked by the predicted time of
-the samples left in the epoch (``fresh``, before any request: with the
-pipeline's fill, as ``epoch_s``), else per iteration. Predictions within
+With ``rest_samples`` (``U``: the samples a choice can still route, those
+not yet requested) the candidates are ranked by their predicted time, else
+per iteration. ``fresh`` (no request out: the start of a pass) counts the
+pipeline's fill, as ``epoch_s``; in a running pipeline the requests in
+flight, at the split they were sent with, keep every station busy across
+a change, and the ``U`` samples take::
+
+    rest_s = max(U * supply + min(U, R) * C',  U * T)
+
+(``supply`` the busiest station before the trainer, ``max(S, N, Q)``, and
+``H`` too on a GPU; ``T`` and ``C'`` as in ``epoch_s``): their shards
+arrive one a supply cycle and the trainer still works on the last one, or
+the trainer, the slower, takes them one a trainer cycle. A split whose
+trainer does more work pays it at the end of the job, so late in an epoch
+a change towards the trainer gains little. Predictions within
 ``SPLIT_TIE`` of the fastest are ties, won by the fewest bytes on the wire.
 docs/DESIGN.md ("Choosing the split and the wire format") says why the
 cycle is a max and not a queueing solution such as mean-value analysis.
@@ -105,7 +117,7 @@ overlaps, the iteration is the sum of everything); with a bottleneck stage
 well above the rest it hides behind the max. Kernel socket buffers let a
 frame's transfer overlap the next frame's computation a little; the model
 ignores that (it errs towards the slower of the two). The winner minimises
-the predicted time (see Ranking below); predictions within ``SPLIT_TIE`` of the
+the predicted time (see Ranking above); predictions within ``SPLIT_TIE`` of the
 fastest go to the fewest bytes, exact ties then to the smaller total work
 ``S + N + H + C``, then the larger split.
 
@@ -182,7 +194,10 @@ class SplitCost:
     the first shard, ``first_ahead_s`` what one other request sent with it
     holds it back, ``epoch_s`` and ``rest_s`` all of them); ``trainer_last_s``
     is the trainer's work on a shard that arrived whole, which nothing
-    overlaps at the end of a job; memory in bytes."""
+    overlaps at the end of a job; ``supply_s`` the busiest station before
+    the trainer (the storage tier, the link, the requests' loop; on a GPU
+    trainer also its host work), which paces the shards' arrivals; memory in
+    bytes."""
 
     split: int
     wire_format: str
@@ -212,6 +227,7 @@ class SplitCost:
     first_ahead_s: float = 0.0
     trainer_cycle_s: float = 0.0
     trainer_last_s: float = 0.0
+    supply_s: float = 0.0
 
 
 @dataclass
@@ -369,6 +385,7 @@ def evaluate_split(profile: Profile, split: int, freeze: int | None = None, *,
     stages["requests"] = pipeline
     bottleneck = max(stages, key=stages.get)
     cycle = stages[bottleneck]
+    supply = max(value for name, value in stages.items() if name != "trainer")
     fill = p.request_latency_s + requests * (storage + transfer + host)
     last = compute + (host if _on_cpu(p.trainer_device) else 0.0)
     trainer_cycle = host + compute if _on_cpu(p.trainer_device) else max(host, compute)
@@ -419,7 +436,7 @@ def evaluate_split(profile: Profile, split: int, freeze: int | None = None, *,
         trainer_s=batch * (host + compute), pipeline_s=batch * pipeline,
         iteration_s=batch * cycle, bottleneck=bottleneck, fill_s=fill,
         first_ahead_s=ahead, trainer_cycle_s=batch * trainer_cycle,
-        trainer_last_s=batch * last,
+        trainer_last_s=batch * last, supply_s=batch * supply,
         epoch_s=None if samples is None else
         _fresh_s(fill, ahead, cycle, trainer_cycle, last, samples, requests, depth),
         iterations=None if samples is None else math.ceil(samples / batch),
@@ -472,17 +489,23 @@ def _fresh_s(fill, ahead, cycle, trainer_cycle, last, samples, requests, depth) 
 
 
 def _rest_s(row: SplitCost, profile: Profile, rest_samples: int, fresh: bool) -> float:
-    """Predicted seconds for the ``rest_samples`` samples still to load: with
-    ``fresh`` (no request out yet) from an empty pipeline, as ``epoch_s``; in
-    a running pipeline the requests in flight keep it full across a change
-    of split."""
-    cycle = row.iteration_s / profile.batch_size
+    """Predicted seconds for the ``rest_samples`` samples still to request:
+    with ``fresh`` (no request out yet) from an empty pipeline, as
+    ``epoch_s``; else behind the requests already in flight, which keep the
+    pipeline full across a change of split. Their shards then arrive one a
+    supply cycle and the last one still needs the trainer's work, or the
+    trainer, the slower, takes them one a trainer cycle (the module
+    docstring's Ranking)."""
+    batch, requests = profile.batch_size, profile.samples_per_request
+    cycle = row.iteration_s / batch
     if not fresh:
-        return rest_samples * cycle
+        arrived = rest_samples * row.supply_s / batch + \
+            min(rest_samples, requests) * row.trainer_last_s / batch
+        return max(arrived, rest_samples * row.trainer_cycle_s / batch)
     return _fresh_s(row.fill_s, row.first_ahead_s, cycle,
-                    row.trainer_cycle_s / profile.batch_size,
-                    row.trainer_last_s / profile.batch_size, rest_samples,
-                    profile.samples_per_request, profile.prefetch_depth)
+                    row.trainer_cycle_s / batch,
+                    row.trainer_last_s / batch, rest_samples,
+                    requests, profile.prefetch_depth)
 
 
 def choose_split(profile: Profile, freeze: int | None = None, *,
@@ -536,7 +559,7 @@ def choose_split(profile: Profile, freeze: int | None = None, *,
     best = _fewest_bytes_of_the_fastest(feasible, tie)
     chosen = best
     measure = "iteration time" if rest_samples is None else \
-        f"time for the {rest_samples} samples left"
+        f"time for the {rest_samples} samples still to request"
     reason = f"lowest predicted {measure} ({_rank(best)[0]:.4g} s, bottleneck {best.bottleneck})"
     if current is not None and 0 <= current <= freeze and current in allowed:
         kept = predict(current, current_format if current and current_format in

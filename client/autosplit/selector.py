@@ -151,6 +151,7 @@ class AutomaticSplit:
         self._frame_overhead_bytes = profile.frame_overhead_bytes
         self._shards = 0
         self._samples = 0
+        self._pending = 0  # requests sent and not yet observed (or dropped)
         self._observed_at: list[float] = []  # time.monotonic() of each shard observed
         self._completed_at: list[float] = []  # ... of each request heard as it completed
         self._decisions: list[Decision] = []
@@ -229,7 +230,9 @@ class AutomaticSplit:
     def opened(self):
         """A request is about to go out (in a loader's thread); returns what
         :meth:`on_link` and :meth:`closed` take for it."""
-        return self._link.open()
+        with self._lock:
+            self._pending += 1
+            return self._link.open()
 
     def on_link(self, request, start: float, end: float, nbytes: int) -> None:
         """A part of ``request``'s body arrived (a frame; a raw body whole),
@@ -245,7 +248,9 @@ class AutomaticSplit:
         loaded, or None when it failed or nothing crossed the link."""
         with self._lock:
             observed = self._link.close(request)
-            if shard is not None:
+            if shard is None:
+                self._pending -= 1  # failed, or read from the cache: never observed
+            else:
                 # The storage tier's queue wait for its device before the first
                 # frame came before the headers too: queueing, not latency.
                 queued = shard.frames[0].timings.get("slot_wait_s", 0.0) if shard.frames else 0.0
@@ -275,6 +280,7 @@ class AutomaticSplit:
             self._observe_host(shard, samples)
             separated = self._receive_cost.separable and not separable
         self._samples += len(shard.keys)
+        self._pending = max(self._pending - 1, 0)
         self._observed_at.append(time.monotonic())
         try:
             if separated and self._profiled:
@@ -379,14 +385,27 @@ class AutomaticSplit:
                                            for name, value in change.items()
                                            if value is not None))
 
+    def _routable(self) -> tuple[int | None, bool]:
+        """The samples a decision now can still route, and whether they start
+        from an empty pipeline. Requests already sent keep the split they
+        were sent with, so this epoch's samples count less those in flight
+        (``samples_per_request`` a request); once all of them are out, the
+        choice is the next epoch's, a new pass that starts empty."""
+        epoch = self._epoch_samples
+        if epoch is None:
+            return None, self._shards == 0
+        in_flight = self._pending * self._profile.samples_per_request
+        left = epoch - self._samples % epoch - in_flight
+        if left <= 0:
+            return epoch, True
+        return left, self._shards == 0
+
     def _decide(self, why: str) -> None:
         """Choose again, with the split in use as the incumbent, and log it."""
-        rest = None
-        if self._epoch_samples is not None:
-            rest = self._epoch_samples - self._samples % self._epoch_samples
+        rest, fresh = self._routable()
         decision = choose_split(self.current_profile(), epoch_samples=self._epoch_samples,
                                 current=self._split, current_format=self._format,
-                                rest_samples=rest, fresh=self._shards == 0,
+                                rest_samples=rest, fresh=fresh,
                                 margin=self._margin, tie=self._tie)
         self._estimator.mark()
         chosen_format = decision.wire_format if decision.split else self._format

@@ -20,7 +20,7 @@ import random
 import subprocess
 import sys
 import threading
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 import pytest
@@ -981,23 +981,54 @@ def test_a_decision_ranks_only_the_samples_still_to_request():
     auto = AutomaticSplit(profile, epoch_samples=8 * r, epoch_shards=8, log=[].append)
     tier = StorageTier(profile, truth, frames=4, samples=r // 4)
 
-    def running(samples):
-        row = auto.decision.chosen
-        return max((samples * row.supply_s + min(samples, r) * row.trainer_last_s) / batch,
-                   samples * row.trainer_cycle_s / batch)
+    def running(samples, on_the_way):
+        """The chosen row's rest, behind ``on_the_way`` samples sent at the split before."""
+        step, row = auto.history[-1], auto.decision.chosen
+        sent = evaluate_split(auto.current_profile(), step["from"],
+                              wire_format=step["from_format"])
+        supply = on_the_way * sent.supply_s / batch
+        return max(supply + samples * row.supply_s / batch
+                   + min(samples, r) * row.trainer_last_s / batch,
+                   max(supply, on_the_way * sent.trainer_cycle_s / batch)
+                   + samples * row.trainer_cycle_s / batch)
 
     auto.decide_now("before the first request")
     assert f"the {8 * r} samples still to request" in auto.history[-1]["reason"]
     sent = [auto.opened() for _ in range(3)]  # in flight, not yet loaded
     tier.run(auto, 100 * MBIT, 2)
     auto.decide_now("two shards in, three in flight")
-    assert auto.decision.chosen.rest_s == pytest.approx(running(3 * r))
+    assert auto.decision.chosen.rest_s == pytest.approx(running(3 * r, 3 * r))
     sent += [auto.opened() for _ in range(3)]
     auto.decide_now("the epoch's requests all sent")
     assert auto.decision.chosen.rest_s == pytest.approx(auto.decision.chosen.epoch_s)
     auto.closed(sent.pop(), None)  # a request that failed is no longer in flight
     auto.decide_now("one failed")
-    assert auto.decision.chosen.rest_s == pytest.approx(running(r))
+    assert auto.decision.chosen.rest_s == pytest.approx(running(r, 5 * r))
+
+
+def test_once_an_epochs_requests_are_sent_the_next_epoch_is_chosen_fresh():
+    """With two requests ahead of the consumer, an epoch of six shards has
+    all its requests out once the fourth shard is taken: one decision then
+    chooses for the next epoch, from an empty pipeline, once an epoch."""
+    profile = recorded("alexnet-224.json")
+    truth, _, _, _ = storage_layer_times(profile)
+    r = profile.samples_per_request
+    auto = AutomaticSplit(profile, epoch_samples=6 * r, epoch_shards=6, log=[].append)
+    tier = StorageTier(profile, truth, frames=4, samples=r // 4)
+    for _ in range(2):
+        ahead = deque(auto.opened() for _ in range(2))
+        for k in range(6):
+            if k + 2 < 6:
+                ahead.append(auto.opened())
+            request, shard = ahead.popleft(), tier.shard(auto.split, 100 * MBIT)
+            for part in shard.transfer.link_intervals():
+                auto.on_link(request, *part)
+            auto.closed(request, shard)
+            auto.observe(shard)
+    fresh = [step["shard"] for step, decision in zip(auto.history, auto.decisions, strict=True)
+             if decision.chosen.rest_s == pytest.approx(decision.chosen.epoch_s)]
+    assert fresh == [4, 10], auto.history
+    assert sum("for the next epoch" in step["why"] for step in auto.history) <= 2
 
 
 def test_a_large_drift_re_decides_within_the_epoch():

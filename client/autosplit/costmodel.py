@@ -100,14 +100,18 @@ pipeline's fill, as ``epoch_s``; in a running pipeline the requests in
 flight, at the split they were sent with, keep every station busy across
 a change, and the ``U`` samples take::
 
-    rest_s = max(U * supply + min(U, R) * C',  U * T)
+    rest_s = max(B_S + U * supply + min(U, R) * C',  B_T + U * T)
 
 (``supply`` the busiest station before the trainer, ``max(S, N, Q)``, and
-``H`` too on a GPU; ``T`` and ``C'`` as in ``epoch_s``): their shards
-arrive one a supply cycle and the trainer still works on the last one, or
-the trainer, the slower, takes them one a trainer cycle. A split whose
-trainer does more work pays it at the end of the job, so late in an epoch
-a change towards the trainer gains little. Predictions within
+``H`` too on a GPU; ``T`` and ``C'`` as in ``epoch_s``; ``B_S`` the
+supply's work on the samples already sent, at the split in use, and
+``B_T`` the trainer's, but no less than ``B_S``: it takes shards in
+order): their shards arrive one a supply cycle after those sent before
+and the trainer still works on the last one, or the trainer, the slower,
+takes them one a trainer cycle after its backlog. A split whose
+trainer does more work pays it at the end of the job, and the backlog is
+the same whatever the choice, so late in an epoch a change gains little
+and the margin keeps the split in use. Predictions within
 ``SPLIT_TIE`` of the fastest are ties, won by the fewest bytes on the wire.
 docs/DESIGN.md ("Choosing the split and the wire format") says why the
 cycle is a max and not a queueing solution such as mean-value analysis.
@@ -488,20 +492,22 @@ def _fresh_s(fill, ahead, cycle, trainer_cycle, last, samples, requests, depth) 
         min(samples, requests) * last
 
 
-def _rest_s(row: SplitCost, profile: Profile, rest_samples: int, fresh: bool) -> float:
+def _rest_s(row: SplitCost, profile: Profile, rest_samples: int, fresh: bool,
+            backlog: tuple[float, float] = (0.0, 0.0)) -> float:
     """Predicted seconds for the ``rest_samples`` samples still to request:
     with ``fresh`` (no request out yet) from an empty pipeline, as
-    ``epoch_s``; else behind the requests already in flight, which keep the
-    pipeline full across a change of split. Their shards then arrive one a
-    supply cycle and the last one still needs the trainer's work, or the
-    trainer, the slower, takes them one a trainer cycle (the module
-    docstring's Ranking)."""
+    ``epoch_s``; else behind the requests already sent, which keep their
+    split and hold the supply and the trainer for ``backlog`` seconds. The
+    new shards then arrive one a supply cycle and the last one still needs
+    the trainer's work, or the trainer, the slower, takes them one a trainer
+    cycle (the module docstring's Ranking)."""
     batch, requests = profile.batch_size, profile.samples_per_request
     cycle = row.iteration_s / batch
     if not fresh:
-        arrived = rest_samples * row.supply_s / batch + \
+        supply, trainer = backlog
+        arrived = supply + rest_samples * row.supply_s / batch + \
             min(rest_samples, requests) * row.trainer_last_s / batch
-        return max(arrived, rest_samples * row.trainer_cycle_s / batch)
+        return max(arrived, trainer + rest_samples * row.trainer_cycle_s / batch)
     return _fresh_s(row.fill_s, row.first_ahead_s, cycle,
                     row.trainer_cycle_s / batch,
                     row.trainer_last_s / batch, rest_samples,
@@ -511,7 +517,8 @@ def _rest_s(row: SplitCost, profile: Profile, rest_samples: int, fresh: bool) ->
 def choose_split(profile: Profile, freeze: int | None = None, *,
                  epoch_samples: int | None = None, current: int | None = None,
                  current_format: str | None = None, rest_samples: int | None = None,
-                 fresh: bool = False, margin: float = 0.0, tie: float = SPLIT_TIE,
+                 fresh: bool = False, backlog_samples: tuple[int, int] = (0, 0),
+                 margin: float = 0.0, tie: float = SPLIT_TIE,
                  candidates=None) -> Decision:
     """Predict every split in ``[0, freeze]`` (or ``candidates``) with every
     measured wire format, and choose the pair.
@@ -519,7 +526,9 @@ def choose_split(profile: Profile, freeze: int | None = None, *,
     Each split's row is its best format. The choice is the feasible pair
     with the lowest predicted time for the rest of the job when
     ``rest_samples`` is given (``fresh``: before any request, the pipeline's
-    fill included), else per iteration; pairs predicted within ``tie``
+    fill included; else behind ``backlog_samples``, the samples already sent
+    at ``current`` and ``current_format``: on their way, and loaded but not
+    yet trained on), else per iteration; pairs predicted within ``tie``
     (relative) of it are ties, won by the fewest bytes (then less total
     work, the larger split). With ``current`` and ``current_format`` (what is in use)
     and ``margin`` (e.g. 0.05), they are kept unless the best is more than
@@ -531,13 +540,28 @@ def choose_split(profile: Profile, freeze: int | None = None, *,
         profile = profile.with_measurements(freeze=freeze)
     storage_times, ratio, source, estimated = storage_layer_times(profile)
     formats = list(profile.wire_formats) or [None]
+    in_use = current is not None and 0 <= current <= freeze
+
+    def evaluate(split, wire_format):
+        return evaluate_split(profile, split, freeze, wire_format=wire_format,
+                              epoch_samples=epoch_samples, storage_times=storage_times,
+                              estimated=estimated, storage_ratio=ratio)
+
+    backlog = (0.0, 0.0)
+    if in_use and not fresh and any(backlog_samples):
+        sent = evaluate(current, current_format if current and current_format in
+                        profile.wire_formats else None)
+        on_the_way, loaded = backlog_samples
+        supply = on_the_way * sent.supply_s / profile.batch_size
+        # The trainer takes shards in order: it reaches the new ones once the
+        # last one sent before has arrived and it has trained on all of them.
+        backlog = (supply, max(supply, (on_the_way + loaded) * sent.trainer_cycle_s /
+                               profile.batch_size))
 
     def predict(split, wire_format):
-        row = evaluate_split(profile, split, freeze, wire_format=wire_format,
-                             epoch_samples=epoch_samples, storage_times=storage_times,
-                             estimated=estimated, storage_ratio=ratio)
+        row = evaluate(split, wire_format)
         if rest_samples is not None:
-            row.rest_s = _rest_s(row, profile, rest_samples, fresh)
+            row.rest_s = _rest_s(row, profile, rest_samples, fresh, backlog)
         return row
 
     def best_format(split):
@@ -561,7 +585,7 @@ def choose_split(profile: Profile, freeze: int | None = None, *,
     measure = "iteration time" if rest_samples is None else \
         f"time for the {rest_samples} samples still to request"
     reason = f"lowest predicted {measure} ({_rank(best)[0]:.4g} s, bottleneck {best.bottleneck})"
-    if current is not None and 0 <= current <= freeze and current in allowed:
+    if in_use and current in allowed:
         kept = predict(current, current_format if current and current_format in
                        profile.wire_formats else None) if current else rows[0]
         if kept.feasible and (kept.split, kept.wire_format) != (best.split, best.wire_format) \

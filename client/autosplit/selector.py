@@ -97,7 +97,10 @@ class AutomaticSplit:
     hysteresis: once the split changed, it changes again only after
     ``epoch_shards`` more shards (an epoch's requests), unless the drift is
     a factor of ``LARGE_DRIFT_FACTOR`` or more either way, as a reshaped
-    link makes it. Every decision, the first one too (the split in use is then
+    link makes it. Requests already sent keep their split, so a decision
+    ranks the samples still to request; once all of an epoch's requests are
+    sent, one decision chooses for the next epoch, a new pass from an empty
+    pipeline. Every decision, the first one too (the split in use is then
     the start), moves the split only when the new best is predicted more
     than ``margin`` faster: predictions a few percent apart are within the
     noise of the measurements they come from, and the start, ``f``, is the
@@ -151,7 +154,9 @@ class AutomaticSplit:
         self._frame_overhead_bytes = profile.frame_overhead_bytes
         self._shards = 0
         self._samples = 0
-        self._pending = 0  # requests sent and not yet observed (or dropped)
+        self._pending = 0  # requests sent, not yet observed (nor failed, nor cached)
+        self._on_the_way = 0  # ... of which not yet loaded
+        self._chosen_for = -1  # the last epoch whose successor a decision was for
         self._observed_at: list[float] = []  # time.monotonic() of each shard observed
         self._completed_at: list[float] = []  # ... of each request heard as it completed
         self._decisions: list[Decision] = []
@@ -232,6 +237,7 @@ class AutomaticSplit:
         :meth:`on_link` and :meth:`closed` take for it."""
         with self._lock:
             self._pending += 1
+            self._on_the_way += 1
             return self._link.open()
 
     def on_link(self, request, start: float, end: float, nbytes: int) -> None:
@@ -248,8 +254,9 @@ class AutomaticSplit:
         loaded, or None when it failed or nothing crossed the link."""
         with self._lock:
             observed = self._link.close(request)
+            self._on_the_way = max(self._on_the_way - 1, 0)
             if shard is None:
-                self._pending -= 1  # failed, or read from the cache: never observed
+                self._pending = max(self._pending - 1, 0)  # failed, or from the cache
             else:
                 # The storage tier's queue wait for its device before the first
                 # frame came before the headers too: queueing, not latency.
@@ -365,8 +372,14 @@ class AutomaticSplit:
                 self._profiled = True
                 self._decide("profiled" if measured else
                              f"profiling bound reached ({self._shards} shards)")
+        elif self._routable()[1] and self._chosen_for != self._epoch():
+            self._decide("the epoch's requests are all sent: choosing for the next epoch")
         else:
             self._follow_drift()
+
+    def _epoch(self) -> int:
+        """The epoch the consumer is in (from 0)."""
+        return self._samples // self._epoch_samples if self._epoch_samples else 0
 
     def _follow_drift(self) -> None:
         """Re-decide when the bandwidth or the storage speed drifted."""
@@ -385,27 +398,31 @@ class AutomaticSplit:
                                            for name, value in change.items()
                                            if value is not None))
 
-    def _routable(self) -> tuple[int | None, bool]:
-        """The samples a decision now can still route, and whether they start
-        from an empty pipeline. Requests already sent keep the split they
-        were sent with, so this epoch's samples count less those in flight
-        (``samples_per_request`` a request); once all of them are out, the
-        choice is the next epoch's, a new pass that starts empty."""
-        epoch = self._epoch_samples
+    def _routable(self) -> tuple[int | None, bool, tuple[int, int]]:
+        """The samples a decision now can still route, whether they start
+        from an empty pipeline, and the samples sent before them (on their
+        way, loaded and waiting; ``samples_per_request`` a request). Requests
+        already sent keep their split, so this epoch's samples count less
+        those; once all of them are out, the choice is the next epoch's, a
+        new pass that starts empty."""
+        epoch, per_request = self._epoch_samples, self._profile.samples_per_request
+        backlog = (self._on_the_way * per_request,
+                   (self._pending - self._on_the_way) * per_request)
         if epoch is None:
-            return None, self._shards == 0
-        in_flight = self._pending * self._profile.samples_per_request
-        left = epoch - self._samples % epoch - in_flight
+            return None, self._shards == 0, backlog
+        left = epoch - self._samples % epoch - sum(backlog)
         if left <= 0:
-            return epoch, True
-        return left, self._shards == 0
+            return epoch, True, (0, 0)
+        return left, self._shards == 0, backlog
 
     def _decide(self, why: str) -> None:
         """Choose again, with the split in use as the incumbent, and log it."""
-        rest, fresh = self._routable()
+        rest, fresh, backlog = self._routable()
+        if fresh and self._shards:
+            self._chosen_for = self._epoch()
         decision = choose_split(self.current_profile(), epoch_samples=self._epoch_samples,
                                 current=self._split, current_format=self._format,
-                                rest_samples=rest, fresh=fresh,
+                                rest_samples=rest, fresh=fresh, backlog_samples=backlog,
                                 margin=self._margin, tie=self._tie)
         self._estimator.mark()
         chosen_format = decision.wire_format if decision.split else self._format

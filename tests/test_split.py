@@ -137,7 +137,14 @@ def true_stage_costs(profile, split, storage_true):
 
 
 def simulate(profile, split, storage_true, shards=24):
-    """Epoch time of ``split`` in a discrete-event model of the real loop.
+    """Epoch time of ``split`` in a discrete-event model of the real loop
+    (:func:`simulate_run` with every shard at ``split``)."""
+    return simulate_run(profile, [split] * shards, storage_true)[0]
+
+
+def simulate_run(profile, splits, storage_true):
+    """A discrete-event model of the real loop, shard ``k`` requested at
+    ``splits[k]``; returns when the trainer finishes and when it took each shard.
 
     Shard requests wait ``request_latency_s``; then the storage tier computes
     their frames one at a time, in the storage tier's order
@@ -148,16 +155,20 @@ def simulate(profile, split, storage_true, shards=24):
     the trainer's CPU decodes (vanilla) or copies a whole shard, and trains
     on it when it is its turn. The loader keeps ``prefetch_depth`` requests
     in flight and submits the next one when the trainer takes a shard."""
-    p = profile
-    storage, transfer, host, compute = true_stage_costs(p, split, storage_true)
+    p, shards = profile, len(splits)
+    costs = {split: true_stage_costs(p, split, storage_true) for split in set(splits)}
     r, depth = p.samples_per_request, p.prefetch_depth
-    # Raw shards cross the link side by side (a chunk at a time each).
-    chunk = p.storage_batch if split else 1
-    frames = [min(chunk, r - i) for i in range(0, r, chunk)]
+
+    def frames(k):
+        # Raw shards cross the link side by side (a chunk at a time each).
+        chunk = p.storage_batch if splits[k] else 1
+        return [min(chunk, r - i) for i in range(0, r, chunk)]
+
     events, order = [], itertools.count()
     free = {"link": 0.0, "trainer": 0.0}
     line, storage_busy = [], [False]
     loaded, consumer = set(), {"next": 0, "busy": False, "finish": 0.0}
+    taken = [0.0] * shards
 
     def at(time, *event):
         heapq.heappush(events, (time, next(order), event))
@@ -176,7 +187,7 @@ def simulate(profile, split, storage_true, shards=24):
         if not storage_busy[0] and line:
             _, _, k, j = heapq.heappop(line)
             storage_busy[0] = True
-            at(now + frames[j] * storage, "computed", k, j)
+            at(now + frames(k)[j] * costs[splits[k]][0], "computed", k, j)
 
     def fetch(k, now):
         at(now + p.request_latency_s, "arrived", k, 0)
@@ -186,9 +197,10 @@ def simulate(profile, split, storage_true, shards=24):
         if consumer["busy"] or k >= shards or k not in loaded:
             return
         consumer["busy"] = True
+        taken[k] = now
         if depth and k + depth < shards:
             fetch(k + depth, now)
-        at(reserve("trainer", now, r * compute), "consumed", k, 0)
+        at(reserve("trainer", now, r * costs[splits[k]][3]), "consumed", k, 0)
 
     for k in range(min(max(depth, 1), shards)):
         fetch(k, 0.0)
@@ -198,13 +210,13 @@ def simulate(profile, split, storage_true, shards=24):
             get_in_line(now, k, 0)
         elif kind == "computed":
             storage_busy[0] = False
-            at(reserve("link", now, frames[j] * transfer), "sent", k, j)
+            at(reserve("link", now, frames(k)[j] * costs[splits[k]][1]), "sent", k, j)
             compute_next(now)
         elif kind == "sent":
-            if j + 1 < len(frames):
+            if j + 1 < len(frames(k)):
                 get_in_line(now, k, j + 1)
-            if j == len(frames) - 1:
-                at(reserve("trainer", now, r * host), "loaded", k, 0)
+            if j == len(frames(k)) - 1:
+                at(reserve("trainer", now, r * costs[splits[k]][2]), "loaded", k, 0)
         elif kind == "loaded":
             loaded.add(k)
             try_consume(now)
@@ -213,7 +225,7 @@ def simulate(profile, split, storage_true, shards=24):
             if depth == 0 and k + 1 < shards:
                 fetch(k + 1, now)
             try_consume(now)
-    return consumer["finish"]
+    return consumer["finish"], taken
 
 
 def simulated_best(profile, storage_true, shards=24):
@@ -506,6 +518,51 @@ def test_epoch_prediction_matches_the_simulation(alexnet_bytes):
         for split in (0, 6, 13, 18):
             predicted = evaluate_split(profile, split, epoch_samples=24 * 256).epoch_s
             assert predicted == pytest.approx(simulate(profile, split, truth, 24), rel=0.03)
+
+
+def test_a_change_behind_the_requests_sent_ranks_as_the_simulation(alexnet_bytes):
+    """The trainer takes shard ``c`` of 16 with ``d`` requests ahead, sent at
+    the split in use, ``a``: a decision can move only the shards after them.
+    Over 162 such moments, where the choice (5% margin) ranks the samples
+    still to request behind that backlog and moves to another split, the
+    simulated loop finishes sooner there at least 17 times in 20 (91 of 100:
+    splits whose stages are nearly balanced run a little slower than their
+    slowest stage, which the model does not count). Ranking the samples not
+    yet received at the bottleneck's cycle instead, as before, made 126
+    changes of which 34 finished later."""
+    model, sizes = alexnet_bytes
+    r, shards, margin = 8, 16, 0.05
+    outcomes = {"behind the backlog": Counter(), "not yet received": Counter()}
+    for ratio in (0.5, 1.0, 2.0):
+        for mbit in (300, 100, 30):
+            for depth in (2, 4):
+                profile = constructed(
+                    model, sizes, bandwidth_bytes_per_s=mbit * MBIT, storage_ratio=ratio,
+                    prefetch_depth=depth, storage_batch=2, batch_size=8,
+                    samples_per_request=r, epoch_samples=shards * r, request_latency_s=0.002)
+                truth = [layer.storage_s for layer in profile.layers[:profile.freeze]]
+                for a, c in itertools.product((6, 10, 13), (3, 8, 11)):
+                    sent = c + depth  # the last shard requested at ``a``
+
+                    def simulated(b, a=a, c=c, sent=sent, truth=truth, profile=profile):
+                        finish, taken = simulate_run(
+                            profile, [a] * (sent + 1) + [b] * (shards - sent - 1), truth)
+                        return finish - taken[c]
+
+                    choices = {
+                        "behind the backlog": choose_split(
+                            profile, current=a, rest_samples=(shards - sent - 1) * r,
+                            backlog_samples=(depth * r, 0), margin=margin).split,
+                        "not yet received": choose_split(
+                            profile, current=a, rest_samples=(shards - c - 1) * r,
+                            margin=margin).split}
+                    for ranking, split in choices.items():
+                        if split != a:
+                            sooner = simulated(split) < simulated(a)
+                            outcomes[ranking]["sooner" if sooner else "later"] += 1
+    new, old = outcomes["behind the backlog"], outcomes["not yet received"]
+    assert new["sooner"] >= 0.85 * (new["sooner"] + new["later"]) > 0, outcomes
+    assert old["later"] >= 3 * new["later"], outcomes
 
 
 def test_a_short_epoch_counts_the_other_requests_first_frames(alexnet_bytes):

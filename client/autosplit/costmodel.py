@@ -171,7 +171,8 @@ and transfers (at most ``max_profile_shards`` shards), and re-decides when
 the bandwidth or the storage speed drifts by more than a threshold and
 their noise (``OnlineEstimator.drifted``), at most once an epoch unless the
 drift is large, keeping the split in use unless the new best is more than
-``margin`` faster.
+``margin`` faster. Once all of an epoch's requests are sent it decides once
+for the next epoch (``fresh``: the loader starts each pass empty).
 """
 
 from __future__ import annotations

@@ -1063,6 +1063,19 @@ def test_a_decision_ranks_only_the_samples_still_to_request():
     assert auto.decision.chosen.rest_s == pytest.approx(running(r, 5 * r))
 
 
+def test_a_change_mid_run_to_layers_the_trainer_has_not_run_costs_an_iteration():
+    profile = recorded("alexnet-224.json")
+    rest = {"rest_samples": 4 * profile.samples_per_request, "current": 13}
+    plain = choose_split(profile, **rest)
+    warm = choose_split(profile, **rest, trained_from=13)
+    for before, after in zip(plain.rows, warm.rows, strict=True):
+        cost = after.trainer_cycle_s if after.split < 13 else 0.0
+        assert after.warm_up_s == cost
+        assert after.rest_s == pytest.approx(before.rest_s + cost)
+    fresh = choose_split(profile, **rest, fresh=True, trained_from=13)
+    assert all(row.warm_up_s == 0 for row in fresh.rows)  # a new pass: every split starts cold
+
+
 def test_once_an_epochs_requests_are_sent_the_next_epoch_is_chosen_fresh():
     """With two requests ahead of the consumer, an epoch of six shards has
     all its requests out once the fourth shard is taken: one decision then

@@ -111,7 +111,11 @@ and the trainer still works on the last one, or the trainer, the slower,
 takes them one a trainer cycle after its backlog. A split whose
 trainer does more work pays it at the end of the job, and the backlog is
 the same whatever the choice, so late in an epoch a change gains little
-and the margin keeps the split in use. Predictions within
+and the margin keeps the split in use. A change to a split below any the
+trainer has run adds one trainer iteration (``warm_up_s``): its first pass
+through layers new to the process builds their kernels and buffers
+(resnet50 at batch 8 on a CPU: 0.45 s more on the first shard at split 8,
+0.8 of an iteration there). Predictions within
 ``SPLIT_TIE`` of the fastest are ties, won by the fewest bytes on the wire.
 docs/DESIGN.md ("Choosing the split and the wire format") says why the
 cycle is a max and not a queueing solution such as mean-value analysis.
@@ -201,8 +205,9 @@ class SplitCost:
     is the trainer's work on a shard that arrived whole, which nothing
     overlaps at the end of a job; ``supply_s`` the busiest station before
     the trainer (the storage tier, the link, the requests' loop; on a GPU
-    trainer also its host work), which paces the shards' arrivals; memory in
-    bytes."""
+    trainer also its host work), which paces the shards' arrivals;
+    ``warm_up_s`` what a change mid-run adds to ``rest_s`` for layers the
+    trainer has not run yet; memory in bytes."""
 
     split: int
     wire_format: str
@@ -233,6 +238,7 @@ class SplitCost:
     trainer_cycle_s: float = 0.0
     trainer_last_s: float = 0.0
     supply_s: float = 0.0
+    warm_up_s: float = 0.0
 
 
 @dataclass
@@ -519,7 +525,7 @@ def choose_split(profile: Profile, freeze: int | None = None, *,
                  epoch_samples: int | None = None, current: int | None = None,
                  current_format: str | None = None, rest_samples: int | None = None,
                  fresh: bool = False, backlog_samples: tuple[int, int] = (0, 0),
-                 margin: float = 0.0, tie: float = SPLIT_TIE,
+                 trained_from: int | None = None, margin: float = 0.0, tie: float = SPLIT_TIE,
                  candidates=None) -> Decision:
     """Predict every split in ``[0, freeze]`` (or ``candidates``) with every
     measured wire format, and choose the pair.
@@ -529,7 +535,9 @@ def choose_split(profile: Profile, freeze: int | None = None, *,
     ``rest_samples`` is given (``fresh``: before any request, the pipeline's
     fill included; else behind ``backlog_samples``, the samples already sent
     at ``current`` and ``current_format``: on their way, and loaded but not
-    yet trained on), else per iteration; pairs predicted within ``tie``
+    yet trained on; a split below ``trained_from``, the lowest the trainer
+    has run, costs it one more iteration to warm up), else per iteration;
+    pairs predicted within ``tie``
     (relative) of it are ties, won by the fewest bytes (then less total
     work, the larger split). With ``current`` and ``current_format`` (what is in use)
     and ``margin`` (e.g. 0.05), they are kept unless the best is more than
@@ -562,7 +570,9 @@ def choose_split(profile: Profile, freeze: int | None = None, *,
     def predict(split, wire_format):
         row = evaluate(split, wire_format)
         if rest_samples is not None:
-            row.rest_s = _rest_s(row, profile, rest_samples, fresh, backlog)
+            if not fresh and trained_from is not None and split < trained_from:
+                row.warm_up_s = row.trainer_cycle_s
+            row.rest_s = _rest_s(row, profile, rest_samples, fresh, backlog) + row.warm_up_s
         return row
 
     def best_format(split):

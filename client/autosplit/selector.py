@@ -157,6 +157,7 @@ class AutomaticSplit:
         self._pending = 0  # requests sent, not yet observed (nor failed, nor cached)
         self._on_the_way = 0  # ... of which not yet loaded
         self._chosen_for = -1  # the last epoch whose successor a decision was for
+        self._trained_from: int | None = None  # the lowest split of a shard taken
         self._observed_at: list[float] = []  # time.monotonic() of each shard observed
         self._completed_at: list[float] = []  # ... of each request heard as it completed
         self._decisions: list[Decision] = []
@@ -288,6 +289,8 @@ class AutomaticSplit:
             separated = self._receive_cost.separable and not separable
         self._samples += len(shard.keys)
         self._pending = max(self._pending - 1, 0)
+        if self._trained_from is None or shard.split < self._trained_from:
+            self._trained_from = shard.split
         self._observed_at.append(time.monotonic())
         try:
             if separated and self._profiled:
@@ -423,6 +426,7 @@ class AutomaticSplit:
         decision = choose_split(self.current_profile(), epoch_samples=self._epoch_samples,
                                 current=self._split, current_format=self._format,
                                 rest_samples=rest, fresh=fresh, backlog_samples=backlog,
+                                trained_from=self._trained_from,
                                 margin=self._margin, tie=self._tie)
         self._estimator.mark()
         chosen_format = decision.wire_format if decision.split else self._format

@@ -1081,24 +1081,70 @@ def test_once_an_epochs_requests_are_sent_the_next_epoch_is_chosen_fresh():
     all its requests out once the fourth shard is taken: one decision then
     chooses for the next epoch, from an empty pipeline, once an epoch."""
     profile = recorded("alexnet-224.json")
-    truth, _, _, _ = storage_layer_times(profile)
     r = profile.samples_per_request
     auto = AutomaticSplit(profile, epoch_samples=6 * r, epoch_shards=6, log=[].append)
-    tier = StorageTier(profile, truth, frames=4, samples=r // 4)
-    for _ in range(2):
-        ahead = deque(auto.opened() for _ in range(2))
-        for k in range(6):
-            if k + 2 < 6:
-                ahead.append(auto.opened())
-            request, shard = ahead.popleft(), tier.shard(auto.split, 100 * MBIT)
-            for part in shard.transfer.link_intervals():
-                auto.on_link(request, *part)
-            auto.closed(request, shard)
-            auto.observe(shard)
+    pipelined_run(auto, profile, shards=6, epochs=2, bandwidth=100 * MBIT)
     fresh = [step["shard"] for step, decision in zip(auto.history, auto.decisions, strict=True)
              if decision.chosen.rest_s == pytest.approx(decision.chosen.epoch_s)]
     assert fresh == [4, 10], auto.history
     assert sum("for the next epoch" in step["why"] for step in auto.history) <= 2
+
+
+def pipelined_run(auto, profile, shards, epochs, bandwidth, start_ahead=2):
+    """``epochs`` passes of ``shards`` shards through ``auto`` as the loader
+    runs them: ``start_ahead`` requests ahead of the consumer, each sent at
+    the split in use, from a storage tier as fast as ``profile`` says."""
+    truth, _, _, _ = storage_layer_times(profile)
+    r = profile.samples_per_request
+    tier = StorageTier(profile, truth, frames=4, samples=r // 4)
+    for _ in range(epochs):
+        ahead = deque(auto.opened() for _ in range(start_ahead))
+        for k in range(shards):
+            if k + start_ahead < shards:
+                ahead.append(auto.opened())
+            request, shard = ahead.popleft(), tier.shard(auto.split, bandwidth)
+            for part in shard.transfer.link_intervals():
+                auto.on_link(request, *part)
+            auto.closed(request, shard)
+            auto.observe(shard)
+
+
+def test_a_split_changed_mid_epoch_is_not_changed_again_within_the_epoch():
+    """Started at split 12, a one-epoch ranking at the measured decision
+    (shard 4 of 10) moves the few samples left to split 4; the fresh pass
+    chosen once the epoch's requests are out would then move to 6: two
+    changes within an epoch's requests. With hysteresis (``epoch_shards``)
+    the second waits an epoch's requests."""
+    profile = recorded("alexnet-224.json")
+    r = profile.samples_per_request
+
+    def changes(epoch_shards):
+        auto = AutomaticSplit(profile.with_measurements(), start=12, epoch_samples=10 * r,
+                              epoch_shards=epoch_shards, log=[].append)
+        pipelined_run(auto, profile, shards=10, epochs=2, bandwidth=1000 * MBIT)
+        return [(step["shard"], step["from"], step["to"]) for step in auto.history
+                if step["from"] != step["to"]]
+
+    assert changes(None) == [(4, 12, 4), (8, 4, 6)]
+    assert changes(10) == [(4, 12, 4), (18, 4, 6)]
+
+
+def test_a_decision_mid_epoch_ranks_the_rest_of_the_job():
+    """Each candidate's time for the rest of the job adds one fresh pass per
+    epoch still to come; with those counted, the measured decision of a
+    two-epoch job goes straight to the split of a fresh pass."""
+    profile = recorded("alexnet-224.json")
+    r = profile.samples_per_request
+    rest = {"epoch_samples": 10 * r, "rest_samples": 3 * r, "current": 12}
+    alone, job = (choose_split(profile, **rest, later_epochs=later) for later in (0, 2))
+    for one, whole in zip(alone.rows, job.rows, strict=True):
+        assert whole.rest_s == pytest.approx(one.rest_s + 2 * one.epoch_s)
+    assert "and 2 more epoch(s)" in job.reason
+    auto = AutomaticSplit(profile.with_measurements(), start=12, epoch_samples=10 * r,
+                          epoch_shards=10, epochs=2, log=[].append)
+    pipelined_run(auto, profile, shards=10, epochs=2, bandwidth=1000 * MBIT)
+    assert [(step["shard"], step["from"], step["to"]) for step in auto.history
+            if step["from"] != step["to"]] == [(4, 12, 6)]
 
 
 def test_a_large_drift_re_decides_within_the_epoch():

@@ -111,7 +111,11 @@ and the trainer still works on the last one, or the trainer, the slower,
 takes them one a trainer cycle after its backlog. A split whose
 trainer does more work pays it at the end of the job, and the backlog is
 the same whatever the choice, so late in an epoch a change gains little
-and the margin keeps the split in use. A change to a split below any the
+and the margin keeps the split in use. With ``later_epochs`` (the passes
+still to come after these samples) each candidate also pays that many
+``epoch_s``: a choice mid-epoch is the split of the rest of the job, not
+of the few samples left in this pass, which would favour a split the next
+pass then leaves. A change to a split below any the
 trainer has run adds one trainer iteration (``warm_up_s``): its first pass
 through layers new to the process builds their kernels and buffers
 (resnet50 at batch 8 on a CPU: 0.45 s more on the first shard at split 8,
@@ -525,8 +529,8 @@ def choose_split(profile: Profile, freeze: int | None = None, *,
                  epoch_samples: int | None = None, current: int | None = None,
                  current_format: str | None = None, rest_samples: int | None = None,
                  fresh: bool = False, backlog_samples: tuple[int, int] = (0, 0),
-                 trained_from: int | None = None, margin: float = 0.0, tie: float = SPLIT_TIE,
-                 candidates=None) -> Decision:
+                 trained_from: int | None = None, later_epochs: int = 0,
+                 margin: float = 0.0, tie: float = SPLIT_TIE, candidates=None) -> Decision:
     """Predict every split in ``[0, freeze]`` (or ``candidates``) with every
     measured wire format, and choose the pair.
 
@@ -536,7 +540,8 @@ def choose_split(profile: Profile, freeze: int | None = None, *,
     fill included; else behind ``backlog_samples``, the samples already sent
     at ``current`` and ``current_format``: on their way, and loaded but not
     yet trained on; a split below ``trained_from``, the lowest the trainer
-    has run, costs it one more iteration to warm up), else per iteration;
+    has run, costs it one more iteration to warm up; ``later_epochs``
+    more passes of ``epoch_samples`` follow them), else per iteration;
     pairs predicted within ``tie``
     (relative) of it are ties, won by the fewest bytes (then less total
     work, the larger split). With ``current`` and ``current_format`` (what is in use)
@@ -573,6 +578,8 @@ def choose_split(profile: Profile, freeze: int | None = None, *,
             if not fresh and trained_from is not None and split < trained_from:
                 row.warm_up_s = row.trainer_cycle_s
             row.rest_s = _rest_s(row, profile, rest_samples, fresh, backlog) + row.warm_up_s
+            if later_epochs and row.epoch_s is not None:
+                row.rest_s += later_epochs * row.epoch_s
         return row
 
     def best_format(split):
@@ -594,7 +601,8 @@ def choose_split(profile: Profile, freeze: int | None = None, *,
     best = _fewest_bytes_of_the_fastest(feasible, tie)
     chosen = best
     measure = "iteration time" if rest_samples is None else \
-        f"time for the {rest_samples} samples still to request"
+        f"time for the {rest_samples} samples still to request" + \
+        (f" and {later_epochs} more epoch(s)" if later_epochs else "")
     reason = f"lowest predicted {measure} ({_rank(best)[0]:.4g} s, bottleneck {best.bottleneck})"
     if in_use and current in allowed:
         kept = predict(current, current_format if current and current_format in

@@ -90,24 +90,29 @@ class AutomaticSplit:
     decision comes once ``profile_frames`` shards with frames and the
     estimator's ``min_observations`` transfers have arrived, and at the
     latest after ``max_profile_shards`` shards. After it, a drift of the
-    bandwidth or the storage speed beyond ``drift_threshold`` and beyond the
-    noise of the observations (``OnlineEstimator.drifted``) re-evaluates the
-    choice, as soon as the drift shows: as frames arrive (the link) or as
-    the consumer takes a shard (the storage tier's times); with
-    hysteresis: once the split changed, it changes again only after
+    bandwidth or the storage speed beyond ``drift_threshold`` and beyond
+    the noise of the observations (``OnlineEstimator.drifted``)
+    re-evaluates the choice, as soon as the drift shows: as frames arrive
+    (the link) or as the consumer takes a shard (the storage tier's times);
+    with hysteresis: once the split changed, it changes again only after
     ``epoch_shards`` more shards (an epoch's requests), unless the drift is
     a factor of ``LARGE_DRIFT_FACTOR`` or more either way, as a reshaped
     link makes it. Requests already sent keep their split, so a decision
-    ranks the samples still to request; once all of an epoch's requests are
-    sent, one decision chooses for the next epoch, a new pass from an empty
-    pipeline. Every decision, the first one too (the split in use is then
-    the start), moves the split only when the new best is predicted more
-    than ``margin`` faster: predictions a few percent apart are within the
-    noise of the measurements they come from, and the start, ``f``, is the
-    split the user's freeze index names. Splits and wire formats predicted
-    within ``tie`` of the fastest are ties, won by the fewest bytes on the
-    link (:func:`choose_split`): the default only breaks ties within the
-    noise; a larger one trades that much predicted time for fewer bytes.
+    ranks the samples still to request, then the passes of the job's
+    ``epochs`` still to come after them (``epoch_samples`` each); once all
+    of an epoch's requests are sent, one decision chooses for the next
+    epoch, a new pass from an empty pipeline. That decision, and one on a
+    newly measured receive cost, wait for the same hysteresis: a split that
+    a measured decision changed mid-epoch is not changed again within an
+    epoch's requests by the ranking of a fresh pass. Every decision, the
+    first one too (the split in use is then the start), moves the split
+    only when the new best is predicted more than ``margin`` faster:
+    predictions a few percent apart are within the noise of the
+    measurements they come from, and the start, ``f``, is the split the
+    user's freeze index names. Splits and wire formats predicted within
+    ``tie`` of the fastest are ties, won by the fewest bytes on the link
+    (:func:`choose_split`): the default only breaks ties within the noise;
+    a larger one trades that much predicted time for fewer bytes.
 
     ``log`` gets the decisions, one line per call, written so that they do
     not mix with tqdm progress bars: the first decision's whole table, a
@@ -123,7 +128,7 @@ class AutomaticSplit:
                  drift_threshold: float = DRIFT_THRESHOLD, margin: float = MARGIN,
                  tie: float = SPLIT_TIE,
                  epoch_samples: int | None = None, epoch_shards: int | None = None,
-                 profiling: dict | None = None, log=print):
+                 epochs: int = 1, profiling: dict | None = None, log=print):
         self._profile = profile
         self._split = profile.freeze if start is None else start
         if not 0 <= self._split <= profile.freeze:
@@ -145,6 +150,7 @@ class AutomaticSplit:
         self._tie = tie
         self._epoch_samples = epoch_samples
         self._epoch_shards = epoch_shards
+        self._epochs = epochs
         self._last_change = -math.inf  # the shard after which the split last changed
         self._profiled = False
         self._profiling = profiling or {}
@@ -184,8 +190,11 @@ class AutomaticSplit:
             profile = with_storage_costs(profile, costs)
         probe["storage_costs"] = {"url": costs.url, "known": costs.known,
                                   "device": costs.device, "note": costs.note}
-        selector = cls(profile, link=link, epoch_samples=plan.train_samples,
-                       epoch_shards=len(plan.train) + len(plan.holdout), log=log,
+        # The selector is shown every shard of an epoch, held-out ones too.
+        selector = cls(profile, link=link,
+                       epoch_samples=plan.train_samples + plan.holdout_samples,
+                       epoch_shards=len(plan.train) + len(plan.holdout),
+                       epochs=config.epochs, log=log,
                        tie=config.split_tie,
                        profiling={**probe, "seconds": time.perf_counter() - began})
         where = f"the storage tier ({costs.url.split('?')[0]})"
@@ -293,9 +302,10 @@ class AutomaticSplit:
             self._trained_from = shard.split
         self._observed_at.append(time.monotonic())
         try:
-            if separated and self._profiled:
+            if separated and self._profiled and not self._settling():
                 # Shards of another size now tell the receive cost per byte from
-                # the cost per request: new knowledge of every split's trainer stage.
+                # the cost per request: new knowledge of every split's trainer
+                # stage (the next decision uses it when the split just changed).
                 self._decide("receive cost per byte measured")
             self._update()
         except ValueError as err:
@@ -375,7 +385,7 @@ class AutomaticSplit:
                 self._profiled = True
                 self._decide("profiled" if measured else
                              f"profiling bound reached ({self._shards} shards)")
-        elif self._routable()[1] and self._chosen_for != self._epoch():
+        elif self._routable()[1] and self._chosen_for != self._epoch() and not self._settling():
             self._decide("the epoch's requests are all sent: choosing for the next epoch")
         else:
             self._follow_drift()
@@ -401,32 +411,33 @@ class AutomaticSplit:
                                            for name, value in change.items()
                                            if value is not None))
 
-    def _routable(self) -> tuple[int | None, bool, tuple[int, int]]:
+    def _routable(self) -> tuple[int | None, bool, tuple[int, int], int]:
         """The samples a decision now can still route, whether they start
-        from an empty pipeline, and the samples sent before them (on their
-        way, loaded and waiting; ``samples_per_request`` a request). Requests
-        already sent keep their split, so this epoch's samples count less
-        those; once all of them are out, the choice is the next epoch's, a
-        new pass that starts empty."""
+        from an empty pipeline, the samples sent before them (on their
+        way, loaded and waiting; ``samples_per_request`` a request), and the
+        epochs still to come after them. Requests already sent keep their
+        split, so this epoch's samples count less those; once all of them are
+        out, the choice is the next epoch's, a new pass that starts empty."""
         epoch, per_request = self._epoch_samples, self._profile.samples_per_request
         backlog = (self._on_the_way * per_request,
                    (self._pending - self._on_the_way) * per_request)
         if epoch is None:
-            return None, self._shards == 0, backlog
+            return None, self._shards == 0, backlog, 0
+        later = max(self._epochs - 1 - self._epoch(), 0)
         left = epoch - self._samples % epoch - sum(backlog)
         if left <= 0:
-            return epoch, True, (0, 0)
-        return left, self._shards == 0, backlog
+            return epoch, True, (0, 0), max(later - 1, 0)
+        return left, self._shards == 0, backlog, later
 
     def _decide(self, why: str) -> None:
         """Choose again, with the split in use as the incumbent, and log it."""
-        rest, fresh, backlog = self._routable()
+        rest, fresh, backlog, later = self._routable()
         if fresh and self._shards:
             self._chosen_for = self._epoch()
         decision = choose_split(self.current_profile(), epoch_samples=self._epoch_samples,
                                 current=self._split, current_format=self._format,
                                 rest_samples=rest, fresh=fresh, backlog_samples=backlog,
-                                trained_from=self._trained_from,
+                                trained_from=self._trained_from, later_epochs=later,
                                 margin=self._margin, tie=self._tie)
         self._estimator.mark()
         chosen_format = decision.wire_format if decision.split else self._format

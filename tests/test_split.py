@@ -1082,18 +1082,28 @@ def test_once_an_epochs_requests_are_sent_the_next_epoch_is_chosen_fresh():
     chooses for the next epoch, from an empty pipeline, once an epoch."""
     profile = recorded("alexnet-224.json")
     r = profile.samples_per_request
-    auto = AutomaticSplit(profile, epoch_samples=6 * r, epoch_shards=6, log=[].append)
+    auto = AutomaticSplit(profile, epoch_samples=6 * r, epoch_shards=6, epochs=3,
+                          log=[].append)
     pipelined_run(auto, profile, shards=6, epochs=2, bandwidth=100 * MBIT)
-    fresh = [step["shard"] for step, decision in zip(auto.history, auto.decisions, strict=True)
-             if decision.chosen.rest_s == pytest.approx(decision.chosen.epoch_s)]
-    assert fresh == [4, 10], auto.history
+    # A fresh pass's time for the rest of the job: one epoch_s per pass left.
+    passes = {step["shard"]: decision.chosen.rest_s / decision.chosen.epoch_s
+              for step, decision in zip(auto.history, auto.decisions, strict=True)}
+    fresh = {shard: round(share) for shard, share in passes.items()
+             if share == pytest.approx(round(share))}
+    assert fresh == {4: 2, 10: 1}, auto.history
     assert sum("for the next epoch" in step["why"] for step in auto.history) <= 2
+    # The last epoch has no next one to choose for (its requests are all
+    # sent after shard 8 of 10 here, the measured decision was at shard 4).
+    alone = AutomaticSplit(profile, epoch_samples=10 * r, log=[].append)
+    pipelined_run(alone, profile, shards=10, epochs=1, bandwidth=100 * MBIT)
+    assert [step["shard"] for step in alone.history] == [4]
 
 
-def pipelined_run(auto, profile, shards, epochs, bandwidth, start_ahead=2):
+def pipelined_run(auto, profile, shards, epochs, bandwidth, start_ahead=2, step_s=None):
     """``epochs`` passes of ``shards`` shards through ``auto`` as the loader
     runs them: ``start_ahead`` requests ahead of the consumer, each sent at
-    the split in use, from a storage tier as fast as ``profile`` says."""
+    the split in use, from a storage tier as fast as ``profile`` says; the
+    optimizer steps take ``step_s`` (default: as ``profile`` says)."""
     truth, _, _, _ = storage_layer_times(profile)
     r = profile.samples_per_request
     tier = StorageTier(profile, truth, frames=4, samples=r // 4)
@@ -1107,26 +1117,32 @@ def pipelined_run(auto, profile, shards, epochs, bandwidth, start_ahead=2):
                 auto.on_link(request, *part)
             auto.closed(request, shard)
             auto.observe(shard)
+            while step_s is not None and auto.wants_step_times:
+                auto.observe_step(step_s)
 
 
 def test_a_split_changed_mid_epoch_is_not_changed_again_within_the_epoch():
-    """Started at split 12, a one-epoch ranking at the measured decision
-    (shard 4 of 10) moves the few samples left to split 4; the fresh pass
-    chosen once the epoch's requests are out would then move to 6: two
-    changes within an epoch's requests. With hysteresis (``epoch_shards``)
-    the second waits an epoch's requests."""
+    """Started at split 0 with no storage layer measured, the profiling
+    bound (shard 4 of 16) moves to split 13 on estimated storage times;
+    frames at 13 then measure them, and the next epoch's decision (shard 14)
+    would move to 6: two changes within an epoch's requests. With hysteresis
+    (``epoch_shards``) the second waits an epoch's requests, to the next
+    epoch's decision of the second epoch."""
     profile = recorded("alexnet-224.json")
     r = profile.samples_per_request
+    blind = profile.with_measurements()
+    for layer in blind.layers:
+        layer.storage_s = None
 
     def changes(epoch_shards):
-        auto = AutomaticSplit(profile.with_measurements(), start=12, epoch_samples=10 * r,
-                              epoch_shards=epoch_shards, log=[].append)
-        pipelined_run(auto, profile, shards=10, epochs=2, bandwidth=1000 * MBIT)
+        auto = AutomaticSplit(blind, start=0, epoch_samples=16 * r, epoch_shards=epoch_shards,
+                              epochs=3, log=[].append)
+        pipelined_run(auto, profile, shards=16, epochs=2, bandwidth=100 * MBIT, step_s=0.05)
         return [(step["shard"], step["from"], step["to"]) for step in auto.history
                 if step["from"] != step["to"]]
 
-    assert changes(None) == [(4, 12, 4), (8, 4, 6)]
-    assert changes(10) == [(4, 12, 4), (18, 4, 6)]
+    assert changes(None) == [(4, 0, 13), (14, 13, 6)]
+    assert changes(16) == [(4, 0, 13), (30, 13, 6)]
 
 
 def test_a_decision_mid_epoch_ranks_the_rest_of_the_job():

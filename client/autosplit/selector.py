@@ -385,10 +385,17 @@ class AutomaticSplit:
                 self._profiled = True
                 self._decide("profiled" if measured else
                              f"profiling bound reached ({self._shards} shards)")
-        elif self._routable()[1] and self._chosen_for != self._epoch() and not self._settling():
+        elif self._next_epoch_due():
             self._decide("the epoch's requests are all sent: choosing for the next epoch")
         else:
             self._follow_drift()
+
+    def _next_epoch_due(self) -> bool:
+        """Whether to choose for the next epoch now: all of this epoch's
+        requests are sent, none chose for it yet, there is a next epoch, and
+        the split did not change within an epoch's requests."""
+        return self._routable()[1] and self._chosen_for != self._epoch() and \
+            self._epoch() + 1 < self._epochs and not self._settling()
 
     def _epoch(self) -> int:
         """The epoch the consumer is in (from 0)."""

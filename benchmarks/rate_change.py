@@ -12,7 +12,9 @@ completed and every shard the consumer took, each with the host's monotonic
 clock (``split_selection.history[].monotonic_s``,
 ``split_selection.completed_at``, ``split_selection.observed_at``), so the
 benchmark counts the requests completed after the change up to the first
-decision the change caused (its ``why`` starts with ``drift``): the shards
+decision the change caused (its ``why`` starts with ``drift`` and its
+bandwidth drift goes the change's way; a drift the other way is noise that
+happened to come after it): the shards
 the link carried at the new rate, or partly at it, before the decision. The
 shards the consumer took in that time are reported too; they include shards
 loaded before the change, which say nothing of it. The features are pinned
@@ -44,13 +46,16 @@ RESULTS = "rate_change.json"
 MEASURED_DECISION = ("profiled", "profiling bound")
 
 
-def shards_to_decision(metrics, changed_at):
+def shards_to_decision(metrics, changed_at, slower):
     """(requests completed after ``changed_at`` up to the first drift
-    decision after it, shards the consumer took in that time, that decision)
-    or (None, None, None) when none came."""
+    decision after it that saw the bandwidth fall (``slower``) or rise,
+    shards the consumer took in that time, that decision) or (None, None,
+    None) when none came."""
     selection = metrics["split_selection"]
     for step in selection["history"]:
-        if step["monotonic_s"] > changed_at and step["why"].startswith("drift"):
+        bandwidth = (step.get("drift") or {}).get("bandwidth")
+        if step["monotonic_s"] > changed_at and step["why"].startswith("drift") and \
+                bandwidth is not None and (bandwidth < 0) == slower:
             completed, observed = ([t for t in selection[key]
                                     if changed_at < t <= step["monotonic_s"]]
                                    for key in ("completed_at", "observed_at"))
@@ -93,11 +98,12 @@ def one_run(tiers, settings, out_dir, repeat):
     tiers.set_rate(settings["to_mbit"])
     thread.join()
     metrics = result["run"].metrics
-    shards, taken, step = shards_to_decision(metrics, changed_at)
+    shards, taken, step = shards_to_decision(metrics, changed_at,
+                                             settings["to_mbit"] < settings["from_mbit"])
     return {"repeat": repeat, "changed_at": changed_at, "shards": shards,
             "shards_taken_by_consumer": taken,
             "decision": None if step is None else
-            {key: step[key] for key in ("shard", "why", "from", "to", "from_format",
+            {key: step[key] for key in ("shard", "why", "drift", "from", "to", "from_format",
                                         "to_format")},
             "shards_observed": len(metrics["split_selection"]["observed_at"]),
             "run_s": result["run"].run_s}

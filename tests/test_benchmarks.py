@@ -319,13 +319,16 @@ def test_each_split_is_timed_in_the_format_its_row_predicted():
 def test_rate_change_counts_the_shards_between_the_change_and_the_new_decision():
     shards_to_decision = benchmark_module("rate_change").shards_to_decision
     history = [{"monotonic_s": 1.0, "why": "profiled"},
-               {"monotonic_s": 5.0, "why": "drift: bandwidth -50%"}]
+               {"monotonic_s": 3.2, "why": "drift: bandwidth +38%", "drift": {"bandwidth": 0.38}},
+               {"monotonic_s": 5.0, "why": "drift: bandwidth -50%", "drift": {"bandwidth": -0.5}}]
     metrics = {"split_selection": {"history": history,
                                    "completed_at": [0.4, 0.9, 1.9, 3.4, 4.5, 5.2],
                                    "observed_at": [0.5, 1.0, 2.0, 3.5, 4.0, 4.9, 5.5]}}
-    shards, taken, step = shards_to_decision(metrics, changed_at=3.0)
-    assert (shards, taken) == (2, 3) and step is history[1]  # 3.4, 4.5; 3.5, 4.0, 4.9
-    assert shards_to_decision(metrics, changed_at=6.0) == (None, None, None)
+    # A slower link: the drift the other way at 3.2 s is noise, not the new decision.
+    shards, taken, step = shards_to_decision(metrics, changed_at=3.0, slower=True)
+    assert (shards, taken) == (2, 3) and step is history[2]  # 3.4, 4.5; 3.5, 4.0, 4.9
+    assert shards_to_decision(metrics, changed_at=3.0, slower=False)[2] is history[1]
+    assert shards_to_decision(metrics, changed_at=6.0, slower=True) == (None, None, None)
 
 
 def test_rate_change_waits_for_the_first_decision_from_measurements(tmp_path):

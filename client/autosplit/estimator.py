@@ -196,6 +196,7 @@ class OnlineEstimator:
         """Record the current estimates as those the current choice was made
         with; later drift is measured against them. Returns the baseline."""
         self._baseline = {"bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
+                          "bandwidth_typical": _typical_rate(self._transfers.values),
                           "layers": {i: s.median() for i, s in self._layers.items()},
                           "decode": self._decode.median(),
                           "observations": {"bandwidth": len(self._transfers.values),
@@ -237,8 +238,11 @@ class OnlineEstimator:
 
     def drift(self, quick: bool = True) -> dict:
         """Relative change since :meth:`mark` (``new / old - 1``) of the
-        bandwidth and of the storage time per sample (decode plus the layers
-        measured both then and now), over the last ``drift_window``
+        bandwidth (the median observation's rate: a reader that the
+        trainer's work delayed makes one observation slow and the next one
+        fast, and the median ignores either) and of the storage time per
+        sample (decode plus the layers measured both then and now), over
+        the last ``drift_window``
         observations since the mark; each None until ``min_observations`` new
         observations of it arrived. With ``quick``, a change by
         ``quick_factor`` or more over the last ``quick_observations`` is
@@ -246,26 +250,27 @@ class OnlineEstimator:
         changes = self._changes(self.drift_window, self.min_observations)
         return {**changes, **self._quick_changes()} if quick else changes
 
-    def settled(self) -> set[str]:
-        """The quantities whose value at :meth:`mark` rested on
-        ``min_observations`` or more (after a quick drift it rests on the
-        few observations that showed it)."""
+    def settled(self, enough: int | None = None) -> set[str]:
+        """The quantities whose value at :meth:`mark` rested on ``enough``
+        (default ``min_observations``) or more observations (after a quick
+        drift it rests on the few observations that showed it)."""
         if self._baseline is None:
             return set()
+        enough = self.min_observations if enough is None else enough
         return {name for name, count in self._baseline["observations"].items()
-                if count >= self.min_observations}
+                if count >= enough}
 
     def _quick_changes(self) -> dict:
         """The changes by ``quick_factor`` or more over the last
         ``quick_observations`` observations since the mark, for the
-        quantities whose value at the mark rested on ``min_observations`` or
-        more (a baseline of a few noisy observations would make noise look
-        like a quick change); none when there is no quick path
+        quantities whose value at the mark rested on as many or more (the
+        median of fewer would make one noisy observation look like a quick
+        change); none when there is no quick path
         (``quick_observations == min_observations``)."""
         if self.quick_observations >= self.min_observations or self._baseline is None:
             return {}
         changes = self._changes(self.quick_observations, self.quick_observations)
-        settled = self.settled()
+        settled = self.settled(self.quick_observations)
         return {name: change for name, change in changes.items() if change is not None
                 and name in settled
                 and (change + 1 >= self.quick_factor or change + 1 <= 1 / self.quick_factor)}
@@ -278,8 +283,8 @@ class OnlineEstimator:
         if base is None:
             return result
         recent = self._transfers.recent(limit)
-        if base["bandwidth_bytes_per_s"] and len(recent) >= enough:
-            result["bandwidth"] = _rate(recent) / base["bandwidth_bytes_per_s"] - 1
+        if base["bandwidth_typical"] and len(recent) >= enough:
+            result["bandwidth"] = _typical_rate(recent) / base["bandwidth_typical"] - 1
         pairs = []  # (value at the mark, value since), for decode and each layer seen in both
         for old, series in ((base["decode"], self._decode),
                             *((base["layers"].get(i), s) for i, s in self._layers.items())):
@@ -382,6 +387,12 @@ def _relative_spread(values) -> float:
         return 0.0
     middle = statistics.median(values)
     return statistics.median(abs(v - middle) for v in values) / middle if middle > 0 else 0.0
+
+
+def _typical_rate(transfers) -> float | None:
+    """The median of the observations' rates (bytes/s)."""
+    rates = [nbytes / seconds for nbytes, seconds in transfers if seconds > 0]
+    return statistics.median(rates) if rates else None
 
 
 def _rate(transfers) -> float | None:

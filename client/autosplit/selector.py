@@ -357,8 +357,9 @@ class AutomaticSplit:
     @property
     def history(self) -> tuple[dict, ...]:
         """Per decision: after which shard, when (``monotonic_s``, the host's
-        ``time.monotonic()``), why, from and to which split and format, the
-        reason and the whole table."""
+        ``time.monotonic()``), why (and, for a drift, ``drift``: the relative
+        change of the bandwidth and the storage time), from and to which
+        split and format, the reason and the whole table."""
         return tuple(dict(step) for step in self._history)
 
     def current_profile(self) -> Profile:
@@ -416,7 +417,7 @@ class AutomaticSplit:
         est.keep_recent()
         self._decide("drift: " + ", ".join(f"{name} {value:+.0%}"
                                            for name, value in change.items()
-                                           if value is not None))
+                                           if value is not None), drift=change)
 
     def _routable(self) -> tuple[int | None, bool, tuple[int, int], int]:
         """The samples a decision now can still route, whether they start
@@ -436,8 +437,9 @@ class AutomaticSplit:
             return epoch, True, (0, 0), max(later - 1, 0)
         return left, self._shards == 0, backlog, later
 
-    def _decide(self, why: str) -> None:
-        """Choose again, with the split in use as the incumbent, and log it."""
+    def _decide(self, why: str, drift: dict | None = None) -> None:
+        """Choose again, with the split in use as the incumbent, and log it
+        (``drift``: the relative changes that made it choose, if a drift did)."""
         rest, fresh, backlog, later = self._routable()
         if fresh and self._shards:
             self._chosen_for = self._epoch()
@@ -449,6 +451,7 @@ class AutomaticSplit:
         self._estimator.mark()
         chosen_format = decision.wire_format if decision.split else self._format
         step = {"shard": self._shards, "monotonic_s": time.monotonic(), "why": why,
+                "drift": dict(drift) if drift else None,
                 "from": self._split, "to": decision.split,
                 "from_format": self._format, "to_format": chosen_format,
                 "reason": decision.reason, "table": decision.format_table()}

@@ -754,8 +754,9 @@ def test_a_halving_read_by_a_late_reader_shows_after_three_observations():
     """A loader thread that the trainer's work kept from reading makes one
     observation slow and the next one fast (their sum is right). Judged on
     the median observation, a halved link shows on the last three, against
-    a baseline of as many (a measured decision a few frames into the run);
-    one slow and one fast observation at an unchanged rate do not."""
+    as many before them (a measured decision a few frames into the run may
+    rest on fewer); one slow and one fast observation at an unchanged rate
+    do not."""
     mbit = 1e6 / 8
 
     def marked(*rates):
@@ -771,6 +772,13 @@ def test_a_halving_read_by_a_late_reader_shows_after_three_observations():
         feed(halved, 1, bandwidth=rate * mbit)
     assert halved.drift()["bandwidth"] == pytest.approx(2.4 / 4.8 - 1)
     assert halved.drifted(0.25)
+    # A decision at the profiling bound, on two observations: the step shows
+    # against those and the two that came after it at the old rate.
+    bound = marked(4.8, 7.2)
+    for rate in (4.7, 4.9, 2.4, 3.3, 2.0):
+        feed(bound, 1, bandwidth=rate * mbit)
+    assert bound.drift()["bandwidth"] == pytest.approx(2.4 / 4.85 - 1)
+    assert bound.drifted(0.25)
     steady = marked(4.8, 4.7, 4.9)
     for rate in (4.8, 2.4, 9.6):
         feed(steady, 1, bandwidth=rate * mbit)

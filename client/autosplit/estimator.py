@@ -262,15 +262,23 @@ class OnlineEstimator:
 
     def _quick_changes(self) -> dict:
         """The changes by ``quick_factor`` or more over the last
-        ``quick_observations`` observations since the mark, for the
-        quantities whose value at the mark rested on as many or more (the
-        median of fewer would make one noisy observation look like a quick
-        change); none when there is no quick path
-        (``quick_observations == min_observations``)."""
+        ``quick_observations`` observations since the mark; none when there
+        is no quick path (``quick_observations == min_observations``). The
+        bandwidth's is a step: the median of those observations against the
+        median of the window's observations before them, at least as many
+        (the median of fewer would make one noisy observation look like a
+        step), whether or not the decision had them: a measured decision
+        at the profiling bound may rest on one or two. The storage time's is
+        against the mark, when its value there rested on as many."""
         if self.quick_observations >= self.min_observations or self._baseline is None:
             return {}
-        changes = self._changes(self.quick_observations, self.quick_observations)
-        settled = self.settled(self.quick_observations)
+        quick = self.quick_observations
+        changes = self._changes(quick, quick)
+        recent = self._transfers.recent(quick)
+        before = list(self._transfers.values)[:len(self._transfers.values) - len(recent)]
+        changes["bandwidth"] = _typical_rate(recent) / _typical_rate(before) - 1 \
+            if len(recent) >= quick and len(before) >= quick else None
+        settled = self.settled(quick) | {"bandwidth"}
         return {name: change for name, change in changes.items() if change is not None
                 and name in settled
                 and (change + 1 >= self.quick_factor or change + 1 <= 1 / self.quick_factor)}

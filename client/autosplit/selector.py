@@ -101,7 +101,7 @@ class AutomaticSplit:
     ranks the samples still to request, then the passes of the job's
     ``epochs`` still to come after them (``epoch_samples`` each); once all
     of an epoch's requests are sent, one decision chooses for the next
-    epoch, a new pass from an empty pipeline. That decision, and one on a
+    epoch, if the job has one, a new pass from an empty pipeline. That decision, and one on a
     newly measured receive cost, wait for the same hysteresis: a split that
     a measured decision changed mid-epoch is not changed again within an
     epoch's requests by the ranking of a fresh pass. Every decision, the

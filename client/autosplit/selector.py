@@ -101,12 +101,13 @@ class AutomaticSplit:
     ranks the samples still to request, then the passes of the job's
     ``epochs`` still to come after them (``epoch_samples`` each); once all
     of an epoch's requests are sent, one decision chooses for the next
-    epoch, if the job has one, a new pass from an empty pipeline. That decision, and one on a
-    newly measured receive cost, wait for the same hysteresis: a split that
-    a measured decision changed mid-epoch is not changed again within an
-    epoch's requests by the ranking of a fresh pass. Every decision, the
-    first one too (the split in use is then the start), moves the split
-    only when the new best is predicted more than ``margin`` faster:
+    epoch, if the job has one, a new pass from an empty pipeline. That
+    decision, and one on a newly measured receive cost, wait for the same
+    hysteresis: a split that a measured decision changed mid-epoch is not
+    changed again within an epoch's requests by the ranking of a fresh
+    pass. Every decision, the first one too (the split in use is then the
+    start), moves the split only when the new best is predicted more than
+    ``margin`` faster:
     predictions a few percent apart are within the noise of the
     measurements they come from, and the start, ``f``, is the split the
     user's freeze index names. Splits and wire formats predicted within

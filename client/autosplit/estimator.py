@@ -445,8 +445,10 @@ class LinkClock:
         self.lock = threading.RLock()
         # Open, or closed but able to share time with a part still to observe.
         self._requests: list[_OnLink] = []
-        # Bytes and link time of the parts timed since the last observation.
-        self._pooled_bytes, self._pooled_s = 0, 0.0
+        # Bytes and link time of the parts timed since the last observation,
+        # and when the last of them arrived.
+        self._pooled_bytes, self._pooled_s, self._pooled_until = 0, 0.0, 0.0
+        self.observations: list[dict] = []
 
     def open(self, at: float | None = None) -> _OnLink:
         """A request about to go out (at ``time.perf_counter()``, or ``at``);
@@ -506,6 +508,7 @@ class LinkClock:
             if part.nbytes >= MIN_TIMED_BYTES and share >= MIN_TIMED_S:
                 self._pooled_bytes += part.nbytes
                 self._pooled_s += share
+                self._pooled_until = part.end
                 if self._pooled_s >= MIN_OBSERVED_S:
                     observed = self._observe_pool()
         if not open_requests and self._pooled_s > 0:
@@ -517,8 +520,14 @@ class LinkClock:
         return observed
 
     def _observe_pool(self) -> bool:
+        """Give the estimator the pool as one observation, and log it: when
+        (``monotonic_s``, the host's ``time.monotonic()``), its bytes, its
+        link seconds and how long after its last byte arrived (``lag_s``)."""
         self.estimator.observe_transfer(self._pooled_bytes, self._pooled_s)
-        self._pooled_bytes, self._pooled_s = 0, 0.0
+        self.observations.append({"monotonic_s": time.monotonic(), "bytes": self._pooled_bytes,
+                                  "seconds": self._pooled_s,
+                                  "lag_s": time.perf_counter() - self._pooled_until})
+        self._pooled_bytes, self._pooled_s, self._pooled_until = 0, 0.0, 0.0
         return True
 
 

@@ -336,6 +336,7 @@ class AutomaticSplit:
                 "history": [dict(step) for step in self._history],
                 "observed_at": list(self._observed_at),
                 "completed_at": list(self._completed_at),
+                "link_observations": [dict(one) for one in self._link.observations],
                 "profiling": self._profiling, "profile": self.current_profile().to_dict()}
 
     def plot(self, path) -> bool:

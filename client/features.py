@@ -52,16 +52,24 @@ class ChunkReader:
     held until the next frame's first bytes fill a chunk (the next frame may
     still be computing). ``arrived_at``: ``time.perf_counter()`` when the
     bytes read last arrived; :meth:`burst_end`: when a frame's first bytes
-    were here."""
+    were here. ``on_arrival``, when set, hears of every read as it returns:
+    ``on_arrival(received, arrived_at)``, the body's bytes arrived so far and
+    when (the frame being read may not be whole yet)."""
 
     def __init__(self, read_some):
         self._read_some = read_some
+        self.on_arrival = None
         self._buffer = bytearray()
         self._pos = 0
         self._received = 0
         self._arrivals = deque()  # (body offset after the chunk, time) per chunk read
         self.bytes_read = 0
         self.arrived_at = time.perf_counter()
+
+    @property
+    def received(self):
+        """The body's bytes arrived so far (handed over or still buffered)."""
+        return self._received
 
     def read(self, n):
         while len(self._buffer) - self._pos < n:
@@ -71,6 +79,8 @@ class ChunkReader:
             self.arrived_at = time.perf_counter()
             self._received += len(chunk)
             self._arrivals.append((self._received, self.arrived_at))
+            if self.on_arrival is not None:
+                self.on_arrival(self._received, self.arrived_at)
             del self._buffer[:self._pos]
             self._pos = 0
             self._buffer += chunk

@@ -790,8 +790,8 @@ class _FetchedOnly:
     def opened(self):
         return self._selector.opened()
 
-    def on_link(self, request, start, end, nbytes):
-        self._selector.on_link(request, start, end, nbytes)
+    def on_link(self, request, start, end, nbytes, arriving=False):
+        self._selector.on_link(request, start, end, nbytes, arriving)
 
     def closed(self, request, shard):
         self._selector.closed(request, None if shard is not None and shard.cache == "hit"

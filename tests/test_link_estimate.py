@@ -78,6 +78,38 @@ def test_a_request_within_anothers_time_reads_the_link_rate_too():
         [approx(1e6), approx(1e6)]
 
 
+def test_a_frame_still_arriving_lets_the_parts_beside_it_be_observed():
+    """Two requests on a 2 MB/s link. The first's 1 MB frame arrived over 1 s
+    while the second's frame was arriving too: once the second tells that
+    its bytes were arriving up to then, the first's frame is observed on
+    its half of that second, without waiting for the second's frame to end;
+    the second's whole frame (1 MB beside the first, 1 MB alone) follows."""
+    link, estimator = clock()
+    first, second = link.open(at=0.0), link.open(at=0.0)
+    link.on_link(first, 0.0, 1.0, 10**6)
+    assert estimator.observed == []  # the second may have shared any of that second
+    link.on_link(second, 0.0, 1.0, 10**6, arriving=True)
+    assert estimator.observed == [(10**6, approx(0.5))]
+    link.close(first)
+    link.on_link(second, 0.0, 1.5, 2 * 10**6)
+    link.close(second)
+    assert estimator.observed == [(10**6, approx(0.5)), (2 * 10**6, approx(1.0))]
+
+
+def test_a_frame_arriving_is_counted_from_its_first_bytes_arrival():
+    """The part still arriving starts when the first bytes after the last
+    whole part arrived, in the same read as that part's end or later."""
+    on_link = FramesOnLink(answered_at=0.0)
+    assert on_link.arriving(0, 0.1) is None
+    assert on_link.arriving(100, 0.2) == (0.2, 0.2, 100)
+    assert on_link.arriving(300, 0.5) == (0.2, 0.5, 300)
+    on_link.frame({"ready_s": 0.0}, 0.6, 250)
+    assert on_link.arriving(250, 0.6) is None  # the read ended on the frame's last byte
+    assert on_link.arriving(400, 0.7) == (0.7, 0.7, 150)
+    on_link.frame({"ready_s": 0.1}, 0.8, 350)
+    assert on_link.arriving(400, 0.8) == (0.8, 0.8, 50)  # the next frame's first bytes
+
+
 def test_frames_are_observed_as_they_arrive_each_after_the_one_before():
     """A body's frames are observed before the request ends. A frame ready
     while the one before it was still arriving was on the link only from

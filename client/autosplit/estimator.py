@@ -429,9 +429,11 @@ class LinkClock:
     each is about the part's bytes over the link's rate: no observation is
     spiky because another request's bytes had the link. A part's share is
     known once every request that could have shared its time has reported
-    its parts up to the part's end; parts are observed then, in the order
-    they ended, a few frames after they arrived rather than a whole request
-    later, their bytes and shares pooled until the shares add up to
+    its parts up to the part's end, or that a part of it was arriving then
+    (``arriving``: a frame's bytes as they come, before the frame is
+    whole); parts are observed then, in the order they ended, moments after
+    they arrived rather than a frame or a request later, their bytes and
+    shares pooled until the shares add up to
     :data:`MIN_OBSERVED_S` or no request is open: one observation of the
     estimator. Parts smaller than :data:`MIN_TIMED_BYTES`, and parts whose
     share is under :data:`MIN_TIMED_S`, are not timed (they still share).
@@ -458,11 +460,18 @@ class LinkClock:
             self._requests.append(request)
             return request
 
-    def on_link(self, request: _OnLink, start: float, end: float, nbytes: int) -> bool:
+    def on_link(self, request: _OnLink, start: float, end: float, nbytes: int,
+                arriving: bool = False) -> bool:
         """A part of ``request``'s body, on the link from ``start`` to ``end``
-        (``time.perf_counter()``). Returns whether the estimator got an observation."""
+        (``time.perf_counter()``); with ``arriving``, a part whose bytes
+        are still arriving (``nbytes`` of it so far): the request was on the
+        link from ``start`` up to ``end`` at least, and its whole part follows.
+        Returns whether the estimator got an observation."""
         with self.lock:
-            request.add(start, end, nbytes)
+            if arriving:
+                request.arriving(start, end)
+            else:
+                request.add(start, end, nbytes)
             return self._settle()
 
     def close(self, request: _OnLink) -> bool:
@@ -513,8 +522,9 @@ class LinkClock:
                     observed = self._observe_pool()
         if not open_requests and self._pooled_s > 0:
             observed = self._observe_pool()
+        # Requests that ended before every part still to observe can go.
         waiting = [part.start for r in self._requests for part in r.unobserved()]
-        since = min([*waiting, horizon])
+        since = min([*waiting, *(r.next_from for r in open_requests), horizon])
         self._requests = [r for r in self._requests
                           if not r.closed or r.unobserved() or r.ends_after(since)]
         return observed
@@ -543,8 +553,8 @@ class _Part:
         """This part's time on the link, each moment divided by the number of
         requests on it then (this part's and those of ``others`` active)."""
         cuts = sorted({self.start, self.end,
-                       *(edge for other in others for part in other.parts
-                         for edge in (part.start, part.end) if self.start < edge < self.end)})
+                       *(edge for other in others for edge in other.edges()
+                         if self.start < edge < self.end)})
         return sum((right - left) / (1 + sum(other.active((left + right) / 2) for other in others))
                    for left, right in itertools.pairwise(cuts))
 
@@ -556,21 +566,43 @@ class _OnLink:
         self.opened_at = opened_at
         self.parts: list[_Part] = []
         self.closed = False
+        self._arriving: tuple[float, float] | None = None  # the part still arriving, so far
+
+    @property
+    def next_from(self) -> float:
+        """A part still to come starts after this: the last one's end, or
+        for the first, when the request was opened."""
+        return self.parts[-1].end if self.parts else self.opened_at
 
     @property
     def known_until(self) -> float:
-        """Every part of this request on the link before this time is known:
-        a part still to come starts after the last one's end, and the first
-        after the request was opened."""
-        return self.parts[-1].end if self.parts else self.opened_at
+        """Whether this request was on the link is known up to this time:
+        :attr:`next_from`, or later while a part is arriving."""
+        return max(self.next_from, self._arriving[1]) if self._arriving else self.next_from
 
     def add(self, start: float, end: float, nbytes: int) -> None:
         if self.parts:
             start = max(start, self.parts[-1].end)  # the bytes before it were still arriving
         self.parts.append(_Part(min(start, end), end, nbytes))
+        self._arriving = None
+
+    def arriving(self, start: float, until: float) -> None:
+        """The next part's bytes have been arriving from ``start`` up to ``until``."""
+        if self.parts:
+            start = max(start, self.parts[-1].end)
+        self._arriving = (min(start, until), until)
 
     def active(self, moment: float) -> bool:
-        return any(part.start <= moment < part.end for part in self.parts)
+        arriving = self._arriving
+        return any(part.start <= moment < part.end for part in self.parts) or \
+            (arriving is not None and arriving[0] <= moment < arriving[1])
+
+    def edges(self):
+        """The moments its activity on the link starts or stops."""
+        for part in self.parts:
+            yield from (part.start, part.end)
+        if self._arriving:
+            yield from self._arriving
 
     def unobserved(self) -> list[_Part]:
         return [part for part in self.parts if not part.observed]

@@ -251,13 +251,15 @@ class AutomaticSplit:
             self._on_the_way += 1
             return self._link.open()
 
-    def on_link(self, request, start: float, end: float, nbytes: int) -> None:
+    def on_link(self, request, start: float, end: float, nbytes: int,
+                arriving: bool = False) -> None:
         """A part of ``request``'s body arrived (a frame; a raw body whole),
-        on the link from ``start`` to ``end`` (``time.perf_counter()``). A
-        reshaped link shows here first: a few frames after it changed, while
-        the consumer may still be taking shards loaded before."""
+        on the link from ``start`` to ``end`` (``time.perf_counter()``); with
+        ``arriving``, its first ``nbytes`` arrived by ``end`` and the rest is
+        still to come. A reshaped link shows here first: a few frames after
+        it changed, while the consumer may still be taking shards loaded before."""
         with self._lock:
-            if self._link.on_link(request, start, end, nbytes) and self._profiled:
+            if self._link.on_link(request, start, end, nbytes, arriving) and self._profiled:
                 self._follow_drift()
 
     def closed(self, request, shard) -> None:

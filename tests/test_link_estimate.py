@@ -91,7 +91,7 @@ def test_a_frame_still_arriving_lets_the_parts_beside_it_be_observed():
     link.on_link(second, 0.0, 1.0, 10**6, arriving=True)
     assert estimator.observed == [(10**6, approx(0.5))]
     link.close(first)
-    link.on_link(second, 0.0, 1.5, 2 * 10**6)
+    link.on_link(second, 0.2, 1.5, 2 * 10**6)  # counted from when it was seen arriving
     link.close(second)
     assert estimator.observed == [(10**6, approx(0.5)), (2 * 10**6, approx(1.0))]
 

@@ -583,6 +583,9 @@ class _OnLink:
     def add(self, start: float, end: float, nbytes: int) -> None:
         if self.parts:
             start = max(start, self.parts[-1].end)  # the bytes before it were still arriving
+        if self._arriving:
+            # Parts beside it may have been timed sharing the link with it since then.
+            start = min(start, self._arriving[0])
         self.parts.append(_Part(min(start, end), end, nbytes))
         self._arriving = None
 

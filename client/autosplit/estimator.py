@@ -96,14 +96,11 @@ class OnlineEstimator:
     observations alone (default ``min_observations``: no quick path): a
     change that large is not noise, and judging it on a window that still
     holds the old conditions would leave the choice stale for several shards.
-    The bandwidth's is a step: each of the last ``quick_step`` observations
-    (default ``quick_observations``) past the factor.
     """
 
     def __init__(self, window: int = 16, min_observations: int = 3,
                  drift_window: int | None = None, spread_factor: float = 2.0,
-                 quick_observations: int | None = None, quick_factor: float = 2.0,
-                 quick_step: int | None = None):
+                 quick_observations: int | None = None, quick_factor: float = 2.0):
         if window < 1 or min_observations < 1:
             raise ValueError("window and min_observations must be >= 1")
         if quick_factor <= 1:
@@ -113,8 +110,6 @@ class OnlineEstimator:
         self.quick_observations = max(min(quick_observations or min_observations,
                                           min_observations), 1)
         self.quick_factor = quick_factor
-        self.quick_step = max(min(quick_step or self.quick_observations,
-                                  self.quick_observations), 1)
         self.drift_window = max(drift_window or 4, min_observations)
         self.spread_factor = spread_factor
         self._layers: dict[int, _Series] = {}
@@ -214,9 +209,8 @@ class OnlineEstimator:
     def keep_recent(self) -> None:
         """After a drift: forget what came before the last mark, for every
         quantity with at least ``min_observations`` new observations (after
-        a quick drift: its last ``quick_observations``, or the bandwidth's
-        ``quick_step`` after a step, and only those), so that the estimates
-        describe the new conditions only, not a mix of both.
+        a quick drift: its last ``quick_observations``, and only those), so
+        that the estimates describe the new conditions only, not a mix of both.
 
         A layer the storage tier ran before the mark but not since (the split
         moved below it) keeps its last times, scaled by the storage tier's
@@ -224,21 +218,16 @@ class OnlineEstimator:
         twice as slow on every layer."""
         change = self.drift()["storage"]
         scale = 1.0 + change if change is not None else 1.0
-        quick = self._quick_changes()
+        quick = bool(self._quick_changes())
+        enough = self.quick_observations if quick else self.min_observations
+        keep = self.quick_observations if quick else self.drift_window
         series = [self._decode, self._to_wire, self._transfers, self._latency,
                   *self._layers.values()]
         for one in series:
-            if not quick:
-                enough, keep = self.min_observations, self.drift_window
-            elif one is self._transfers and "bandwidth" in quick:
-                enough = keep = self.quick_step
-            else:
-                enough = keep = self.quick_observations
             if one.since_mark >= enough:
                 recent = one.recent(keep)
                 one.values.clear()
                 one.values.extend(recent)
-        enough = self.quick_observations if quick else self.min_observations
         if scale != 1.0:
             for one in self._layers.values():
                 if one.since_mark < enough and one.values:
@@ -275,38 +264,24 @@ class OnlineEstimator:
         """The changes by ``quick_factor`` or more over the last
         ``quick_observations`` observations since the mark; none when there
         is no quick path (``quick_observations == min_observations``). The
-        bandwidth's is a step: each of the last ``quick_step`` observations
-        since the mark past the factor from the median of the window's
-        observations before them, at least ``quick_observations`` (the
-        median of fewer would make one noisy observation look like a step),
-        whether or not the decision had them: a measured decision at the
-        profiling bound may rest on one or two. Its value is their median's.
-        A loader thread that read late makes one observation slow and the
-        next one fast: never a step. The storage time's is the median of
-        the last ``quick_observations`` against the mark, when its value
-        there rested on as many."""
+        bandwidth's is a step: the median of those observations against the
+        median of the window's observations before them, at least as many
+        (the median of fewer would make one noisy observation look like a
+        step), whether or not the decision had them: a measured decision
+        at the profiling bound may rest on one or two. The storage time's is
+        against the mark, when its value there rested on as many."""
         if self.quick_observations >= self.min_observations or self._baseline is None:
             return {}
         quick = self.quick_observations
         changes = self._changes(quick, quick)
-        changes["bandwidth"] = self._link_step()
+        recent = self._transfers.recent(quick)
+        before = list(self._transfers.values)[:len(self._transfers.values) - len(recent)]
+        changes["bandwidth"] = _typical_rate(recent) / _typical_rate(before) - 1 \
+            if len(recent) >= quick and len(before) >= quick else None
         settled = self.settled(quick) | {"bandwidth"}
         return {name: change for name, change in changes.items() if change is not None
                 and name in settled
                 and (change + 1 >= self.quick_factor or change + 1 <= 1 / self.quick_factor)}
-
-    def _link_step(self) -> float | None:
-        """The bandwidth's step (see :meth:`_quick_changes`), or None."""
-        step = self._transfers.recent(self.quick_step)
-        before = list(self._transfers.values)[:len(self._transfers.values) - len(step)]
-        if len(step) < self.quick_step or len(before) < self.quick_observations:
-            return None
-        typical = _typical_rate(before)
-        ratios = [nbytes / seconds / typical for nbytes, seconds in step]
-        if all(r >= self.quick_factor for r in ratios) or \
-                all(r <= 1 / self.quick_factor for r in ratios):
-            return _typical_rate(step) / typical - 1
-        return None
 
     def _changes(self, limit: int, enough: int) -> dict:
         """:meth:`drift` over the last ``limit`` observations since the mark,
@@ -351,8 +326,7 @@ class OnlineEstimator:
         against the scatter of the observations it rests on."""
         quick = self._quick_changes()
         if quick:
-            spread = {**self.spread(self.quick_observations),
-                      "bandwidth": self.spread(self.quick_step)["bandwidth"]}
+            spread = self.spread(self.quick_observations)
             if any(abs(change) > max(threshold, self.spread_factor * spread[name])
                    for name, change in quick.items()):
                 return True

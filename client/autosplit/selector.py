@@ -47,7 +47,6 @@ MARGIN = 0.05  # a new split must be predicted this much faster to replace the o
 DRIFT_WINDOW = 8  # drift is judged on up to this many observations since the last decision
 DRIFT_MIN_OBSERVATIONS = 4  # ... once there are at least this many
 DRIFT_QUICK_OBSERVATIONS = 3  # ... a change by LARGE_DRIFT_FACTOR on the last this many
-DRIFT_QUICK_STEP = 2  # ... or a step of the link: each of the last this many past it
 STEP_SAMPLES = 16  # optimizer steps timed for the profile's trainer_step_s
 # A drift by this factor either way shows on the last DRIFT_QUICK_OBSERVATIONS
 # alone, and within an epoch of the last change re-decides once
@@ -61,7 +60,7 @@ def default_estimator() -> OnlineEstimator:
     return OnlineEstimator(min_observations=DRIFT_MIN_OBSERVATIONS, drift_window=DRIFT_WINDOW,
                            spread_factor=DRIFT_SPREAD_FACTOR,
                            quick_observations=DRIFT_QUICK_OBSERVATIONS,
-                           quick_factor=LARGE_DRIFT_FACTOR, quick_step=DRIFT_QUICK_STEP)
+                           quick_factor=LARGE_DRIFT_FACTOR)
 
 
 class AutomaticSplit:

@@ -21,7 +21,6 @@ from hapi.client.autosplit.estimator import (
     MIN_OBSERVED_S,
     MIN_TIMED_BYTES,
     MIN_TIMED_S,
-    QUIET_S,
     LinkClock,
     OnlineEstimator,
 )
@@ -95,28 +94,6 @@ def test_a_frame_still_arriving_lets_the_parts_beside_it_be_observed():
     link.on_link(second, 0.2, 1.5, 2 * 10**6)  # counted from when it was seen arriving
     link.close(second)
     assert estimator.observed == [(10**6, approx(0.5)), (2 * 10**6, approx(1.0))]
-
-
-def test_a_request_silent_while_others_arrive_is_off_the_link_until_its_bytes_come_again():
-    """A 1 MB/s link. Two requests share it for 0.5 s; then the second's
-    connection waits a second for a lost segment while the first's frame
-    has the link alone; then the second's frame ends alone. Once the first's
-    bytes arrived QUIET_S past the second's last, what the second got before
-    its silence is a part of its own, observed then; the silence is
-    no one's link time shared, so every observation reads the link's rate."""
-    link, estimator = clock()
-    first, second = link.open(at=0.0), link.open(at=0.0)
-    link.on_link(second, 0.0, 0.5, 250_000, arriving=True)
-    assert 0.5 + QUIET_S < 1.0
-    link.on_link(first, 0.0, 1.0, 750_000, arriving=True)
-    assert estimator.observed == [(250_000, approx(0.25))]
-    link.on_link(first, 0.0, 1.5, 1_250_000)
-    link.close(first)
-    link.on_link(second, 0.0, 1.5, 260_000, arriving=True)  # its frame began before the silence
-    link.on_link(second, 0.0, 2.0, 750_000)
-    link.close(second)
-    assert estimator.observed == [(250_000, approx(0.25)), (1_250_000, approx(1.25)),
-                                  (500_000, approx(0.5))]
 
 
 def test_a_frame_arriving_is_counted_from_its_first_bytes_arrival():

@@ -14,7 +14,6 @@ estimator counts.
 from __future__ import annotations
 
 import itertools
-import math
 import statistics
 import threading
 import time
@@ -23,8 +22,8 @@ from collections import deque
 from hapi.client.autosplit.profiling import Profile
 from hapi.client.features import BURST_BYTES
 
-__all__ = ["MIN_OBSERVED_S", "MIN_TIMED_BYTES", "MIN_TIMED_S", "QUIET_S", "LinkClock",
-           "OnlineEstimator", "ReceiveCost"]
+__all__ = ["MIN_OBSERVED_S", "MIN_TIMED_BYTES", "MIN_TIMED_S", "LinkClock", "OnlineEstimator",
+           "ReceiveCost"]
 
 # A frame smaller than this crosses the link in a few milliseconds, or at
 # once when a shaper's bucket or the socket buffers hold it: its time says
@@ -43,13 +42,6 @@ MIN_TIMED_S = 0.005
 # profiling ends with too few observations; at this, neither (measured on
 # 65 KB frames at 5 and 2.5 Mbit/s: docs/DESIGN.md).
 MIN_OBSERVED_S = 0.2
-# A request whose bytes were arriving, then heard of nothing while another's
-# arrived for this long, was off the link since: longer than the gap between
-# the reports of bytes arriving on a busy connection
-# (hapi.client.data.ARRIVING_EVERY_S), as long as TCP's shortest
-# retransmission timeout (200 ms), after which a connection that lost a
-# segment waits with nothing on the link.
-QUIET_S = 0.25
 
 
 # Shards this many times larger per sample than others separate the loader's
@@ -455,7 +447,6 @@ class LinkClock:
         self.lock = threading.RLock()
         # Open, or closed but able to share time with a part still to observe.
         self._requests: list[_OnLink] = []
-        self._latest = -math.inf  # the latest moment any request reported up to
         # Bytes and link time of the parts timed since the last observation,
         # and when the last of them arrived.
         self._pooled_bytes, self._pooled_s, self._pooled_until = 0, 0.0, 0.0
@@ -478,10 +469,9 @@ class LinkClock:
         Returns whether the estimator got an observation."""
         with self.lock:
             if arriving:
-                request.arriving(start, end, nbytes)
+                request.arriving(start, end)
             else:
                 request.add(start, end, nbytes)
-            self._latest = max(self._latest, end)
             return self._settle()
 
     def close(self, request: _OnLink) -> bool:
@@ -516,8 +506,6 @@ class LinkClock:
         observe the pool whenever it is full, and when the link has nothing
         in flight."""
         open_requests = [r for r in self._requests if not r.closed]
-        for request in open_requests:
-            request.quiet_until(self._latest - QUIET_S)
         horizon = min((r.known_until for r in open_requests), default=time.perf_counter())
         ready = sorted(((part, request) for request in self._requests
                         for part in request.unobserved() if part.end <= horizon),
@@ -572,28 +560,19 @@ class _Part:
 
 
 class _OnLink:
-    """One request's parts on the link, in order; they never overlap.
-
-    While a part's bytes arrive (:meth:`arriving`), the request is on the
-    link from their first arrival to the last one told; when it then falls
-    silent while other requests' bytes arrive (:meth:`quiet_until`), what
-    arrived before the silence becomes a part of its own, and the rest of
-    those bytes are on the link again from when they came again."""
+    """One request's parts on the link, in order; they never overlap."""
 
     def __init__(self, opened_at: float):
         self.opened_at = opened_at
         self.parts: list[_Part] = []
         self.closed = False
-        self._arriving: tuple[float, float, int] | None = None  # start, until, bytes so far
-        self._counted = 0  # bytes of the part still to come already in a part before a silence
-        self._heard = False  # whether it ever told of bytes arriving
-        self._quiet = -math.inf  # off the link up to this moment, for want of arrivals
+        self._arriving: tuple[float, float] | None = None  # the part still arriving, so far
 
     @property
     def next_from(self) -> float:
-        """A part still to come starts after this: the last one's end (for
-        the first, when the request was opened), or the end of a silence."""
-        return max(self.parts[-1].end if self.parts else self.opened_at, self._quiet)
+        """A part still to come starts after this: the last one's end, or
+        for the first, when the request was opened."""
+        return self.parts[-1].end if self.parts else self.opened_at
 
     @property
     def known_until(self) -> float:
@@ -602,40 +581,19 @@ class _OnLink:
         return max(self.next_from, self._arriving[1]) if self._arriving else self.next_from
 
     def add(self, start: float, end: float, nbytes: int) -> None:
-        # From when it was told arriving (parts beside it may have been timed
-        # sharing the link with it since then); else not before the bytes
-        # before it arrived (a connection's bytes go in order), nor within a silence.
+        if self.parts:
+            start = max(start, self.parts[-1].end)  # the bytes before it were still arriving
         if self._arriving:
-            start = self._arriving[0]
-        else:
-            start = max(start, self._quiet, self.parts[-1].end if self.parts else start)
-        self.parts.append(_Part(min(start, end), end, nbytes - self._counted))
-        self._arriving, self._counted = None, 0
+            # Parts beside it may have been timed sharing the link with it since then.
+            start = min(start, self._arriving[0])
+        self.parts.append(_Part(min(start, end), end, nbytes))
+        self._arriving = None
 
-    def arriving(self, start: float, until: float, nbytes: int) -> None:
-        """The next part's first ``nbytes`` have been arriving from ``start``
-        up to ``until``."""
-        if self._arriving:
-            start = self._arriving[0]
-        elif start < self._quiet:
-            start = until  # begun before a silence: its bytes came again now
-        elif self.parts:
+    def arriving(self, start: float, until: float) -> None:
+        """The next part's bytes have been arriving from ``start`` up to ``until``."""
+        if self.parts:
             start = max(start, self.parts[-1].end)
-        self._arriving = (min(start, until), until, nbytes)
-        self._heard = True
-
-    def quiet_until(self, moment: float) -> None:
-        """Another request's bytes arrived up to ``moment`` + :data:`QUIET_S`:
-        if this one told of bytes arriving before and of nothing since
-        ``moment``, it was off the link up to ``moment`` (a connection waiting
-        for a lost segment's retransmission, or for its next frame)."""
-        if not self._heard or moment <= self.known_until:
-            return
-        if self._arriving:
-            start, until, nbytes = self._arriving
-            self.parts.append(_Part(start, until, nbytes - self._counted))
-            self._arriving, self._counted = None, nbytes
-        self._quiet = moment
+        self._arriving = (min(start, until), until)
 
     def active(self, moment: float) -> bool:
         arriving = self._arriving
@@ -647,7 +605,7 @@ class _OnLink:
         for part in self.parts:
             yield from (part.start, part.end)
         if self._arriving:
-            yield from self._arriving[:2]
+            yield from self._arriving
 
     def unobserved(self) -> list[_Part]:
         return [part for part in self.parts if not part.observed]

@@ -372,7 +372,8 @@ class FixedSplit:
 
     A split selector: ``split`` for the next request, ``route`` (the split
     and the wire format name, None: the request's own); in the loader's
-    threads, ``opened()`` before each request goes out, then
+    threads, ``resumed(epochs, samples)`` when the job resumes from a
+    checkpoint, ``opened()`` before each request goes out, then
     ``on_link(request, start, end, nbytes)`` for each part of its body as it
     arrives (with ``arriving=True`` while a part's bytes are still arriving:
     ``nbytes`` of it so far, from ``start`` to ``end``; the whole part
@@ -392,6 +393,9 @@ class FixedSplit:
     @property
     def route(self):
         return self.split, None
+
+    def resumed(self, epochs, samples):
+        """A fixed split does not rank the job."""
 
     def opened(self):
         """A fixed split follows no request."""

@@ -390,6 +390,7 @@ class Trainer:
         done, current, mine = [], None, None
         if resume:
             done, current, mine = self._resume()
+            self._resume_selector(len(done), mine)
         resumed_from = _position(done, current) if resume else None
         global_step = sum(e.train.steps for e in done) + (current.train.steps if current else 0)
         for epoch in range(len(done), config.epochs):
@@ -695,6 +696,17 @@ class Trainer:
         self.log(f"resuming from {self.store}: epoch {position['epoch']} after its step "
                  f"{position['step']} (global step {ckpt.state['step']})")
         return done, current, mine
+
+    def _resume_selector(self, epochs, current):
+        """Tell the split selector where the job resumes: after ``epochs``
+        whole epochs and, in the next, the shards before the one this rank's
+        pass resumes in (``current``: its metrics so far, or None)."""
+        samples = 0
+        if current is not None:
+            order = self._share(data.epoch_order(self.plan.train, self.config.seed, epochs))
+            first, _ = data.resume_point(order, current.train.samples)
+            samples = sum(ref.selected for ref in order[:first])
+        self.selector.resumed(epochs, samples)
 
     def _wall_s(self):
         """The training's wall time: this process's, plus that of the runs it

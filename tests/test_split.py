@@ -1201,6 +1201,22 @@ def test_a_decision_mid_epoch_ranks_the_rest_of_the_job():
             if step["from"] != step["to"]] == [(4, 12, 6)]
 
 
+def test_a_resumed_job_is_ranked_from_where_it_resumes():
+    """Resumed from a checkpoint after one of three epochs and two shards of
+    the second, the selector ranks what is left (the rest of that epoch
+    and one more), not three epochs; its decision before any request is
+    taken again."""
+    profile = recorded("alexnet-224.json")
+    r = profile.samples_per_request
+    auto = AutomaticSplit(profile, epoch_samples=10 * r, epoch_shards=10, epochs=3,
+                          log=[].append)
+    auto.decide_now("the storage tier's layer costs")
+    assert f"the {10 * r} samples still to request and 2 more epoch(s)" in auto.decision.reason
+    auto.resumed(1, 2 * r)
+    assert auto.history[-1]["why"] == f"resumed at epoch 2 after {2 * r} samples"
+    assert f"the {8 * r} samples still to request and 1 more epoch(s)" in auto.decision.reason
+
+
 def test_a_large_drift_re_decides_within_the_epoch():
     """Hysteresis holds back a change by the noise, not a shaped link: a
     bandwidth cut to a tenth re-decides at once, in the epoch of the last change."""

@@ -185,6 +185,14 @@ def test_resume_continues_from_the_last_checkpoint(cluster, split_run, capsys):
     # second epoch continues after its step 2, the crashed run's steps 13-14 are lost.
     assert resumed["resumed_from"] == {"epoch": 2, "step": 2}
     assert records[0].global_step == 13
+    # The split selector ranks the rest of the job from there: the storage
+    # tier served the model before the crash, so it decided before the first
+    # request, then again once it knew where the job resumes (after the whole
+    # shards before the one the second epoch's step 3 starts in).
+    whys = [step["why"] for step in resumed["split_selection"]["history"]]
+    before = 2 * BATCH // SHARD_SIZE * SHARD_SIZE
+    assert whys[:2] == ["the storage tier's layer costs",
+                        f"resumed at epoch 2 after {before} samples"]
     seen = [key for r in crashed[steps_per_epoch:12] for key in r.keys] + \
         [key for r in records for key in r.keys]
     assert len(seen) == len(set(seen)) == TRAIN_SAMPLES

@@ -238,6 +238,17 @@ class AutomaticSplit:
         """One iteration's loss and optimizer step, besides the layers."""
         self._step_times.append(seconds)
 
+    def resumed(self, epochs: int, samples: int) -> None:
+        """The job resumes from a checkpoint after ``epochs`` whole epochs
+        and ``samples`` samples of the next: the rest of the job is ranked
+        from there. A decision taken before any request (from the storage
+        tier's layer costs) is taken again."""
+        with self._lock:
+            if self._epoch_samples:
+                self._samples = epochs * self._epoch_samples + samples
+            if self._decisions and not self._shards:
+                self._decide(f"resumed at epoch {epochs + 1} after {samples} samples")
+
     def decide_now(self, why: str) -> None:
         """Decide from the profile as it stands, before any request (the
         start, not a change of split: the measured decision still comes)."""

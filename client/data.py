@@ -371,9 +371,9 @@ class FixedSplit:
     the run's own wire format.
 
     A split selector: ``split`` for the next request, ``route`` (the split
-    and the wire format name, None: the request's own); in the loader's
-    threads, ``resumed(epochs, samples)`` when the job resumes from a
-    checkpoint, ``opened()`` before each request goes out, then
+    and the wire format name, None: the request's own); ``resumed(epochs,
+    samples)`` when the job resumes from a checkpoint; in the loader's
+    threads, ``opened()`` before each request goes out, then
     ``on_link(request, start, end, nbytes)`` for each part of its body as it
     arrives (with ``arriving=True`` while a part's bytes are still arriving:
     ``nbytes`` of it so far, from ``start`` to ``end``; the whole part

@@ -390,7 +390,6 @@ class Trainer:
         done, current, mine = [], None, None
         if resume:
             done, current, mine = self._resume()
-            self._resume_selector(len(done), mine)
         resumed_from = _position(done, current) if resume else None
         global_step = sum(e.train.steps for e in done) + (current.train.steps if current else 0)
         for epoch in range(len(done), config.epochs):
@@ -398,6 +397,8 @@ class Trainer:
             resumed_steps = current.train.steps if current is not None else 0
             current = mine = None
             order = self._share(data.epoch_order(self.plan.train, config.seed, epoch))
+            if resumed_from is not None and epoch + 1 == resumed_from["epoch"]:
+                self._resume_selector(epoch, order, metrics.train.samples)
             self.model.train()
             steps = self._pass(order, metrics.train, partial(self._train_step, epoch=epoch),
                                shuffle_epoch=epoch, desc=f"epoch {epoch + 1}")
@@ -697,16 +698,13 @@ class Trainer:
                  f"{position['step']} (global step {ckpt.state['step']})")
         return done, current, mine
 
-    def _resume_selector(self, epochs, current):
+    def _resume_selector(self, epochs, order, trained):
         """Tell the split selector where the job resumes: after ``epochs``
-        whole epochs and, in the next, the shards before the one this rank's
-        pass resumes in (``current``: its metrics so far, or None)."""
-        samples = 0
-        if current is not None:
-            order = self._share(data.epoch_order(self.plan.train, self.config.seed, epochs))
-            first, _ = data.resume_point(order, current.train.samples)
-            samples = sum(ref.selected for ref in order[:first])
-        self.selector.resumed(epochs, samples)
+        whole epochs and, of the next one's ``order`` (this rank's shards),
+        the shards wholly before the one its pass resumes in, having
+        ``trained`` samples of it."""
+        first, _ = data.resume_point(order, trained)
+        self.selector.resumed(epochs, sum(ref.selected for ref in order[:first]))
 
     def _wall_s(self):
         """The training's wall time: this process's, plus that of the runs it

@@ -1,7 +1,6 @@
 """The trainer's estimate of the link: bytes over the time the link was busy,
 over all connections at once, from when each frame was ready at the storage
-tier to when its last byte arrived, each moment shared among the requests
-on the link then.
+tier to when its last byte arrived.
 
 The clock's arithmetic on stated intervals, the reader that hands a frame
 over as soon as its last byte is here, and, through the session's Swift,
@@ -47,53 +46,90 @@ def clock():
     return LinkClock(estimator), estimator
 
 
-def test_requests_in_flight_together_share_the_link():
+def test_requests_in_flight_together_read_the_link_rate_together():
     """A 1 MB/s link. The first request's 1 MB: 0.5 MB alone, then 0.5 MB
     at half the rate while the second's shares the link; the second's
-    finishes alone. Each is observed at the link's rate, once no request
-    still open can have shared its time."""
+    finishes alone. Each window of wall time is observed once every open
+    request has reported up to its end, as the bytes of both over the time
+    the link was busy: the link's rate each time."""
     link, estimator = clock()
     first, second = link.open(at=-0.1), link.open(at=0.4)
+    link.on_link(first, 0.0, 0.5, 500_000, arriving=True)
+    assert estimator.observed == [(400_000, approx(0.4))]  # the second was open since 0.4
+    link.on_link(second, 0.5, 1.0, 250_000, arriving=True)
+    link.on_link(first, 0.0, 1.0, 750_000, arriving=True)
+    assert estimator.observed[1:] == [(600_000, approx(0.6))]
     link.on_link(first, 0.0, 1.5, 10**6)
-    assert estimator.observed == []  # the second was open since 0.4 and reported nothing
-    link.on_link(second, 0.5, 2.0, 10**6)
-    assert estimator.observed == [(10**6, approx(1.0))]  # the first's part: no more sharers
     link.close(first)
-    assert estimator.observed == [(10**6, approx(1.0))] * 2
+    assert len(estimator.observed) == 2  # the second may have had bytes after 1.0
+    link.on_link(second, 0.5, 2.0, 10**6)
+    assert estimator.observed[2:] == [(10**6, approx(1.0))]
     link.close(second)
     assert estimator.bandwidth_bytes_per_s == approx(1e6)
 
 
 def test_a_request_within_anothers_time_reads_the_link_rate_too():
-    """The second request's 1 MB crossed while the first's was on the link
-    (each at half the 1 MB/s): each observation reads 1 MB/s, none reads a
-    spike, whichever ended first."""
+    """The second request's 1 MB crossed while the first's 2 MB were on the
+    link: both bodies' bytes over the busy time read the 1 MB/s, whichever
+    ended first; no observation reads a spike."""
     link, estimator = clock()
     first, second = link.open(at=0.0), link.open(at=0.9)
     link.on_link(second, 1.0, 3.0, 10**6)
     link.close(second)
+    assert estimator.observed == []  # the first may have had bytes since 0.0
     link.on_link(first, 0.0, 3.0, 2 * 10**6)
     link.close(first)
-    assert sorted(nbytes / seconds for nbytes, seconds in estimator.observed) == \
-        [approx(1e6), approx(1e6)]
+    assert estimator.observed == [(3 * 10**6, approx(3.0))]
+
+
+def test_a_connection_that_stalls_while_others_bytes_arrive_does_not_skew_the_rate():
+    """A 1 MB/s link. The second request's frame was ready from 0 but its
+    connection stalled (a lost segment) until 1.0 while the first's 1 MB
+    arrived; then it had the link alone. Dividing each moment among the
+    requests on the link would have read the first at 2 MB/s; the bytes
+    over the busy time read the link's rate."""
+    link, estimator = clock()
+    first, second = link.open(at=0.0), link.open(at=0.0)
+    link.on_link(first, 0.0, 1.0, 10**6)
+    link.close(first)
+    link.on_link(second, 1.0, 1.5, 500_000, arriving=True)
+    link.on_link(second, 0.0, 2.0, 10**6)
+    link.close(second)
+    assert [nbytes / seconds for nbytes, seconds in estimator.observed] == \
+        [approx(1e6)] * len(estimator.observed)
+    assert sum(nbytes for nbytes, _ in estimator.observed) == 2 * 10**6
 
 
 def test_a_frame_still_arriving_lets_the_parts_beside_it_be_observed():
     """Two requests on a 2 MB/s link. The first's 1 MB frame arrived over 1 s
-    while the second's frame was arriving too: once the second tells that
-    its bytes were arriving up to then, the first's frame is observed on
-    its half of that second, without waiting for the second's frame to end;
-    the second's whole frame (1 MB beside the first, 1 MB alone) follows."""
+    while the second's frame was arriving too: once the second tells how
+    many of its bytes had arrived by then, that second is observed, without
+    waiting for the second's frame to end; the rest of the second's frame
+    (1 MB alone) follows."""
     link, estimator = clock()
     first, second = link.open(at=0.0), link.open(at=0.0)
     link.on_link(first, 0.0, 1.0, 10**6)
-    assert estimator.observed == []  # the second may have shared any of that second
+    assert estimator.observed == []  # the second may have had bytes in that second
     link.on_link(second, 0.0, 1.0, 10**6, arriving=True)
-    assert estimator.observed == [(10**6, approx(0.5))]
+    assert estimator.observed == [(2 * 10**6, approx(1.0))]
     link.close(first)
     link.on_link(second, 0.2, 1.5, 2 * 10**6)  # counted from when it was seen arriving
     link.close(second)
-    assert estimator.observed == [(10**6, approx(0.5)), (2 * 10**6, approx(1.0))]
+    assert estimator.observed == [(2 * 10**6, approx(1.0)), (10**6, approx(0.5))]
+
+
+def test_the_first_read_after_an_idle_link_is_not_timed():
+    """After an idle moment a shaper's bucket passes a burst at once: the
+    bytes of a body's first read, when nothing else was on the link, are
+    not counted, nor is the moment they took."""
+    link, estimator = clock()
+    request = link.open(at=0.0)
+    link.on_link(request, 0.1, 0.1, 40_000, arriving=True)
+    link.on_link(request, 0.1, 0.6, 540_000, arriving=True)
+    assert estimator.observed == [(500_000, approx(0.5))]
+    link.on_link(request, 0.05, 1.1, 1_040_000)
+    link.close(request)
+    assert estimator.observed == [(500_000, approx(0.5))] * 2
 
 
 def test_a_frame_arriving_is_counted_from_its_first_bytes_arrival():

@@ -25,22 +25,24 @@ from hapi.client.features import BURST_BYTES
 __all__ = ["MIN_OBSERVED_S", "MIN_TIMED_BYTES", "MIN_TIMED_S", "LinkClock", "OnlineEstimator",
            "ReceiveCost"]
 
-# A frame smaller than this crosses the link in a few milliseconds, or at
-# once when a shaper's bucket or the socket buffers hold it: its time says
-# more about the hosts' clocks than about the link's rate.
+# A part smaller than this crosses the link in a few milliseconds, or at
+# once when a shaper's bucket or the socket buffers hold it: it does not make
+# the link busy, and a stretch of busy time after an idle moment that carried
+# fewer bytes is not timed: its time says more about the hosts' clocks than
+# about the link's rate.
 MIN_TIMED_BYTES = BURST_BYTES
-# A transfer whose share of the link's time is shorter than this (a fast
+# A stretch of busy time after an idle moment shorter than this (a fast
 # link: loopback, a LAN) is not timed either: a few milliseconds are within
 # the jitter of the two hosts' threads and of the storage tier's ready time.
 MIN_TIMED_S = 0.005
-# One observation of the link's rate pools the frames' shares until they add
-# up to this much link time (or the link has nothing more in flight). A
-# single frame's share is only as good as the equal division of the moments
-# it shared, and a shaper's bucket lets a frame after an idle moment go
-# partly at line rate: frame by frame the rate reads up to twice too fast or
-# too slow, and the drift test re-decided on noise. Pooled over much longer,
-# profiling ends with too few observations; at this, neither (measured on
-# 65 KB frames at 5 and 2.5 Mbit/s: docs/DESIGN.md).
+# One observation of the link's rate pools windows of wall time until their
+# busy time adds up to this (or the link has nothing more in flight). A
+# window's bytes are spread between the moments each connection reported
+# them (every 50 ms or so), and a shaper's bucket lets a body after an idle
+# moment go partly at line rate: a window of a few tens of milliseconds
+# reads too fast or too slow. Pooled over much longer, profiling ends with
+# too few observations (measured on 65 KB frames at 5 and 2.5 Mbit/s:
+# docs/DESIGN.md).
 MIN_OBSERVED_S = 0.2
 
 
@@ -409,34 +411,37 @@ def _rate(transfers) -> float | None:
 
 
 class LinkClock:
-    """The link's rate, measured on the frames as they arrive, over all
+    """The link's rate, measured on the bodies' bytes as they arrive, over all
     connections at once; and the requests' latency. Thread-safe: the
     loader's threads feed it, and its :attr:`lock` guards the estimator too.
 
     A request is :meth:`open` before it goes out; each part of its body is
     reported as it arrives (:meth:`on_link`: per frame, from when the storage
     tier had it ready to when its last byte arrived; a raw body as one part),
-    then the request is :meth:`close`\\ d. A part was on the link from its
-    start, or from when the part before it in the same body arrived if that
-    was later (a connection's bytes go in order), to its end. So a frame
-    still computing is not link time, and neither the storage tier's pace
-    nor its queue is taken for the link's.
+    and, every few tens of milliseconds, how many bytes of the part still
+    arriving are here (``arriving``); then the request is :meth:`close`\\ d.
+    A part was on the link from its start, or from when the part before it
+    in the same body arrived if that was later (a connection's bytes go in
+    order), to its end: a frame still computing is not link time, and
+    neither the storage tier's pace nor its queue is taken for the link's.
 
-    Requests in flight together share the link: each moment is divided
-    equally among the requests on the link then (as TCP shares a bottleneck
-    among its connections), and each part is observed as its bytes over its
-    share of the time. The shares add up to the time the link was busy, and
-    each is about the part's bytes over the link's rate: no observation is
-    spiky because another request's bytes had the link. A part's share is
-    known once every request that could have shared its time has reported
-    its parts up to the part's end, or that a part of it was arriving then
-    (``arriving``: a frame's bytes as they come, before the frame is
-    whole); parts are observed then, in the order they ended, moments after
-    they arrived rather than a frame or a request later, their bytes and
-    shares pooled until the shares add up to
-    :data:`MIN_OBSERVED_S` or no request is open: one observation of the
-    estimator. Parts smaller than :data:`MIN_TIMED_BYTES`, and parts whose
-    share is under :data:`MIN_TIMED_S`, are not timed (they still share).
+    The link is busy whenever a part is on it. The clock follows the link in
+    windows of wall time: a window is known once every open request has
+    reported its parts, or its bytes arriving, up to the window's end. Its
+    observation is the bytes that arrived in it over all connections (each
+    part's bytes spread between the moments they were seen arriving) over
+    the time the link was busy in it. Nothing is divided among the requests:
+    a connection that stalls while others' bytes arrive changes neither the
+    bytes nor the busy time. Windows are pooled until their busy time adds
+    up to :data:`MIN_OBSERVED_S`, or no request is open: one observation of
+    the estimator, made moments after its bytes arrived.
+
+    A shaper's bucket or the socket buffers pass a few kilobytes at once
+    after an idle moment: a stretch of busy time that began after an idle
+    moment and is shorter than :data:`MIN_TIMED_S` or carried fewer than
+    :data:`MIN_TIMED_BYTES` is not timed, and a part smaller than
+    :data:`MIN_TIMED_BYTES` (a burst, a small frame) does not make the link
+    busy: its bytes count only where other parts kept it busy.
 
     :meth:`observe` takes a whole request at once (the probe before the
     run, alone on the link).
@@ -445,11 +450,15 @@ class LinkClock:
     def __init__(self, estimator: OnlineEstimator):
         self.estimator = estimator
         self.lock = threading.RLock()
-        # Open, or closed but able to share time with a part still to observe.
+        # Open, or closed with parts that end after the link's known time.
         self._requests: list[_OnLink] = []
-        # Bytes and link time of the parts timed since the last observation,
-        # and when the last of them arrived.
-        self._pooled_bytes, self._pooled_s, self._pooled_until = 0, 0.0, 0.0
+        # Where the next window starts (None before the first part), and
+        # whether the link was busy at that moment in a stretch being timed.
+        self._until: float | None = None
+        self._continuing = False
+        # Bytes and busy time of the windows since the last observation,
+        # and when the last of their busy time ended.
+        self._pooled_bytes, self._pooled_s, self._pooled_until = 0.0, 0.0, 0.0
         self.observations: list[dict] = []
 
     def open(self, at: float | None = None) -> _OnLink:
@@ -463,13 +472,12 @@ class LinkClock:
     def on_link(self, request: _OnLink, start: float, end: float, nbytes: int,
                 arriving: bool = False) -> bool:
         """A part of ``request``'s body, on the link from ``start`` to ``end``
-        (``time.perf_counter()``); with ``arriving``, a part whose bytes
-        are still arriving (``nbytes`` of it so far): the request was on the
-        link from ``start`` up to ``end`` at least, and its whole part follows.
-        Returns whether the estimator got an observation."""
+        (``time.perf_counter()``), of ``nbytes``; with ``arriving``, a part
+        whose bytes are still arriving, ``nbytes`` of them by ``end``: its
+        whole part follows. Returns whether the estimator got an observation."""
         with self.lock:
             if arriving:
-                request.arriving(start, end)
+                request.arriving(start, end, nbytes)
             else:
                 request.add(start, end, nbytes)
             return self._settle()
@@ -502,61 +510,105 @@ class LinkClock:
             self.close(request)
 
     def _settle(self) -> bool:
-        """Time the parts no request still to report can share time with;
-        observe the pool whenever it is full, and when the link has nothing
-        in flight."""
+        """Time the link up to where every open request has reported; observe
+        the pool whenever it is full, and when the link has nothing in flight."""
         open_requests = [r for r in self._requests if not r.closed]
-        horizon = min((r.known_until for r in open_requests), default=time.perf_counter())
-        ready = sorted(((part, request) for request in self._requests
-                        for part in request.unobserved() if part.end <= horizon),
-                       key=lambda item: item[0].end)
+        parts = [part for r in self._requests for part in r.parts_on_link()]
+        if self._until is None:
+            self._until = min([r.opened_at for r in self._requests] + [p.start for p in parts],
+                              default=None)
+        # With no request open, nothing is still to come before the last end.
+        horizon = min((r.known_until for r in open_requests),
+                      default=max((part.end for part in parts), default=self._until))
         observed = False
-        for part, request in ready:
-            part.observed = True
-            share = part.share([r for r in self._requests if r is not request])
-            if part.nbytes >= MIN_TIMED_BYTES and share >= MIN_TIMED_S:
-                self._pooled_bytes += part.nbytes
-                self._pooled_s += share
-                self._pooled_until = part.end
-                if self._pooled_s >= MIN_OBSERVED_S:
-                    observed = self._observe_pool()
+        if self._until is not None and horizon > self._until:
+            observed = self._time_window(horizon)
         if not open_requests and self._pooled_s > 0:
             observed = self._observe_pool()
-        # Requests that ended before every part still to observe can go.
-        waiting = [part.start for r in self._requests for part in r.unobserved()]
-        since = min([*waiting, *(r.next_from for r in open_requests), horizon])
-        self._requests = [r for r in self._requests
-                          if not r.closed or r.unobserved() or r.ends_after(since)]
+        if self._until is not None:
+            self._requests = [r for r in self._requests
+                              if not r.closed or r.ends_after(self._until)]
+            for request in self._requests:
+                request.forget_before(self._until)
+        return observed
+
+    def _time_window(self, horizon: float) -> bool:
+        """Pool the busy stretches from the window's start to ``horizon``; the
+        window then starts at ``horizon``, or at a stretch too short to tell
+        from a burst that may go on past it."""
+        observed = False
+        stretches = _union(interval for r in self._requests for interval in r.busy(self._until,
+                                                                                   horizon))
+        for low, high in stretches:
+            nbytes = sum(r.bytes_between(low, high) for r in self._requests)
+            going_on = self._continuing and low == self._until
+            if not going_on and (high - low < MIN_TIMED_S or nbytes < MIN_TIMED_BYTES):
+                if high >= horizon:
+                    self._until, self._continuing = low, False
+                    return observed
+                continue
+            self._pooled_bytes += nbytes
+            self._pooled_s += high - low
+            self._pooled_until = high
+            if self._pooled_s >= MIN_OBSERVED_S:
+                observed = self._observe_pool()
+        self._continuing = bool(stretches) and stretches[-1][1] >= horizon
+        self._until = horizon
         return observed
 
     def _observe_pool(self) -> bool:
         """Give the estimator the pool as one observation, and log it: when
         (``monotonic_s``, the host's ``time.monotonic()``), its bytes, its
         link seconds and how long after its last byte arrived (``lag_s``)."""
-        self.estimator.observe_transfer(self._pooled_bytes, self._pooled_s)
-        self.observations.append({"monotonic_s": time.monotonic(), "bytes": self._pooled_bytes,
+        self.estimator.observe_transfer(round(self._pooled_bytes), self._pooled_s)
+        self.observations.append({"monotonic_s": time.monotonic(),
+                                  "bytes": round(self._pooled_bytes),
                                   "seconds": self._pooled_s,
                                   "lag_s": time.perf_counter() - self._pooled_until})
-        self._pooled_bytes, self._pooled_s, self._pooled_until = 0, 0.0, 0.0
+        self._pooled_bytes, self._pooled_s, self._pooled_until = 0.0, 0.0, 0.0
         return True
 
 
-class _Part:
-    """A part of a body on the link from ``start`` to ``end``, its ``nbytes``."""
+def _union(intervals) -> list[tuple[float, float]]:
+    """The union of ``(start, end)`` intervals, as disjoint intervals in order."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
 
-    __slots__ = ("end", "nbytes", "observed", "start")
+
+class _Part:
+    """A part of a body on the link from ``start``, and how many of its bytes
+    had arrived when: ``points``, ``(time, bytes so far)`` in order, the last
+    one its ``end`` and all its ``nbytes`` once it is whole."""
+
+    __slots__ = ("points", "start")
 
     def __init__(self, start: float, end: float, nbytes: int):
-        self.start, self.end, self.nbytes, self.observed = start, end, nbytes, False
+        self.start, self.points = min(start, end), [(end, nbytes)]
 
-    def share(self, others) -> float:
-        """This part's time on the link, each moment divided by the number of
-        requests on it then (this part's and those of ``others`` active)."""
-        cuts = sorted({self.start, self.end,
-                       *(edge for other in others for edge in other.edges()
-                         if self.start < edge < self.end)})
-        return sum((right - left) / (1 + sum(other.active((left + right) / 2) for other in others))
-                   for left, right in itertools.pairwise(cuts))
+    @property
+    def end(self) -> float:
+        return self.points[-1][0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.points[-1][1]
+
+    def bytes_by(self, moment: float) -> float:
+        """Its bytes arrived by ``moment``, spread evenly between the moments
+        they were seen arriving (a read's bytes all arrive at its moment)."""
+        before = (self.start, 0)
+        for point in self.points:
+            if point[0] > moment:
+                span = point[0] - before[0]
+                return before[1] + (point[1] - before[1]) * (moment - before[0]) / span \
+                    if moment > before[0] else before[1]
+            before = point
+        return before[1]
 
 
 class _OnLink:
@@ -566,49 +618,68 @@ class _OnLink:
         self.opened_at = opened_at
         self.parts: list[_Part] = []
         self.closed = False
-        self._arriving: tuple[float, float] | None = None  # the part still arriving, so far
+        self._arriving: _Part | None = None  # the part still arriving, so far
+        self._last_end: float | None = None  # the last whole part's
 
     @property
     def next_from(self) -> float:
         """A part still to come starts after this: the last one's end, or
         for the first, when the request was opened."""
-        return self.parts[-1].end if self.parts else self.opened_at
+        return self.opened_at if self._last_end is None else self._last_end
 
     @property
     def known_until(self) -> float:
         """Whether this request was on the link is known up to this time:
         :attr:`next_from`, or later while a part is arriving."""
-        return max(self.next_from, self._arriving[1]) if self._arriving else self.next_from
+        return max(self.next_from, self._arriving.end) if self._arriving else self.next_from
 
     def add(self, start: float, end: float, nbytes: int) -> None:
-        if self.parts:
-            start = max(start, self.parts[-1].end)  # the bytes before it were still arriving
-        if self._arriving:
-            # Parts beside it may have been timed sharing the link with it since then.
-            start = min(start, self._arriving[0])
-        self.parts.append(_Part(min(start, end), end, nbytes))
-        self._arriving = None
+        """A whole part. Its bytes seen arriving before ``end`` are its own;
+        those after (the next part's, when a frame is two parts) stay
+        arriving."""
+        part = _Part(self._after_last(start), end, nbytes)
+        arriving, self._arriving = self._arriving, None
+        if arriving:
+            part.start = min(part.start, arriving.start)
+            part.points[:0] = [p for p in arriving.points if p[0] < end and p[1] < nbytes]
+            rest = [(at, got - nbytes) for at, got in arriving.points if got > nbytes]
+            if rest:
+                self._arriving = _Part(end, *rest[0])
+                self._arriving.points = rest
+        self.parts.append(part)
+        self._last_end = end
 
-    def arriving(self, start: float, until: float) -> None:
-        """The next part's bytes have been arriving from ``start`` up to ``until``."""
-        if self.parts:
-            start = max(start, self.parts[-1].end)
-        self._arriving = (min(start, until), until)
+    def arriving(self, start: float, until: float, nbytes: int) -> None:
+        """The next part's first ``nbytes`` have arrived, from ``start`` up to ``until``."""
+        if self._arriving is None:
+            self._arriving = _Part(self._after_last(start), until, nbytes)
+        elif until >= self._arriving.end and nbytes >= self._arriving.nbytes:
+            self._arriving.points.append((until, nbytes))
 
-    def active(self, moment: float) -> bool:
-        arriving = self._arriving
-        return any(part.start <= moment < part.end for part in self.parts) or \
-            (arriving is not None and arriving[0] <= moment < arriving[1])
+    def _after_last(self, start: float) -> float:
+        """``start``, or the last whole part's end if later: a connection's
+        bytes go in order."""
+        return start if self._last_end is None else max(start, self._last_end)
 
-    def edges(self):
-        """The moments its activity on the link starts or stops."""
-        for part in self.parts:
-            yield from (part.start, part.end)
-        if self._arriving:
-            yield from self._arriving
+    def parts_on_link(self) -> list[_Part]:
+        """Its parts, and the one still arriving."""
+        return [*self.parts, self._arriving] if self._arriving else self.parts
 
-    def unobserved(self) -> list[_Part]:
-        return [part for part in self.parts if not part.observed]
+    def busy(self, low: float, high: float):
+        """The intervals within ``[low, high]`` that it kept the link busy:
+        its parts of :data:`MIN_TIMED_BYTES` or more and the one arriving."""
+        for part in self.parts_on_link():
+            if (part.nbytes >= MIN_TIMED_BYTES or part is self._arriving) and \
+                    part.start < high and part.end > low:
+                yield max(part.start, low), min(part.end, high)
+
+    def bytes_between(self, low: float, high: float) -> float:
+        return sum(part.bytes_by(high) - part.bytes_by(low) for part in self.parts_on_link()
+                   if part.start < high and part.end > low)
+
+    def forget_before(self, moment: float) -> None:
+        """Drop the whole parts that ended by ``moment``: they are timed."""
+        self.parts = [part for part in self.parts if part.end > moment]
 
     def ends_after(self, moment: float) -> bool:
-        return bool(self.parts) and self.parts[-1].end > moment
+        return any(part.end > moment for part in self.parts_on_link())

@@ -555,14 +555,14 @@ class ShardSource:
             raise DataError(f"GET {self.container}/{ref.name} returned the object, not "
                             f"features: {why}")
         frames_on_link = FramesOnLink(answered, stream.replayed)
-        stream.reader.on_arrival = _ArrivingParts(frames_on_link, on_link)
+        stream.reader.on_arrival = arriving = _ArrivingParts(frames_on_link, on_link)
         frames = []
         for frame in stream:
             frames.append(frame)
             for part in frames_on_link.frame(frame.timings, *stream.arrivals[-1]):
                 on_link(*part)
             # The read that ended the frame may have brought the next one's first bytes.
-            frames_on_link.arriving(stream.reader.received, stream.arrivals[-1][0])
+            arriving(stream.reader.received, stream.arrivals[-1][0])
         for part in frames_on_link.end(*stream.arrivals[-1]):
             on_link(*part)
         done = time.perf_counter()

@@ -44,6 +44,9 @@ MIN_TIMED_S = 0.005
 # too few observations (measured on 65 KB frames at 5 and 2.5 Mbit/s:
 # docs/DESIGN.md).
 MIN_OBSERVED_S = 0.2
+# The observations :attr:`LinkClock.observations` keeps for the metrics, the
+# last ones: at least 0.2 s of busy link each, over half an hour of it.
+LOGGED_OBSERVATIONS = 10_000
 
 
 # Shards this many times larger per sample than others separate the loader's
@@ -459,7 +462,7 @@ class LinkClock:
         # Bytes and busy time of the windows since the last observation,
         # and when the last of their busy time ended.
         self._pooled_bytes, self._pooled_s, self._pooled_until = 0.0, 0.0, 0.0
-        self.observations: list[dict] = []
+        self.observations: deque[dict] = deque(maxlen=LOGGED_OBSERVATIONS)
 
     def open(self, at: float | None = None) -> _OnLink:
         """A request about to go out (at ``time.perf_counter()``, or ``at``);

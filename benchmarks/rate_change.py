@@ -23,9 +23,11 @@ paces the transfers at both rates: a link that paces nothing cannot be
 measured and cannot matter to the choice.
 
 Output: a table, ``OUT/rate_change.json`` (per repeat: the change's time,
-the shards to the new decision, the decision; ``summary``: the median and
-the range of shards, and whether every repeat decided within
-``--target_shards``).
+the shards to the new decision, the decision, its delay from the change,
+the decisions after it on the link estimate's noise, the link observations
+after it and their delay; ``summary``: the median and the range of shards,
+whether every repeat decided within ``--target_shards``, the median delay
+and the decisions on noise).
 
     sudo .venv/bin/python benchmarks/rate_change.py --repeats 3
 """
@@ -61,6 +63,30 @@ def shards_to_decision(metrics, changed_at, slower):
                                    for key in ("completed_at", "observed_at"))
             return len(completed), len(observed), step
     return None, None, None
+
+
+def after_the_decision(metrics, changed_at, step):
+    """What the run did after the change's decision ``step``: its delay from
+    the change (s), the decisions on a drift after it (the link estimate's
+    noise: the rate did not change again), and the link observations made
+    after it (Mbit/s: median, min, max, and the share within 25% of the
+    median) with their median delay from their last byte to the observation
+    (``lag_s``)."""
+    selection = metrics["split_selection"]
+    later = [one for one in selection["history"]
+             if one["monotonic_s"] > step["monotonic_s"] and one["why"].startswith("drift")]
+    observations = selection.get("link_observations", [])
+    rates = [8 * one["bytes"] / one["seconds"] / 1e6 for one in observations
+             if one["monotonic_s"] > step["monotonic_s"] and one["seconds"] > 0]
+    lags = [one["lag_s"] for one in observations]
+    median = statistics.median(rates) if rates else None
+    return {"seconds_to_decision": step["monotonic_s"] - changed_at,
+            "decisions_on_noise": len(later),
+            "link_after_mbit": {"median": median, "min": min(rates), "max": max(rates),
+                                "within_25pct": sum(abs(rate / median - 1) <= 0.25
+                                                    for rate in rates) / len(rates)}
+            if rates else None,
+            "median_lag_s": statistics.median(lags) if lags else None}
 
 
 def wait_for_measured_decision(log_file, thread):
@@ -106,6 +132,7 @@ def one_run(tiers, settings, out_dir, repeat):
             {key: step[key] for key in ("shard", "why", "drift", "from", "to", "from_format",
                                         "to_format")},
             "shards_observed": len(metrics["split_selection"]["observed_at"]),
+            **(after_the_decision(metrics, changed_at, step) if step is not None else {}),
             "run_s": result["run"].run_s}
 
 
@@ -151,13 +178,19 @@ def main(argv=None):
                 + (f"new decision {run['shards']} shard(s) later ("
                    f"{run['shards_taken_by_consumer']} taken by the consumer; "
                    f"{run['decision']['why']}, "
-                   f"split {run['decision']['from']} -> {run['decision']['to']})"
+                   f"split {run['decision']['from']} -> {run['decision']['to']}), "
+                   f"{run['seconds_to_decision']:.2f} s after the change, then "
+                   f"{run['decisions_on_noise']} decision(s) on noise"
                    if run["shards"] is not None else "no new decision"))
         setup = tiers.describe()
-    counts = [run["shards"] for run in runs if run["shards"] is not None]
+    decided = [run for run in runs if run["shards"] is not None]
+    counts = [run["shards"] for run in decided]
     summary = {"repeats": len(runs), "decided": len(counts),
                "median_shards": statistics.median(counts) if counts else None,
                "min_shards": min(counts, default=None), "max_shards": max(counts, default=None),
+               "median_seconds_to_decision": statistics.median(
+                   run["seconds_to_decision"] for run in decided) if decided else None,
+               "decisions_on_noise": sum(run["decisions_on_noise"] for run in decided),
                "target_shards": args.target_shards,
                "met": len(counts) == len(runs) and max(counts) <= args.target_shards}
     write_json({"format": FORMAT, "settings": settings, "setup": setup, "runs": runs,
@@ -165,7 +198,8 @@ def main(argv=None):
     say(f"shards from the change to the new decision: median {summary['median_shards']} "
         f"[{summary['min_shards']}-{summary['max_shards']}] over {len(counts)} of "
         f"{len(runs)} run(s); target <= {args.target_shards}: "
-        f"{'met' if summary['met'] else 'NOT met'}")
+        f"{'met' if summary['met'] else 'NOT met'}; {summary['decisions_on_noise']} "
+        "decision(s) on noise after it")
     return 0
 
 

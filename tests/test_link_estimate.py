@@ -132,6 +132,23 @@ def test_the_first_read_after_an_idle_link_is_not_timed():
     assert estimator.observed == [(500_000, approx(0.5))] * 2
 
 
+def test_a_frame_in_two_parts_keeps_the_bytes_seen_arriving_in_each():
+    """A frame that found its connection idle arrives as a burst (its first
+    read, 30 KB) and the rest (1 MB at 1 MB/s). Its bytes were seen arriving
+    before it was whole and split in two: each part keeps the bytes that
+    arrived in it, the burst is not timed, and the rest reads the link's rate
+    before and after the split."""
+    link, estimator = clock()
+    request = link.open(at=-0.2)
+    link.on_link(request, 0.0, 0.0, 30_000, arriving=True)
+    link.on_link(request, 0.0, 0.5, 530_000, arriving=True)
+    assert estimator.observed == [(500_000, approx(0.5))]
+    link.on_link(request, -0.1, 0.0, 30_000)
+    link.on_link(request, 0.0, 1.0, 10**6)
+    link.close(request)
+    assert estimator.observed == [(500_000, approx(0.5))] * 2
+
+
 def test_a_frame_arriving_is_counted_from_its_first_bytes_arrival():
     """The part still arriving starts when the first bytes after the last
     whole part arrived, in the same read as that part's end or later."""

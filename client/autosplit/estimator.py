@@ -13,6 +13,7 @@ estimator counts.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import statistics
 import threading
@@ -590,8 +591,8 @@ class _Part:
 
     __slots__ = ("points", "start")
 
-    def __init__(self, start: float, end: float, nbytes: int):
-        self.start, self.points = min(start, end), [(end, nbytes)]
+    def __init__(self, start: float, points: list[tuple[float, int]]):
+        self.start, self.points = min(start, points[0][0]), points
 
     @property
     def end(self) -> float:
@@ -604,14 +605,14 @@ class _Part:
     def bytes_by(self, moment: float) -> float:
         """Its bytes arrived by ``moment``, spread evenly between the moments
         they were seen arriving (a read's bytes all arrive at its moment)."""
-        before = (self.start, 0)
-        for point in self.points:
-            if point[0] > moment:
-                span = point[0] - before[0]
-                return before[1] + (point[1] - before[1]) * (moment - before[0]) / span \
-                    if moment > before[0] else before[1]
-            before = point
-        return before[1]
+        after = bisect.bisect_right(self.points, moment, key=lambda point: point[0])
+        if after == len(self.points):
+            return self.nbytes
+        since, got = self.points[after - 1] if after else (self.start, 0)
+        if moment <= since:
+            return got
+        until, total = self.points[after]
+        return got + (total - got) * (moment - since) / (until - since)
 
 
 class _OnLink:
@@ -640,22 +641,21 @@ class _OnLink:
         """A whole part. Its bytes seen arriving before ``end`` are its own;
         those after (the next part's, when a frame is two parts) stay
         arriving."""
-        part = _Part(self._after_last(start), end, nbytes)
+        part = _Part(self._after_last(start), [(end, nbytes)])
         arriving, self._arriving = self._arriving, None
         if arriving:
             part.start = min(part.start, arriving.start)
             part.points[:0] = [p for p in arriving.points if p[0] < end and p[1] < nbytes]
             rest = [(at, got - nbytes) for at, got in arriving.points if got > nbytes]
             if rest:
-                self._arriving = _Part(end, *rest[0])
-                self._arriving.points = rest
+                self._arriving = _Part(end, rest)
         self.parts.append(part)
         self._last_end = end
 
     def arriving(self, start: float, until: float, nbytes: int) -> None:
         """The next part's first ``nbytes`` have arrived, from ``start`` up to ``until``."""
         if self._arriving is None:
-            self._arriving = _Part(self._after_last(start), until, nbytes)
+            self._arriving = _Part(self._after_last(start), [(until, nbytes)])
         elif until >= self._arriving.end and nbytes >= self._arriving.nbytes:
             self._arriving.points.append((until, nbytes))
 

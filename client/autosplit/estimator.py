@@ -641,15 +641,15 @@ class _OnLink:
         """A whole part. Its bytes seen arriving before ``end`` are its own;
         those after (the next part's, when a frame is two parts) stay
         arriving."""
-        part = _Part(self._after_last(start), [(end, nbytes)])
+        start, points = self._after_last(start), [(end, nbytes)]
         arriving, self._arriving = self._arriving, None
         if arriving:
-            part.start = min(part.start, arriving.start)
-            part.points[:0] = [p for p in arriving.points if p[0] < end and p[1] < nbytes]
+            start = min(start, arriving.start)
+            points[:0] = [p for p in arriving.points if p[0] < end and p[1] < nbytes]
             rest = [(at, got - nbytes) for at, got in arriving.points if got > nbytes]
             if rest:
                 self._arriving = _Part(end, rest)
-        self.parts.append(part)
+        self.parts.append(_Part(start, points))
         self._last_end = end
 
     def arriving(self, start: float, until: float, nbytes: int) -> None:

@@ -15,7 +15,7 @@ from PIL import Image
 from hapi import names, zoo
 from hapi.client.autosplit import AutomaticSplit
 from hapi.client.autosplit.costmodel import choose_split
-from hapi.client.autosplit.estimator import ReceiveCost
+from hapi.client.autosplit.estimator import SampleAndByteCost
 from hapi.client.autosplit.profiling import LayerProfile, Profile
 from hapi.client.autosplit.wireformats import (
     FormatCosts,
@@ -175,10 +175,10 @@ def test_a_profile_with_formats_round_trips_through_json():
 # The selector ----------------------------------------------------------------------
 
 
-def shard_at(split, wire_format, host_cpu_s, samples=8, nbytes=4000):
+def shard_at(split, wire_format, host_cpu_s, samples=8, nbytes=4000, to_wire_s=0.0):
     ref = ShardRef(name="s", samples=samples, bytes=nbytes, lo=0, hi=samples)
     frames = [FrameStats({"decode_s": 1e-3 * samples, "layers_s": [1e-3 * samples] * split,
-                          "to_wire_s": 0.0}, samples, nbytes)]
+                          "to_wire_s": to_wire_s}, samples, nbytes)]
     return ShardData(ref=ref, split=split, inputs=torch.zeros(samples, 1),
                      labels=torch.zeros(samples, dtype=torch.int64), keys=list(range(samples)),
                      transfer=Transfer(nbytes=nbytes + 100, sent_at=0.0, answered_at=0.01,
@@ -199,7 +199,7 @@ def test_the_receive_cost_has_a_part_per_request_and_a_part_per_byte():
     def cost(per_sample_bytes):
         return 2e-4 + 1e-7 * per_sample_bytes
 
-    fit = ReceiveCost(window=16)
+    fit = SampleAndByteCost(window=16)
     assert fit.costs() == (0.0, 0.0) and not fit
     for size in (1000, 1100, 1000):
         fit.observe(size, cost(size))
@@ -216,7 +216,7 @@ def test_the_receive_cost_has_a_part_per_request_and_a_part_per_byte():
     assert fit.costs() == (pytest.approx(2e-4), pytest.approx(1e-7))
     # A cost that grows faster than the bytes (a negative part per request)
     # counts wholly per byte.
-    steep = ReceiveCost(window=16)
+    steep = SampleAndByteCost(window=16)
     for size in (1000, 4000):
         steep.observe(size, 1e-7 * size - 5e-5)
     assert steep.costs() == (0.0, pytest.approx(statistics.median([0.5e-7, 0.875e-7])))
@@ -248,6 +248,74 @@ def test_the_loaders_cpu_beyond_the_decode_is_the_receive_cost():
     assert profile.trainer_receive_s_per_sample == pytest.approx(
         (16e-3 - 16e-3 / 36000 * 4100) / 8)
     assert [step["why"] for step in selector.history][1:] == ["receive cost per byte measured"]
+
+
+def test_the_storage_cost_per_byte_weighs_on_every_split_but_vanilla():
+    profile = formats_profile(bandwidth=1e6)
+    base = {row.split: row for row in choose_split(profile).rows}
+    costly = choose_split(profile.with_measurements(storage_send_s_per_byte=1e-6))
+    for row in costly.rows:
+        extra = 0.0 if row.split == 0 else 4 * 1e-6 * row.wire_bytes
+        assert row.storage_s == pytest.approx(base[row.split].storage_s + extra)
+    assert costly.inputs["storage_send_s_per_byte"] == 1e-6
+
+
+def contended_profile():
+    """formats_profile on a fast link, its second layer 1.5 ms on the
+    storage tier: split 2 (4000 bytes of float32 a sample) is the best, and
+    split 1 (8000) is predicted 16% slower."""
+    profile = formats_profile(bandwidth=1e9)
+    profile.layers[1].storage_s = 1.5e-3
+    return profile
+
+
+def test_the_first_decision_sends_one_request_at_a_heavier_contender():
+    lines = []
+    selector = AutomaticSplit(contended_profile(), storage_costs=[1e-3, 1.5e-3],
+                              epoch_samples=64, log=lines.append)
+    selector.decide_now("the storage tier's layer costs")
+    float32 = WireFormat("float32")
+    assert [selector.route for _ in range(4)] == [(2, float32), (1, float32), (2, float32),
+                                                  (2, float32)]
+    assert selector.report()["profiling"]["measuring_request"] == \
+        {"split": 1, "wire_format": "float32"}
+    assert [(step["from"], step["to"]) for step in selector.history] == [(2, 2)]
+    assert "the second request goes at split 1 (2.0x the bytes of split 2" in lines[-1]
+    # Nothing to measure: without the storage tier's layer costs (the
+    # frames measure every split's), or with no heavier split close enough.
+    blind = AutomaticSplit(contended_profile(), epoch_samples=64, log=lines.append)
+    blind.decide_now("test")
+    slow = AutomaticSplit(formats_profile(bandwidth=1e5), storage_costs=[1e-3, 1e-3],
+                          epoch_samples=64, log=lines.append)
+    slow.decide_now("the storage tier's layer costs")
+    for selector in (blind, slow):
+        assert len({selector.route for _ in range(4)}) == 1
+        assert "measuring_request" not in selector.report()["profiling"]
+
+
+def test_the_storage_tiers_compute_beyond_its_layer_costs_is_fitted_per_byte():
+    """The frames take the storage tier's own layer costs, 1 ms a sample of
+    decoding and 20 ns more a byte sent: once shards far apart in bytes
+    arrived, the profile has the cost per byte, and the split is chosen again."""
+    selector = AutomaticSplit(contended_profile(), storage_costs=[1e-3, 1.5e-3],
+                              log=lambda line: None, profile_frames=1, max_profile_shards=1)
+
+    def shard(split, nbytes):
+        per_sample = (nbytes + 100) / 8  # the transfer adds 100 bytes
+        return shard_at(split, "float32", host_cpu_s=24e-3, nbytes=nbytes,
+                        to_wire_s=8 * (2e-8 * per_sample + (0.5e-3 if split == 2 else 0)))
+
+    for _ in range(3):
+        selector.observe(shard(2, 32000))
+    assert selector.current_profile().storage_send_s_per_byte == 0.0
+    selector.observe(shard(1, 80000))
+    profile = selector.current_profile()
+    assert profile.storage_send_s_per_byte == pytest.approx(2e-8)
+    # The frames' own times stay, less what the bytes of most shards cost.
+    assert profile.storage_decode_s == pytest.approx(1e-3 - 2e-8 * 32100 / 8)
+    assert [layer.storage_s for layer in profile.layers[:2]] == [1e-3, 1e-3]
+    # The loader's CPU, the same for both sizes, tells its two parts apart too.
+    assert selector.history[-1]["why"] == "receive and storage cost per byte measured"
 
 
 # The ranged probe --------------------------------------------------------------------

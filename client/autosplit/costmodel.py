@@ -20,12 +20,20 @@ the wire dtype, ``a[s]`` in float32)::
              = b[s] + frame_overhead_bytes                   s > 0
     S(s)     = storage_serve_s_per_byte * raw_bytes          s = 0 (serving bytes)
              = storage_decode_s + sum(t_S[0:s]) + storage_to_wire_s_per_byte * b[s]
+               + storage_send_s_per_byte * wire(s)
     N(s)     = wire(s) / bandwidth
     H(s)     = trainer_decode_s + trainer_copy_s_per_byte * a[0]   s = 0
              = trainer_copy_s_per_byte * b[s]                       s > 0
                (either + trainer_receive_s_per_sample
                        + trainer_receive_s_per_byte * wire(s))
     C(s)     = sum(t_T[s:f]) + sum(t_TB[f:L]) + trainer_step_s / batch
+
+``storage_send_s_per_byte`` is what each byte sent costs the storage
+tier's compute besides the encoding (the cores that compute also write the
+frames to the network and run its stack): 0 until the frames of two
+splits far apart in bytes measured it
+(``hapi.client.autosplit.selector.AutomaticSplit``, the storage tier's
+cost per byte).
 
 The storage tier, the link and the trainer are three resources that work at
 the same time on different batches (docs/DESIGN.md, the overlapped
@@ -79,6 +87,7 @@ split ``s > 0`` is predicted in every format ``F``::
 
     wire(s, F) = bytes_F[s] + frame_overhead_bytes
     S(s, F)    = storage_decode_s + sum(t_S[0:s]) + rho * encode_F[s]
+                 + storage_send_s_per_byte * wire(s, F)
     H(s, F)    = decode_F[s] + trainer_receive_s_per_sample
                  + trainer_receive_s_per_byte * wire(s, F)
 
@@ -194,7 +203,7 @@ from hapi.names import SPLIT_TIE
 
 __all__ = [
     "DECISION_FORMAT", "Decision", "SplitCost", "choose_split", "evaluate_split",
-    "storage_layer_times",
+    "storage_encode_s", "storage_layer_times",
 ]
 
 DECISION_FORMAT = "hapi-split-decision/1"
@@ -345,6 +354,17 @@ def storage_layer_times(profile: Profile) -> tuple[list[float], float, str, list
     return times, ratio, source, estimated
 
 
+def storage_encode_s(profile: Profile, split: int, wire_format: str | None,
+                     storage_ratio: float) -> float:
+    """Per sample, the storage tier's way from the features at ``split`` to
+    the wire in ``wire_format`` (None: the profile's ``wire_dtype``, raw):
+    the format's encode time measured on the trainer, scaled by
+    ``storage_ratio``, or the frames' ``to_wire_s`` per byte."""
+    if wire_format is not None:
+        return storage_ratio * profile.wire_formats[wire_format].encode_s[split]
+    return profile.storage_to_wire_s_per_byte * profile.boundary_bytes[split]
+
+
 def evaluate_split(profile: Profile, split: int, freeze: int | None = None, *,
                    wire_format: str | None = None, epoch_samples: int | None = None,
                    storage_times: list[float] | None = None,
@@ -374,17 +394,16 @@ def evaluate_split(profile: Profile, split: int, freeze: int | None = None, *,
         wire = p.raw_bytes
         storage = p.storage_serve_s_per_byte * p.raw_bytes
         host = p.trainer_decode_s + p.trainer_copy_s_per_byte * a[0]
-    elif wire_format is not None:
-        costs = p.wire_formats[wire_format]
-        wire = costs.bytes[split] + p.frame_overhead_bytes
-        storage = p.storage_decode_s + sum(storage_times[:split]) + \
-            storage_ratio * costs.encode_s[split]
-        host = costs.decode_s[split]
     else:
-        wire = b[split] + p.frame_overhead_bytes
+        if wire_format is not None:
+            wire = p.wire_formats[wire_format].bytes[split] + p.frame_overhead_bytes
+            host = p.wire_formats[wire_format].decode_s[split]
+        else:
+            wire = b[split] + p.frame_overhead_bytes
+            host = p.trainer_copy_s_per_byte * b[split]
         storage = p.storage_decode_s + sum(storage_times[:split]) + \
-            p.storage_to_wire_s_per_byte * b[split]
-        host = p.trainer_copy_s_per_byte * b[split]
+            storage_encode_s(p, split, wire_format, storage_ratio) + \
+            p.storage_send_s_per_byte * wire
     host += p.trainer_receive_s_per_sample + p.trainer_receive_s_per_byte * wire
     transfer = wire / p.bandwidth_bytes_per_s
     compute = sum(layer.trainer_forward_s for layer in layers[split:freeze]) + \
@@ -624,6 +643,7 @@ def choose_split(profile: Profile, freeze: int | None = None, *,
 def _inputs(p: Profile) -> dict:
     """The scalar measurements a decision was made with (for the metrics JSON)."""
     names = ("batch_size", "bandwidth_bytes_per_s", "raw_bytes", "wire_dtype", "storage_decode_s",
+             "storage_send_s_per_byte",
              "trainer_decode_s", "trainer_copy_s_per_byte", "trainer_receive_s_per_byte",
              "trainer_receive_s_per_sample", "trainer_step_s",
              "request_latency_s", "samples_per_request", "storage_batch", "prefetch_depth",

@@ -23,8 +23,8 @@ from collections import deque
 from hapi.client.autosplit.profiling import Profile
 from hapi.client.features import BURST_BYTES
 
-__all__ = ["MIN_OBSERVED_S", "MIN_TIMED_BYTES", "MIN_TIMED_S", "LinkClock", "OnlineEstimator",
-           "ReceiveCost"]
+__all__ = ["MIN_OBSERVED_S", "MIN_TIMED_BYTES", "MIN_TIMED_S", "SIZE_SPREAD", "LinkClock",
+           "OnlineEstimator", "SampleAndByteCost"]
 
 # A part smaller than this crosses the link in a few milliseconds, or at
 # once when a shaper's bucket or the socket buffers hold it: it does not make
@@ -50,9 +50,9 @@ MIN_OBSERVED_S = 0.2
 LOGGED_OBSERVATIONS = 10_000
 
 
-# Shards this many times larger per sample than others separate the loader's
-# cost per byte from its cost per request (:class:`ReceiveCost`).
-RECEIVE_SPREAD = 2.0
+# Shards this many times larger per sample than others separate a cost per
+# byte from a cost per request (:class:`SampleAndByteCost`).
+SIZE_SPREAD = 2.0
 
 
 class _Series:
@@ -343,15 +343,20 @@ class OnlineEstimator:
                                                      self.min_observations).items())
 
 
-class ReceiveCost:
-    """The trainer's receive cost: the loader's CPU per sample beyond the
-    decode, a part per sample whatever the split (the request, the frames'
-    headers, keys and labels, concatenating the batch) plus a part per
-    received byte.
+class SampleAndByteCost:
+    """A cost per sample fitted as a part per sample whatever the split plus
+    a part per byte on the wire, from shards of different sizes.
 
-    Measured on AlexNet's shards of 8 samples on loopback (2-core VM), the
-    per-request part is about 2 ms whatever the bytes, the per-byte part
-    about 1 ms per MB of float32: at a small boundary the first dominates,
+    The trainer's receive cost is one: the loader's CPU per sample beyond
+    the decode, a part per sample (the request, the frames' headers, keys
+    and labels, concatenating the batch) plus a part per received byte. The
+    storage tier's compute beyond its own layer costs is the other: its
+    decode and what the rest of its work costs the cores that compute, a
+    part per sample plus a part per byte sent.
+
+    The loader's, measured on AlexNet's shards of 8 samples on loopback
+    (2-core VM): the per-request part is about 2 ms whatever the bytes, the
+    per-byte part about 1 ms per MB of float32: at a small boundary the first dominates,
     and CPU divided by bytes there read ten times the cost of a byte at a
     large one. So the two parts are fitted apart (Theil-Sen: the median of
     the slopes between shards at least ``spread`` times apart in bytes per
@@ -363,7 +368,7 @@ class ReceiveCost:
     decode and copy).
     """
 
-    def __init__(self, window, spread=RECEIVE_SPREAD):
+    def __init__(self, window, spread=SIZE_SPREAD):
         self._points = deque(maxlen=window)
         self._spread = spread
         self._per_byte = None
@@ -392,8 +397,13 @@ class ReceiveCost:
         per_sample = statistics.median(y - per_byte * x for x, y in self._points)
         if per_sample < 0:
             # The cost grows faster than the bytes: all of it per byte.
-            return 0.0, statistics.median(y / x for x, y in self._points if x > 0)
+            return 0.0, max(statistics.median(y / x for x, y in self._points if x > 0), 0.0)
         return per_sample, per_byte
+
+    @property
+    def bytes_per_sample(self) -> float:
+        """The median bytes per sample of the shards in the window (0 before any)."""
+        return statistics.median(x for x, _ in self._points) if self._points else 0.0
 
 
 def _relative_spread(values) -> float:

@@ -137,7 +137,11 @@ class Profile:
     the frames' parsing, copies: what a decode timed alone does not see), a
     part per sample whatever the split and a part per received byte,
     measured on the real loader during the run
-    (``hapi.client.autosplit.estimator.ReceiveCost``); 0 until measured.
+    (``hapi.client.autosplit.estimator.SampleAndByteCost``); 0 until measured.
+    ``storage_send_s_per_byte``: what each byte sent costs the storage
+    tier's compute beyond the encoding (writing frames to the network on
+    the cores that compute), fitted from the frames' timings against the
+    storage tier's own layer costs; 0 until measured.
     """
 
     model: str
@@ -170,6 +174,7 @@ class Profile:
     wire_formats: dict = field(default_factory=dict)
     trainer_receive_s_per_byte: float = 0.0
     trainer_receive_s_per_sample: float = 0.0
+    storage_send_s_per_byte: float = 0.0
 
     def __post_init__(self):
         self.input_shape = tuple(self.input_shape)
@@ -178,7 +183,8 @@ class Profile:
             if len(costs.bytes) != self.freeze + 1:
                 raise ValueError(f"wire format {name} needs costs at the {self.freeze + 1} "
                                  f"boundaries up to the freeze index, got {len(costs.bytes)}")
-        for name in ("trainer_receive_s_per_byte", "trainer_receive_s_per_sample"):
+        for name in ("trainer_receive_s_per_byte", "trainer_receive_s_per_sample",
+                     "storage_send_s_per_byte"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self.layers = [layer if isinstance(layer, LayerProfile) else LayerProfile(**layer)

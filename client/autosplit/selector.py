@@ -19,8 +19,18 @@ import time
 
 from tqdm import tqdm
 
-from hapi.client.autosplit.costmodel import Decision, choose_split
-from hapi.client.autosplit.estimator import LinkClock, OnlineEstimator, ReceiveCost
+from hapi.client.autosplit.costmodel import (
+    Decision,
+    choose_split,
+    storage_encode_s,
+    storage_layer_times,
+)
+from hapi.client.autosplit.estimator import (
+    SIZE_SPREAD,
+    LinkClock,
+    OnlineEstimator,
+    SampleAndByteCost,
+)
 from hapi.client.autosplit.plot import plot_decision
 from hapi.client.autosplit.profilecache import TrainerTimesCache
 from hapi.client.autosplit.profiling import Profile, measure_profile
@@ -53,6 +63,10 @@ STEP_SAMPLES = 16  # optimizer steps timed for the profile's trainer_step_s
 # DRIFT_MIN_OBSERVATIONS confirm it: a link reshaped to half its rate reads 1.8-2.1x.
 LARGE_DRIFT_FACTOR = 1.6
 HOST_WINDOW = 16  # shards whose loader CPU gives the trainer's receive cost
+# The first decision, from the storage tier's layer costs, sends one request
+# at the split with the most bytes among those predicted within this much of
+# the best, when it has SIZE_SPREAD times the chosen one's bytes.
+EXPLORE_WITHIN = 0.25
 
 
 def default_estimator() -> OnlineEstimator:
@@ -129,7 +143,8 @@ class AutomaticSplit:
                  drift_threshold: float = DRIFT_THRESHOLD, margin: float = MARGIN,
                  tie: float = SPLIT_TIE,
                  epoch_samples: int | None = None, epoch_shards: int | None = None,
-                 epochs: int = 1, profiling: dict | None = None, log=print):
+                 epochs: int = 1, profiling: dict | None = None,
+                 storage_costs: list[float] | None = None, log=print):
         self._profile = profile
         self._split = profile.freeze if start is None else start
         if not 0 <= self._split <= profile.freeze:
@@ -157,7 +172,13 @@ class AutomaticSplit:
         self._profiling = profiling or {}
         self._log = log
         self._step_times: list[float] = []
-        self._receive_cost = ReceiveCost(HOST_WINDOW)
+        self._receive_cost = SampleAndByteCost(HOST_WINDOW)
+        # The storage tier's own layer costs, when it served them: what its
+        # frames take beyond them, per sample and per byte sent.
+        self._storage_costs = list(storage_costs) if storage_costs else None
+        self._send_cost = SampleAndByteCost(HOST_WINDOW)
+        self._explore: tuple[int, str | None] | None = None
+        self._routes = 0  # requests routed so far
         self._frame_overhead_bytes = profile.frame_overhead_bytes
         self._shards = 0
         self._samples = 0
@@ -197,7 +218,8 @@ class AutomaticSplit:
                        epoch_shards=len(plan.train) + len(plan.holdout),
                        epochs=config.epochs, log=log,
                        tie=config.split_tie,
-                       profiling={**probe, "seconds": time.perf_counter() - began})
+                       profiling={**probe, "seconds": time.perf_counter() - began},
+                       storage_costs=costs.layers_s_per_sample)
         where = f"the storage tier ({costs.url.split('?')[0]})"
         if costs.known:
             selector._write([f"split selection: {where} knows {config.model}'s layer costs "
@@ -226,8 +248,14 @@ class AutomaticSplit:
 
     @property
     def route(self) -> tuple[int, WireFormat | None]:
-        """The split and the wire format for the next request, read together."""
-        split, name = self._split, self._format
+        """The split and the wire format for the next request, read together
+        once a request: the second request of a run whose first decision
+        planned a measurement (:meth:`decide_now`) goes at that split."""
+        with self._lock:
+            self._routes += 1
+            split, name = self._split, self._format
+            if self._explore is not None and self._routes == 2:
+                (split, name), self._explore = self._explore, None
         return split, WireFormat.parse(name) if name else None
 
     @property
@@ -251,8 +279,37 @@ class AutomaticSplit:
 
     def decide_now(self, why: str) -> None:
         """Decide from the profile as it stands, before any request (the
-        start, not a change of split: the measured decision still comes)."""
+        start, not a change of split: the measured decision still comes).
+
+        With the storage tier's layer costs known, the choice may rest on
+        bytes no frame has measured: what a byte costs the two tiers beyond
+        the encoding and the decoding is fitted from shards of different
+        sizes (:class:`SampleAndByteCost`), and shards of the split chosen
+        alone have one size. So when a split predicted within
+        :data:`EXPLORE_WITHIN` of the choice sends :data:`SIZE_SPREAD` times
+        its bytes or more, the second request goes at the one of them with
+        the most bytes, once: the measured decision after the first shards
+        then knows both costs over the range of the candidates. That request
+        trains like any other; the split in use does not change."""
         self._decide(why)
+        self._explore = None
+        if self._storage_costs is None or self._routes or not self.decision.split:
+            return
+        chosen = self.decision.chosen
+        limit = _predicted(chosen) * (1 + EXPLORE_WITHIN)
+        heavier = [row for row in self.decision.rows if row.feasible and row.split and
+                   row.wire_bytes >= SIZE_SPREAD * chosen.wire_bytes and
+                   _predicted(row) <= limit]
+        if heavier:
+            row = max(heavier, key=lambda row: row.wire_bytes)
+            self._explore = (row.split, row.wire_format if row.wire_format in
+                             self._profile.wire_formats else self._format)
+            self._profiling["measuring_request"] = {"split": row.split,
+                                                    "wire_format": self._explore[1]}
+            self._write([f"split selection: the second request goes at split {row.split} "
+                         f"({row.wire_bytes / chosen.wire_bytes:.1f}x the bytes of split "
+                         f"{chosen.split}, predicted within {EXPLORE_WITHIN:.0%}) to measure "
+                         "what a byte costs both tiers"])
 
     def opened(self):
         """A request is about to go out (in a loader's thread); returns what
@@ -297,7 +354,7 @@ class AutomaticSplit:
             self._observe(shard)
 
     def _observe(self, shard) -> None:
-        separated = False
+        separated = []
         if shard.frames:
             # One observation per shard: per-sample times over all its frames,
             # so that a small last frame does not weigh like a full one.
@@ -307,9 +364,12 @@ class AutomaticSplit:
             # Frame headers, keys, labels, timings: what a frame adds to its
             # features (compressed features count as features).
             self._frame_overhead_bytes = max(shard.bytes_received - features, 0) / samples
-            separable = self._receive_cost.separable
+            costs = {"receive": self._receive_cost, "storage": self._send_cost}
+            separable = {name for name, cost in costs.items() if cost.separable}
             self._observe_host(shard, samples)
-            separated = self._receive_cost.separable and not separable
+            self._observe_storage(shard, samples)
+            separated = [name for name, cost in costs.items()
+                         if cost.separable and name not in separable]
         self._samples += len(shard.keys)
         self._pending = max(self._pending - 1, 0)
         if self._trained_from is None or shard.split < self._trained_from:
@@ -317,10 +377,11 @@ class AutomaticSplit:
         self._observed_at.append(time.monotonic())
         try:
             if separated and self._profiled and not self._settling():
-                # Shards of another size now tell the receive cost per byte from
-                # the cost per request: new knowledge of every split's trainer
-                # stage (the next decision uses it when the split just changed).
-                self._decide("receive cost per byte measured")
+                # Shards of another size now tell a cost per byte from the
+                # cost per request: new knowledge of every split's trainer or
+                # storage stage (the next decision uses it when the split
+                # just changed).
+                self._decide(f"{' and '.join(separated)} cost per byte measured")
             self._update()
         except ValueError as err:
             raise SplitSelectionError(f"automatic split selection: {err} (choose a split "
@@ -339,6 +400,20 @@ class AutomaticSplit:
                 self._profile.boundary_bytes[shard.split]
         beyond = max(shard.host_cpu_s - decode * samples, 0.0)
         self._receive_cost.observe(shard.bytes_received / samples, beyond / samples)
+
+    def _observe_storage(self, shard, samples) -> None:
+        """The storage tier's compute for the shard beyond its own layer costs
+        and the encoding the profile predicts: its decode and the rest of its
+        work, a part per sample and a part per byte sent."""
+        if self._storage_costs is None or shard.split == 0 or shard.bytes_received <= 0:
+            return
+        timings = _summed_timings(shard.frames)
+        measured = timings["decode_s"] + sum(timings["layers_s"]) + timings["to_wire_s"]
+        ratio = storage_layer_times(self._profile)[1]
+        fmt = shard.wire_format if shard.wire_format in self._profile.wire_formats else None
+        expected = sum(self._storage_costs[:shard.split]) + \
+            storage_encode_s(self._profile, shard.split, fmt, ratio)
+        self._send_cost.observe(shard.bytes_received / samples, measured / samples - expected)
 
     def report(self) -> dict:
         """The decision (its table too), how it came about, and what it was made from."""
@@ -386,7 +461,16 @@ class AutomaticSplit:
             (measured["trainer_receive_s_per_sample"],
              measured["trainer_receive_s_per_byte"]) = self._receive_cost.costs()
         with self._lock:
-            return self._estimator.apply(self._profile.with_measurements(**measured))
+            profile = self._estimator.apply(self._profile.with_measurements(**measured))
+            if self._send_cost.separable:
+                # The frames' times include what the bytes they were sent
+                # with cost: that part moves from the decode, where the
+                # recent shards' bytes put it, to every split's own bytes.
+                per_byte = self._send_cost.costs()[1]
+                profile.storage_send_s_per_byte = per_byte
+                profile.storage_decode_s = max(
+                    profile.storage_decode_s - per_byte * self._send_cost.bytes_per_sample, 0.0)
+            return profile
 
     # Deciding -------------------------------------------------------------------------
 
@@ -496,6 +580,11 @@ class AutomaticSplit:
         with tqdm.external_write_mode():
             for line in lines:
                 self._log(line)
+
+
+def _predicted(row) -> float:
+    """A decision row's predicted time, as the decision ranked it."""
+    return row.iteration_s if row.rest_s is None else row.rest_s
 
 
 def _large(change: dict, names) -> bool:

@@ -269,18 +269,18 @@ def contended_profile():
     return profile
 
 
-def test_the_first_decision_sends_one_request_at_a_heavier_contender():
+def test_the_first_decision_sends_two_requests_at_a_heavier_contender():
     lines = []
     selector = AutomaticSplit(contended_profile(), storage_costs=[1e-3, 1.5e-3],
                               epoch_samples=64, log=lines.append)
     selector.decide_now("the storage tier's layer costs")
     float32 = WireFormat("float32")
-    assert [selector.route for _ in range(4)] == [(2, float32), (1, float32), (2, float32),
-                                                  (2, float32)]
+    assert [selector.route for _ in range(5)] == [(2, float32), (1, float32), (1, float32),
+                                                  (2, float32), (2, float32)]
     assert selector.report()["profiling"]["measuring_request"] == \
         {"split": 1, "wire_format": "float32"}
     assert [(step["from"], step["to"]) for step in selector.history] == [(2, 2)]
-    assert "the second request goes at split 1 (2.0x the bytes of split 2" in lines[-1]
+    assert "requests 2 and 3 go at split 1 (2.0x the bytes of split 2" in lines[-1]
     # Nothing to measure: without the storage tier's layer costs (the
     # frames measure every split's), or with no heavier split close enough.
     blind = AutomaticSplit(contended_profile(), epoch_samples=64, log=lines.append)

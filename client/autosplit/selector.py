@@ -63,9 +63,11 @@ STEP_SAMPLES = 16  # optimizer steps timed for the profile's trainer_step_s
 # DRIFT_MIN_OBSERVATIONS confirm it: a link reshaped to half its rate reads 1.8-2.1x.
 LARGE_DRIFT_FACTOR = 1.6
 HOST_WINDOW = 16  # shards whose loader CPU gives the trainer's receive cost
-# The first decision, from the storage tier's layer costs, sends one request
-# at the split with the most bytes among those predicted within this much of
-# the best, when it has SIZE_SPREAD times the chosen one's bytes.
+# The first decision, from the storage tier's layer costs, sends these
+# requests (the first is 1) at the split with the most bytes among those
+# predicted within EXPLORE_WITHIN of the best, when it has SIZE_SPREAD times
+# the chosen one's bytes: two, so that no one shard's noise makes the fit.
+MEASURING_REQUESTS = (2, 3)
 EXPLORE_WITHIN = 0.25
 
 
@@ -249,13 +251,13 @@ class AutomaticSplit:
     @property
     def route(self) -> tuple[int, WireFormat | None]:
         """The split and the wire format for the next request, read together
-        once a request: the second request of a run whose first decision
-        planned a measurement (:meth:`decide_now`) goes at that split."""
+        once a request: the :data:`MEASURING_REQUESTS` of a run whose first
+        decision planned a measurement (:meth:`decide_now`) go at that split."""
         with self._lock:
             self._routes += 1
             split, name = self._split, self._format
-            if self._explore is not None and self._routes == 2:
-                (split, name), self._explore = self._explore, None
+            if self._explore is not None and self._routes in MEASURING_REQUESTS:
+                split, name = self._explore
         return split, WireFormat.parse(name) if name else None
 
     @property
@@ -287,10 +289,10 @@ class AutomaticSplit:
         sizes (:class:`SampleAndByteCost`), and shards of the split chosen
         alone have one size. So when a split predicted within
         :data:`EXPLORE_WITHIN` of the choice sends :data:`SIZE_SPREAD` times
-        its bytes or more, the second request goes at the one of them with
-        the most bytes, once: the measured decision after the first shards
-        then knows both costs over the range of the candidates. That request
-        trains like any other; the split in use does not change."""
+        its bytes or more, the :data:`MEASURING_REQUESTS` go at the one of
+        them with the most bytes: the measured decision after the first
+        shards then knows both costs over the range of the candidates. Those
+        requests train like any other; the split in use does not change."""
         self._decide(why)
         self._explore = None
         if self._storage_costs is None or self._routes or not self.decision.split:
@@ -306,10 +308,10 @@ class AutomaticSplit:
                              self._profile.wire_formats else self._format)
             self._profiling["measuring_request"] = {"split": row.split,
                                                     "wire_format": self._explore[1]}
-            self._write([f"split selection: the second request goes at split {row.split} "
-                         f"({row.wire_bytes / chosen.wire_bytes:.1f}x the bytes of split "
-                         f"{chosen.split}, predicted within {EXPLORE_WITHIN:.0%}) to measure "
-                         "what a byte costs both tiers"])
+            self._write([f"split selection: requests {' and '.join(map(str, MEASURING_REQUESTS))}"
+                         f" go at split {row.split} ({row.wire_bytes / chosen.wire_bytes:.1f}x "
+                         f"the bytes of split {chosen.split}, predicted within "
+                         f"{EXPLORE_WITHIN:.0%}) to measure what a byte costs both tiers"])
 
     def opened(self):
         """A request is about to go out (in a loader's thread); returns what

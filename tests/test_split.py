@@ -869,7 +869,7 @@ class StorageTier:
         """Feed ``shards`` shards at the selector's split; return the split after each."""
         splits = []
         for _ in range(shards):
-            self.deliver(selector, self.shard(selector.split, bandwidth))
+            self.deliver(selector, self.shard(selector.route[0], bandwidth))
             splits.append(selector.split)
         return splits
 
@@ -877,7 +877,7 @@ class StorageTier:
 def drifting_run():
     """The recorded AlexNet profile as the trainer knows it before its first
     request (no storage time, a placeholder bandwidth), run by a selector
-    with the trainer's settings: 4 shards at 1 Gbit/s, then 8 at 10 Mbit/s,
+    with the trainer's settings: 6 shards at 1 Gbit/s, then 8 at 10 Mbit/s,
     then 8 at 11 Mbit/s. Returns the selector, its log lines, and the splits
     the cost model chooses on the full profile at 1 Gbit/s and at 10 Mbit/s."""
     recorded_profile = recorded("alexnet-224.json")
@@ -889,7 +889,7 @@ def drifting_run():
     auto = AutomaticSplit(blind, log=lines.append)
     tier = StorageTier(recorded_profile, truth)
     fast, slow = 1000 * MBIT, 10 * MBIT
-    phases = {"start": auto.split, "fast": tier.run(auto, fast, 4),
+    phases = {"start": auto.split, "fast": tier.run(auto, fast, 6),
               "decisions_fast": len(auto.decisions), "slow": tier.run(auto, slow, 8),
               "decisions_slow": len(auto.decisions), "steady": tier.run(auto, slow * 1.1, 8)}
     expected, expected_slow = (
@@ -901,21 +901,28 @@ def drifting_run():
 def test_auto_split_decides_within_the_bound_and_follows_drift():
     auto, _, phases, (recorded_profile, expected, expected_slow) = drifting_run()
     assert phases["start"] == recorded_profile.freeze  # profiling at f measures every layer
-    # The first decision once 4 shards' frames and transfers arrived (the bound is 4 too).
-    assert phases["decisions_fast"] == 1 and auto.history[0]["shard"] == 4
+    # The first decision once 4 shards' frames and transfers arrived (the bound
+    # is 4 too). Its choice sends 8 times the bytes of the shards so far: two
+    # requests measure it first, and the first of them decides again.
+    freeze = recorded_profile.freeze
+    assert phases["decisions_fast"] == 2 and auto.history[0]["shard"] == 4
     assert auto.history[0]["why"] == "profiled"
-    assert phases["fast"] == [recorded_profile.freeze] * 3 + [expected]
+    assert (auto.history[0]["to"], auto.decisions[0].split) == (freeze, expected)
+    assert auto.history[0]["reason"].startswith(f"measuring first: split {expected} would")
+    assert auto.history[1]["why"].startswith("costs per byte measured up to")
+    assert auto.history[1]["to"] == expected
+    assert phases["fast"] == [freeze] * 4 + [expected] * 2
     assert auto.decisions[0].storage_ratio_source.startswith("measured")
 
     # The link degrades 100x: the choice moves to fewer bytes once 3 slow
-    # bodies show it (a large change counts on the last three alone), as the
-    # third one's bytes arrive: before the consumer takes its shard.
-    assert phases["decisions_slow"] == 2 and auto.history[1]["why"].startswith("drift")
-    assert auto.history[1]["shard"] == 4 + 2
+    # observations show it (a large change counts on the last three alone),
+    # as the bytes arrive: before the consumer takes the shards.
+    assert phases["decisions_slow"] == 3 and auto.history[2]["why"].startswith("drift")
+    assert auto.history[2]["shard"] <= 6 + 2
     assert phases["slow"][-1] == expected_slow
     assert recorded_profile.boundary_bytes[expected_slow] < \
         recorded_profile.boundary_bytes[expected]
-    assert len(auto.decisions) == 2  # 10% more bandwidth is within the threshold
+    assert len(auto.decisions) == 3  # 10% more bandwidth is within the threshold
 
 
 def test_auto_split_decides_at_the_bound_without_frames():
@@ -935,7 +942,7 @@ def test_step_times_and_frame_overhead_reach_the_profile():
         assert auto.wants_step_times
         auto.observe_step(seconds)
     StorageTier.deliver(auto, StorageTier(recorded("resnet18-112.json"), truth)
-                        .shard(auto.split, 1e6))
+                        .shard(auto.route[0], 1e6))
     measured = auto.current_profile()
     assert measured.trainer_step_s == pytest.approx(0.2)
     assert measured.frame_overhead_bytes == pytest.approx(40.0)
@@ -945,27 +952,29 @@ def test_step_times_and_frame_overhead_reach_the_profile():
 
 def test_decisions_are_logged_the_table_once_then_one_line_each():
     auto, lines, _, _ = drifting_run()
-    first, second = auto.history
+    first, measured, second = auto.history
     table = first["table"].splitlines()
     header = table[0]
-    # Every log call is one line; the first decision's headline, then its
-    # table, each line on its own, and nothing else.
+    # Every log call is one line; the first decision's headline (it measures
+    # its choice first), then its table, each line on its own, and nothing else.
     assert all("\n" not in line for line in lines)
-    assert lines[0] == "split selection after 4 shard(s), profiled: split " \
-        f"{first['from']} -> {first['to']}"
+    assert lines[0].startswith("split selection after 4 shard(s), profiled: split "
+                               f"{first['from']} -> {first['to']}; measuring first: split ")
     assert lines[1:1 + len(table)] == table
     assert sum(line == header for line in lines) == 1
     # With units: seconds per iteration, megabytes per iteration, Mbit/s.
     for unit in ("wire MB", "storage s", "network s", "trainer s", "iter s", "epoch s"):
         assert unit in header
     assert "Mbit/s" in table[-1] and f"per iteration of {auto.decision.batch_size}" in table[-1]
-    # The re-decision: one line, with its units; its table is in the metrics.
-    assert len(lines) == 1 + len(table) + 1
+    # The re-decisions: one line each, with units; their tables are in the metrics.
+    assert len(lines) == 1 + len(table) + 2
+    assert lines[-2].startswith(f"split selection after {measured['shard']} shard(s), "
+                                "costs per byte measured up to ")
     redecision = lines[-1]
     assert redecision.startswith(f"split selection after {second['shard']} shard(s), drift: ")
     assert f"split {second['from']} -> {second['to']}" in redecision
     assert " s per iteration" in redecision and "Mbit/s" in redecision
-    assert auto.report()["history"][1]["table"] == auto.decision.format_table()
+    assert auto.report()["history"][2]["table"] == auto.decision.format_table()
 
 
 def test_decision_lines_do_not_start_on_a_progress_bar(capsys):
@@ -1010,7 +1019,7 @@ def test_latency_leaves_out_the_storage_tiers_queue_wait():
     tier = StorageTier(profile, truth)
     auto = AutomaticSplit(profile, log=[].append)
     for queued in (0.5, 2.0, 0.0, 1.0):
-        tier.deliver(auto, tier.shard(auto.split, 1e7, queued_s=queued))
+        tier.deliver(auto, tier.shard(auto.route[0], 1e7, queued_s=queued))
     assert auto.current_profile().request_latency_s == pytest.approx(0.01)
     link = LinkClock(OnlineEstimator())
     link.observe(Transfer(10**6, sent_at=0.0, answered_at=1.3, done_at=2.0,
@@ -1044,7 +1053,7 @@ def noisy_run(seed, epoch_shards, shards=60):
     tier = StorageTier(recorded_profile, truth)
     rng = random.Random(seed)
     for _ in range(shards):
-        tier.deliver(auto, tier.shard(auto.split, 22 * MBIT * math.exp(rng.gauss(0, 0.35)),
+        tier.deliver(auto, tier.shard(auto.route[0], 22 * MBIT * math.exp(rng.gauss(0, 0.35)),
                                       math.exp(rng.gauss(0, 0.25))))
     return [step["shard"] for step in auto.history if step["from"] != step["to"]]
 
@@ -1150,7 +1159,7 @@ def pipelined_run(auto, profile, shards, epochs, bandwidth, start_ahead=2, step_
         for k in range(shards):
             if k + start_ahead < shards:
                 ahead.append(auto.opened())
-            request, shard = ahead.popleft(), tier.shard(auto.split, bandwidth)
+            request, shard = ahead.popleft(), tier.shard(auto.route[0], bandwidth)
             for part in shard.transfer.link_intervals():
                 auto.on_link(request, *part)
             auto.closed(request, shard)
@@ -1224,12 +1233,14 @@ def test_a_large_drift_re_decides_within_the_epoch():
     truth, _, _, _ = storage_layer_times(recorded_profile)
     auto = AutomaticSplit(recorded_profile, epoch_shards=100, log=[].append)
     tier = StorageTier(recorded_profile, truth)
-    tier.run(auto, 1000 * MBIT, 4)
-    assert auto.history[-1]["why"] == "profiled" and auto.split != recorded_profile.freeze
+    tier.run(auto, 1000 * MBIT, 6)  # profiled after 4, its choice measured by 2 more
+    assert [step["why"][:25] for step in auto.history] == \
+        ["profiled", "costs per byte measured u"]
+    assert auto.split != recorded_profile.freeze
     fast_split = auto.split
     tier.run(auto, 10 * MBIT, 6)
-    assert len(auto.history) == 2 and auto.history[1]["why"].startswith("drift: bandwidth -9")
-    assert auto.split != fast_split and auto.history[1]["shard"] <= 4 + 4
+    assert len(auto.history) == 3 and auto.history[2]["why"].startswith("drift: bandwidth -9")
+    assert auto.split != fast_split and auto.history[2]["shard"] <= 6 + 4
 
 
 def costs_server(routes):

@@ -318,6 +318,28 @@ def test_the_storage_tiers_compute_beyond_its_layer_costs_is_fitted_per_byte():
     assert selector.history[-1]["why"] == "receive and storage cost per byte measured"
 
 
+def test_a_choice_beyond_the_bytes_measured_so_far_measures_them_first():
+    """On a fast link with a costly encoding float32 wins, with 8 times the
+    bytes of the uint8+zstd the run started with: two requests measure it
+    before the split moves, then the split is chosen again."""
+    lines = []
+    selector = AutomaticSplit(formats_profile(bandwidth=1e9, encode_s=8e-3), log=lines.append,
+                              profile_frames=1, max_profile_shards=1)
+    compact, float32 = WireFormat("uint8", "zstd"), WireFormat("float32")
+    assert selector.route == (2, compact)
+    selector.observe(shard_at(2, "uint8+zstd", host_cpu_s=24e-3, nbytes=4000))
+    held = selector.history[-1]
+    assert (held["from"], held["to"], held["to_format"]) == (2, 2, "uint8+zstd")
+    assert held["reason"].startswith("measuring first: split 2 would send 7.8x the most bytes")
+    assert any("measuring first" in line for line in lines)
+    assert [selector.route for _ in range(3)] == [(2, float32), (2, float32), (2, compact)]
+    selector.observe(shard_at(2, "float32", host_cpu_s=24e-3, nbytes=32000))
+    moved = selector.history[-1]
+    assert moved["why"] == "receive cost per byte measured"
+    assert (moved["to"], moved["to_format"]) == (2, "float32")
+    assert selector.route == (2, float32)
+
+
 # The ranged probe --------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ is large.
 import math
 import statistics
 import time
+from collections import deque
 
 from tqdm import tqdm
 
@@ -63,11 +64,12 @@ STEP_SAMPLES = 16  # optimizer steps timed for the profile's trainer_step_s
 # DRIFT_MIN_OBSERVATIONS confirm it: a link reshaped to half its rate reads 1.8-2.1x.
 LARGE_DRIFT_FACTOR = 1.6
 HOST_WINDOW = 16  # shards whose loader CPU gives the trainer's receive cost
-# The first decision, from the storage tier's layer costs, sends these
-# requests (the first is 1) at the split with the most bytes among those
-# predicted within EXPLORE_WITHIN of the best, when it has SIZE_SPREAD times
-# the chosen one's bytes: two, so that no one shard's noise makes the fit.
-MEASURING_REQUESTS = (2, 3)
+# Requests that measure a split's bytes before the choice rests on them:
+# two, so that no one shard's noise makes the fit. The first decision, from
+# the storage tier's layer costs, sends them (after the first request) at the
+# split with the most bytes among those predicted within EXPLORE_WITHIN of
+# the best, when it has SIZE_SPREAD times the chosen one's bytes.
+MEASURING_REQUESTS = 2
 EXPLORE_WITHIN = 0.25
 
 
@@ -179,8 +181,11 @@ class AutomaticSplit:
         # frames take beyond them, per sample and per byte sent.
         self._storage_costs = list(storage_costs) if storage_costs else None
         self._send_cost = SampleAndByteCost(HOST_WINDOW)
-        self._explore: tuple[int, str | None] | None = None
+        # Routes of the next requests that measure bytes (None: the split in
+        # use), and the most bytes a sample of a shard with frames has sent.
+        self._measuring: deque[tuple[int, str | None] | None] = deque()
         self._routes = 0  # requests routed so far
+        self._most_bytes = 0.0
         self._frame_overhead_bytes = profile.frame_overhead_bytes
         self._shards = 0
         self._samples = 0
@@ -251,13 +256,14 @@ class AutomaticSplit:
     @property
     def route(self) -> tuple[int, WireFormat | None]:
         """The split and the wire format for the next request, read together
-        once a request: the :data:`MEASURING_REQUESTS` of a run whose first
-        decision planned a measurement (:meth:`decide_now`) go at that split."""
+        once a request: requests that measure bytes (:meth:`decide_now`,
+        and a decision whose choice sends more bytes than any shard yet)
+        go at the split they measure."""
         with self._lock:
             self._routes += 1
             split, name = self._split, self._format
-            if self._explore is not None and self._routes in MEASURING_REQUESTS:
-                split, name = self._explore
+            if self._measuring and (measured := self._measuring.popleft()) is not None:
+                split, name = measured
         return split, WireFormat.parse(name) if name else None
 
     @property
@@ -289,12 +295,12 @@ class AutomaticSplit:
         sizes (:class:`SampleAndByteCost`), and shards of the split chosen
         alone have one size. So when a split predicted within
         :data:`EXPLORE_WITHIN` of the choice sends :data:`SIZE_SPREAD` times
-        its bytes or more, the :data:`MEASURING_REQUESTS` go at the one of
-        them with the most bytes: the measured decision after the first
-        shards then knows both costs over the range of the candidates. Those
-        requests train like any other; the split in use does not change."""
+        its bytes or more, the :data:`MEASURING_REQUESTS` after the first
+        go at the one of them with the most bytes: the measured decision
+        after the first shards then knows both costs over the range of the
+        candidates. Those requests train like any other; the split in use
+        does not change."""
         self._decide(why)
-        self._explore = None
         if self._storage_costs is None or self._routes or not self.decision.split:
             return
         chosen = self.decision.chosen
@@ -304,14 +310,23 @@ class AutomaticSplit:
                    _predicted(row) <= limit]
         if heavier:
             row = max(heavier, key=lambda row: row.wire_bytes)
-            self._explore = (row.split, row.wire_format if row.wire_format in
-                             self._profile.wire_formats else self._format)
+            route = self._measure(row)
+            self._measuring.appendleft(None)  # after the first request
             self._profiling["measuring_request"] = {"split": row.split,
-                                                    "wire_format": self._explore[1]}
-            self._write([f"split selection: requests {' and '.join(map(str, MEASURING_REQUESTS))}"
-                         f" go at split {row.split} ({row.wire_bytes / chosen.wire_bytes:.1f}x "
-                         f"the bytes of split {chosen.split}, predicted within "
-                         f"{EXPLORE_WITHIN:.0%}) to measure what a byte costs both tiers"])
+                                                    "wire_format": route[1]}
+            numbers = " and ".join(map(str, range(2, MEASURING_REQUESTS + 2)))
+            self._write([f"split selection: requests {numbers} go at split "
+                         f"{row.split} ({row.wire_bytes / chosen.wire_bytes:.1f}x the bytes of "
+                         f"split {chosen.split}, predicted within {EXPLORE_WITHIN:.0%}) to "
+                         "measure what a byte costs both tiers"])
+
+    def _measure(self, row) -> tuple[int, str | None]:
+        """Send the next :data:`MEASURING_REQUESTS` requests at ``row``'s
+        split and format; returns that route."""
+        route = (row.split, row.wire_format if row.wire_format in self._profile.wire_formats
+                 else self._format)
+        self._measuring = deque([route] * MEASURING_REQUESTS)
+        return route
 
     def opened(self):
         """A request is about to go out (in a loader's thread); returns what
@@ -356,7 +371,7 @@ class AutomaticSplit:
             self._observe(shard)
 
     def _observe(self, shard) -> None:
-        separated = []
+        learnt = ""
         if shard.frames:
             # One observation per shard: per-sample times over all its frames,
             # so that a small last frame does not weigh like a full one.
@@ -372,18 +387,25 @@ class AutomaticSplit:
             self._observe_storage(shard, samples)
             separated = [name for name, cost in costs.items()
                          if cost.separable and name not in separable]
+            if separated:
+                learnt = f"{' and '.join(separated)} cost per byte measured"
+            per_sample = shard.bytes_received / samples
+            if self._most_bytes and per_sample >= SIZE_SPREAD * self._most_bytes:
+                learnt = learnt or (f"costs per byte measured up to {per_sample:.0f} bytes a "
+                                    f"sample, split {shard.split}")
+            self._most_bytes = max(self._most_bytes, per_sample)
         self._samples += len(shard.keys)
         self._pending = max(self._pending - 1, 0)
         if self._trained_from is None or shard.split < self._trained_from:
             self._trained_from = shard.split
         self._observed_at.append(time.monotonic())
         try:
-            if separated and self._profiled and not self._settling():
+            if learnt and self._profiled and not self._settling():
                 # Shards of another size now tell a cost per byte from the
                 # cost per request: new knowledge of every split's trainer or
                 # storage stage (the next decision uses it when the split
                 # just changed).
-                self._decide(f"{' and '.join(separated)} cost per byte measured")
+                self._decide(learnt)
             self._update()
         except ValueError as err:
             raise SplitSelectionError(f"automatic split selection: {err} (choose a split "
@@ -551,25 +573,47 @@ class AutomaticSplit:
                                 margin=self._margin, tie=self._tie)
         self._estimator.mark()
         chosen_format = decision.wire_format if decision.split else self._format
+        to, reason = decision.split, decision.reason
+        if self._unmeasured(decision.chosen) and \
+                (decision.split, chosen_format) != (self._split, self._format):
+            # Measure first: what a byte costs the two tiers is fitted on
+            # the bytes seen so far, and this choice would rest on more.
+            if not self._measuring:
+                self._measure(decision.chosen)
+            to, chosen_format = self._split, self._format
+            reason = (f"measuring first: split {decision.split} would send "
+                      f"{decision.chosen.wire_bytes / self._most_bytes:.1f}x the most bytes a "
+                      f"sample has sent yet; {MEASURING_REQUESTS} requests go there, then the "
+                      f"split is chosen again ({decision.reason})")
         step = {"shard": self._shards, "monotonic_s": time.monotonic(), "why": why,
                 "drift": dict(drift) if drift else None,
-                "from": self._split, "to": decision.split,
+                "from": self._split, "to": to,
                 "from_format": self._format, "to_format": chosen_format,
-                "reason": decision.reason, "table": decision.format_table()}
+                "reason": reason, "table": decision.format_table()}
         self._decisions.append(decision)
         self._history.append(step)
-        if (decision.split, chosen_format) != (self._split, self._format) and self._shards > 0:
+        if (to, chosen_format) != (self._split, self._format) and self._shards > 0:
             self._last_change = self._shards
-        self._split = decision.split
-        if decision.split and decision.wire_format in self._profile.wire_formats:
-            self._format = decision.wire_format
+        self._split = to
+        if to and chosen_format in self._profile.wire_formats:
+            self._format = chosen_format
         headline = (f"split selection after {step['shard']} shard(s), {why}: "
                     f"split {step['from']} -> {step['to']}"
                     + (f", features as {self._format}" if self._split and self._format else ""))
+        held = reason is not decision.reason  # measuring first
         if len(self._decisions) == 1:
-            self._write([headline, *step["table"].splitlines()])
+            self._write([headline + (f"; {reason}" if held else ""),
+                         *step["table"].splitlines()])
         else:
-            self._write([f"{headline}; {decision.summary()} (table in the metrics)"])
+            said = reason if held else decision.summary()
+            self._write([f"{headline}; {said} (table in the metrics)"])
+
+    def _unmeasured(self, row) -> bool:
+        """Whether ``row``'s features send :data:`SIZE_SPREAD` times the most
+        bytes a sample of any shard with frames has sent, or more: what a
+        byte costs there would be extrapolated."""
+        return bool(row.split) and self._most_bytes > 0 and \
+            row.wire_bytes >= SIZE_SPREAD * self._most_bytes
 
     def _settling(self) -> bool:
         """Whether the split changed less than an epoch's requests ago."""

@@ -189,7 +189,9 @@ the bandwidth or the storage speed drifts by more than a threshold and
 their noise (``OnlineEstimator.drifted``), at most once an epoch unless the
 drift is large, keeping the split in use unless the new best is more than
 ``margin`` faster. Once all of an epoch's requests are sent it decides once
-for the next epoch (``fresh``: the loader starts each pass empty).
+for the next epoch (``fresh``: the loader starts each pass empty). A choice
+that would send twice the most bytes per sample of any shard so far is
+measured first, by two requests, and made again with what they cost.
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ class AutomaticSplit:
     ``epochs`` still to come after them (``epoch_samples`` each); once all
     of an epoch's requests are sent, one decision chooses for the next
     epoch, if the job has one, a new pass from an empty pipeline. That
-    decision, and one on a newly measured receive cost, wait for the same
+    decision, and one on a newly measured cost per byte, wait for the same
     hysteresis: a split that a measured decision changed mid-epoch is not
     changed again within an epoch's requests by the ranking of a fresh
     pass. Every decision, the first one too (the split in use is then the
@@ -131,7 +131,12 @@ class AutomaticSplit:
     user's freeze index names. Splits and wire formats predicted within
     ``tie`` of the fastest are ties, won by the fewest bytes on the link
     (:func:`choose_split`): the default only breaks ties within the noise;
-    a larger one trades that much predicted time for fewer bytes.
+    a larger one trades that much predicted time for fewer bytes. A choice
+    that would send :data:`SIZE_SPREAD` times the most bytes per sample any
+    shard has sent keeps the split in use and sends the next
+    :data:`MEASURING_REQUESTS` requests at it; the first of them to arrive
+    widens the range the costs per byte are fitted on, and the split is
+    chosen again (:meth:`decide_now` says why).
 
     ``log`` gets the decisions, one line per call, written so that they do
     not mix with tqdm progress bars: the first decision's whole table, a

@@ -185,6 +185,7 @@ class AutomaticSplit:
         # The storage tier's own layer costs, when it served them: what its
         # frames take beyond them, per sample and per byte sent.
         self._storage_costs = list(storage_costs) if storage_costs else None
+        self._storage_ratio = storage_layer_times(profile)[1]  # scales the encode times
         self._send_cost = SampleAndByteCost(HOST_WINDOW)
         # Routes of the next requests that measure bytes (None: the split in
         # use), and the most bytes a sample of a shard with frames has sent.
@@ -438,10 +439,9 @@ class AutomaticSplit:
             return
         timings = _summed_timings(shard.frames)
         measured = timings["decode_s"] + sum(timings["layers_s"]) + timings["to_wire_s"]
-        ratio = storage_layer_times(self._profile)[1]
         fmt = shard.wire_format if shard.wire_format in self._profile.wire_formats else None
         expected = sum(self._storage_costs[:shard.split]) + \
-            storage_encode_s(self._profile, shard.split, fmt, ratio)
+            storage_encode_s(self._profile, shard.split, fmt, self._storage_ratio)
         self._send_cost.observe(shard.bytes_received / samples, measured / samples - expected)
 
     def report(self) -> dict:

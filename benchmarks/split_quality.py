@@ -4,8 +4,14 @@ As the HAPI paper measured it: for every model x bandwidth x training batch
 size, on the shaped two-tier set-up of ``benchmarks/shaped.py``,
 
 1. the automatic selection runs (``client/main.py --freeze``) over a fixed
-   number of iterations, and its choice (the split it settled on) is read
-   from its metrics;
+   number of iterations, and its choice is read from its metrics: the
+   split that carried the run, the one most of its training samples came
+   at (on a tie, the split it ended at). A run of a few iterations may
+   change split for its last request or two, when the trainer is behind
+   and a split that leaves it less work finishes the job sooner; a fixed
+   run of that split over the whole job would time a choice the run did
+   not make. The split it ended at and its samples per split are kept
+   beside the verdict;
 2. every split ``s`` in ``[0, f]`` runs over the same iterations
    (``--manual_split --split_idx s``) and its training-pass time is
    measured; a run that takes over ``--cutoff`` (1.5) times the shortest
@@ -99,6 +105,20 @@ def format_flags(metrics, split):
         return []
     dtype, _, encoding = name.partition("+")
     return ["--wire_dtype", dtype, "--wire_encoding", encoding or "raw"]
+
+
+def carried_split(metrics):
+    """The split most of an automatic run's training samples came at (its
+    ``samples_per_split``); on a tie, the split the run ended at if it is
+    one of them, else the deepest; with none recorded, the split it ended at."""
+    counts = {int(s): n for s, n in
+              (metrics.get("split_selection") or {}).get("samples_per_split", {}).items()}
+    final = metrics["split"]
+    if not counts:
+        return final
+    most = max(counts.values())
+    return final if counts.get(final) == most else \
+        max(s for s, n in counts.items() if n == most)
 
 
 def tied_splits(metrics, split):
@@ -218,7 +238,7 @@ def run_case(tiers, settings, model, rate, batch, out_dir):
     tag = f"{model}-{rate}mbit-b{batch}"
     auto = run_measured(tiers, tiers.trainer_command(python(TRAINER, *base)),
                         f"{tag}-auto", out_dir).metrics
-    chosen = auto["split"]
+    chosen = carried_split(auto)
 
     def flags(split):
         return [*base, *format_flags(auto, split)]
@@ -237,11 +257,14 @@ def run_case(tiers, settings, model, rate, batch, out_dir):
             "iterations": settings["iterations"], "freeze": freeze, "times_s": times,
             "runs_s": dict(sorted(runs.items())), "contenders": contenders,
             "stopped": [s for s, t in times.items() if t is None],
-            "chosen_split": chosen, "tied": tied, "verdict_runs_s": verdict, **judged,
+            "chosen_split": chosen, "final_split": auto["split"],
+            "samples_per_split": auto["split_selection"].get("samples_per_split"),
+            "tied": tied, "verdict_runs_s": verdict, **judged,
             "wire_format": auto["split_selection"].get("wire_format"),
             "is_best": chosen == best,
             "decided": predicted_epoch_s(auto) is not None,
             "predicted_s": predicted_epoch_s(auto), "auto_run_s": train_time(auto),
+            "auto_ratio": train_time(auto) / judged["best_s"],
             "history": auto["split_selection"].get("history")}
 
 
@@ -286,19 +309,21 @@ def verdict(case):
 
 def format_table(doc):
     head = (f"{'model':<19}{'Mbit/s':>7}{'batch':>6}{'chosen':>7}{'best':>5}{'chosen s':>10}"
-            f"{'best s':>8}{'ratio':>7}{'stopped':>8}  hit")
+            f"{'best s':>8}{'ratio':>7}{'run/best':>9}{'stopped':>8}  hit")
     lines = [head, "-" * len(head)]
     for c in doc["cases"]:
         lines.append(f"{c['model']:<19}{c['bandwidth_mbit']:>7}{c['batch_size']:>6}"
                      f"{c['chosen_split']:>7}{c['best_split']:>5}{c['chosen_s']:>10.2f}"
-                     f"{c['best_s']:>8.2f}{c['ratio']:>7.3f}{len(c['stopped']):>8}"
+                     f"{c['best_s']:>8.2f}{c['ratio']:>7.3f}{c['auto_ratio']:>9.3f}"
+                     f"{len(c['stopped']):>8}"
                      f"  {verdict(c)}"
                      + ("" if c["decided"] else "  (no decision: the split stayed at f)"))
     s = doc["summary"]
     lines.append(f"\nchosen split best or within {s['tolerance']:.0%} of it: {s['hits']} of "
                  f"{s['cases']} cases ({s['hit_share']:.1%}); exactly the best: "
                  f"{s['best']} ({s['best_share']:.1%}); misses within the noise of the "
-                 f"runs: {s['misses_within_noise']}")
+                 f"runs: {s['misses_within_noise']}\n(run/best: the automatic run's own "
+                 "training pass over the best split's median)")
     if not doc["setup"]["shaped"]:
         lines.append(f"UNSHAPED run on loopback ({doc['setup']['note']}): bandwidths were "
                      "not applied")

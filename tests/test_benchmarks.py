@@ -234,6 +234,10 @@ def test_split_quality_times_every_split_and_judges_the_choice(tmp_path):
     assert sorted(map(int, case["times_s"])) == list(range(freeze + 1))
     assert all(seconds > 0 for seconds in case["times_s"].values())
     assert 0 <= case["chosen_split"] <= freeze and case["decided"]
+    assert sum(case["samples_per_split"].values()) == 4 * 2
+    assert case["samples_per_split"][str(case["chosen_split"])] == \
+        max(case["samples_per_split"].values())
+    assert case["auto_ratio"] == pytest.approx(case["auto_run_s"] / case["best_s"])
     assert case["chosen_split"] in case["contenders"]
     for split in case["contenders"]:
         assert len(case["runs_s"][str(split)]) == 2
@@ -285,6 +289,21 @@ def test_a_choice_is_judged_on_fresh_runs_unless_it_is_the_best():
     # A choice the selection runs put 10% behind is a hit on fresh runs 4% apart.
     hit = judge({1: 2.0, 2: 2.2}, 2, 1, {2: [2.08, 2.1, 2.0], 1: [2.0, 2.0, 2.05]}, 0.05)
     assert hit["hit"] and hit["ratio"] == pytest.approx(1.04)
+
+
+def test_the_choice_is_the_split_that_carried_most_of_the_run():
+    carried_split = benchmark_module("split_quality").carried_split
+
+    def run(final, counts):
+        return {"split": final, "split_selection": {"samples_per_split": counts}}
+
+    # Two measuring requests at 6, most of the run at 9, the last request at 11.
+    assert carried_split(run(11, {"6": 16, "9": 40, "11": 8})) == 9
+    assert carried_split(run(2, {"2": 192, "3": 64})) == 2
+    # A tie, or nothing recorded: the split the run ended at.
+    assert carried_split(run(5, {"3": 32, "5": 32})) == 5
+    assert carried_split(run(5, {"3": 32, "4": 32, "5": 8})) == 4
+    assert carried_split({"split": 7, "split_selection": {}}) == 7
 
 
 def test_splits_of_the_same_bytes_and_compute_are_ties():

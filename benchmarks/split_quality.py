@@ -7,11 +7,11 @@ size, on the shaped two-tier set-up of ``benchmarks/shaped.py``,
    number of iterations, and its choice is read from its metrics: the
    split that carried the run, the one most of its training samples came
    at (on a tie, the split it ended at). A run of a few iterations may
-   change split for its last request or two, when the trainer is behind
-   and a split that leaves it less work finishes the job sooner; a fixed
-   run of that split over the whole job would time a choice the run did
-   not make. The split it ended at and its samples per split are kept
-   beside the verdict;
+   move its last requests to another split, when the requests already
+   sent make one tier the bottleneck of the job's tail and that split
+   leaves it less work; a fixed run of that split over the whole job
+   would time a choice the run did not make. The split it ended at and
+   its samples per split are kept beside the verdict;
 2. every split ``s`` in ``[0, f]`` runs over the same iterations
    (``--manual_split --split_idx s``) and its training-pass time is
    measured; a run that takes over ``--cutoff`` (1.5) times the shortest

@@ -114,11 +114,7 @@ def carried_split(metrics):
     counts = {int(s): n for s, n in
               (metrics.get("split_selection") or {}).get("samples_per_split", {}).items()}
     final = metrics["split"]
-    if not counts:
-        return final
-    most = max(counts.values())
-    return final if counts.get(final) == most else \
-        max(s for s, n in counts.items() if n == most)
+    return max(counts, key=lambda s: (counts[s], s == final, s), default=final)
 
 
 def tied_splits(metrics, split):
@@ -239,6 +235,7 @@ def run_case(tiers, settings, model, rate, batch, out_dir):
     auto = run_measured(tiers, tiers.trainer_command(python(TRAINER, *base)),
                         f"{tag}-auto", out_dir).metrics
     chosen = carried_split(auto)
+    auto_s = train_time(auto)
 
     def flags(split):
         return [*base, *format_flags(auto, split)]
@@ -263,8 +260,8 @@ def run_case(tiers, settings, model, rate, batch, out_dir):
             "wire_format": auto["split_selection"].get("wire_format"),
             "is_best": chosen == best,
             "decided": predicted_epoch_s(auto) is not None,
-            "predicted_s": predicted_epoch_s(auto), "auto_run_s": train_time(auto),
-            "auto_ratio": train_time(auto) / judged["best_s"],
+            "predicted_s": predicted_epoch_s(auto), "auto_run_s": auto_s,
+            "auto_ratio": auto_s / judged["best_s"],
             "history": auto["split_selection"].get("history")}
 
 

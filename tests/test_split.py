@@ -56,6 +56,7 @@ from hapi.client.autosplit.profiling import (
     profile_from_model,
     trainer_times,
 )
+from hapi.client.autosplit.selector import MARGIN
 from hapi.client.autosplit.storagecosts import (
     StorageCosts,
     fetch_layer_costs,
@@ -932,6 +933,28 @@ def test_auto_split_decides_at_the_bound_without_frames():
     assert tier.run(auto, 1e6, 1) == [0] and auto.decision is None
     tier.run(auto, 1e6, 1)
     assert auto.decision is not None and "bound" in auto.history[0]["why"]
+
+
+def test_a_short_rest_needs_a_gain_beyond_its_noise():
+    """The gain a change needs grows as the requests left get few: their
+    time varies by the observations' scatter over the square root of their
+    number, and a change must gain twice that, never less than the margin."""
+    profile = recorded("resnet18-112.json")
+    truth, _, _, _ = storage_layer_times(profile)
+    tier = StorageTier(profile, truth)
+    per_request = tier.frames * tier.samples
+    auto = AutomaticSplit(profile.with_measurements(samples_per_request=per_request),
+                          epoch_samples=100 * per_request, profile_frames=100,
+                          max_profile_shards=100, log=[].append)
+    for rate in (1.0, 1.4, 0.7, 1.2, 0.9):
+        StorageTier.deliver(auto, tier.shard(auto.route[0], rate * 1e7))
+    assert auto.decision is None  # nothing marked: the scatter is of all five shards
+    scatter = max(auto._estimator.spread().values())
+    assert scatter > 0.1
+    assert auto._margin_for(per_request, 0) == pytest.approx(2 * scatter)
+    assert auto._margin_for(4 * per_request, 0) == pytest.approx(scatter)
+    assert auto._margin_for(per_request, 3) == pytest.approx(MARGIN)  # 301 requests left
+    assert auto._margin_for(None, 0) == MARGIN  # no known end: per iteration
 
 
 def test_step_times_and_frame_overhead_reach_the_profile():

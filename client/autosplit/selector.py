@@ -54,7 +54,11 @@ PROFILE_FRAMES = 4  # frame observations (one per shard) before the first decisi
 MAX_PROFILE_SHARDS = 4  # ... or at the latest after this many shards
 DRIFT_THRESHOLD = 0.25  # relative change of bandwidth or storage speed that re-decides
 DRIFT_SPREAD_FACTOR = 2.0  # ... if also this many times the observations' own scatter
-MARGIN = 0.05  # a new split must be predicted this much faster to replace the one in use
+MARGIN = 0.05  # a new split must be predicted this much faster to replace the one in use,
+# and more than NOISE_FACTOR times the measured scatter of the time left (one
+# request's relative scatter over the square root of the requests left):
+# late in a short job a few percent is within what the next requests vary by.
+NOISE_FACTOR = 2.0
 DRIFT_WINDOW = 8  # drift is judged on up to this many observations since the last decision
 DRIFT_MIN_OBSERVATIONS = 4  # ... once there are at least this many
 DRIFT_QUICK_OBSERVATIONS = 3  # ... a change by LARGE_DRIFT_FACTOR on the last this many
@@ -125,10 +129,11 @@ class AutomaticSplit:
     changed again within an epoch's requests by the ranking of a fresh
     pass. Every decision, the first one too (the split in use is then the
     start), moves the split only when the new best is predicted more than
-    ``margin`` faster:
-    predictions a few percent apart are within the noise of the
-    measurements they come from, and the start, ``f``, is the split the
-    user's freeze index names. Splits and wire formats predicted within
+    ``margin`` faster, and more than the measured scatter of the time left
+    allows (:meth:`_margin_for`): predictions a few percent apart are within
+    the noise of the measurements they come from, a few requests left vary
+    by more, and the start, ``f``, is the split the user's freeze index
+    names. Splits and wire formats predicted within
     ``tie`` of the fastest are ties, won by the fewest bytes on the link
     (:func:`choose_split`): the default only breaks ties within the noise;
     a larger one trades that much predicted time for fewer bytes. A choice
@@ -575,7 +580,7 @@ class AutomaticSplit:
                                 current=self._split, current_format=self._format,
                                 rest_samples=rest, fresh=fresh, backlog_samples=backlog,
                                 trained_from=self._trained_from, later_epochs=later,
-                                margin=self._margin, tie=self._tie)
+                                margin=self._margin_for(rest, later), tie=self._tie)
         self._estimator.mark()
         chosen_format = decision.wire_format if decision.split else self._format
         to, reason = decision.split, decision.reason
@@ -612,6 +617,22 @@ class AutomaticSplit:
         else:
             said = reason if held else decision.summary()
             self._write([f"{headline}; {said} (table in the metrics)"])
+
+    def _margin_for(self, rest: int | None, later: int) -> float:
+        """The predicted gain a change needs: ``margin``, or more when the time
+        left is short. The requests still to route (``rest`` samples, then
+        ``later`` epochs) vary by the observations' relative scatter each
+        (:meth:`OnlineEstimator.spread`, the larger of the link's and the
+        storage tier's), so the time left varies by that over the square root
+        of their number; a change must gain :data:`NOISE_FACTOR` times that.
+        It stops moves of a run's last few requests on a gain within the
+        noise; a job with many requests left keeps ``margin``."""
+        if rest is None:
+            return self._margin
+        samples = rest + later * (self._epoch_samples or 0)
+        requests = max(samples / self._profile.samples_per_request, 1.0)
+        scatter = max(self._estimator.spread().values())
+        return max(self._margin, NOISE_FACTOR * scatter / math.sqrt(requests))
 
     def _unmeasured(self, row) -> bool:
         """Whether ``row``'s features send :data:`SIZE_SPREAD` times the most

@@ -280,7 +280,11 @@ def build_model(config, num_classes, conn):
 
 def make_optimizer(model, config):
     """SGD with momentum, or Adam, over the trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    return optimizer_for([p for p in model.parameters() if p.requires_grad], config)
+
+
+def optimizer_for(params, config):
+    """The optimizer ``config`` names (``--optimizer`` and its settings) over ``params``."""
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
@@ -327,7 +331,8 @@ class Trainer:
                     config, storage_batch=data.streaming_batch(largest))
             self.model = build_model(config, len(self.plan.classes), self.conn)
             self.selector = data.FixedSplit(config.split) if config.split is not None else \
-                AutomaticSplit.measured(self.model, config, self.plan, self.conn, log)
+                AutomaticSplit.measured(self.model, config, self.plan, self.conn, log,
+                                        optimizer=partial(optimizer_for, config=config))
             self.cache = feature_cache.ShardCache.open(
                 feature_cache.FeatureCache(config.cache_dir, config.cache_bytes), self.conn,
                 config.container, self._request()) if config.cache_dir else None

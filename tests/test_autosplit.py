@@ -106,6 +106,10 @@ def test_decides_within_the_bound_and_explains_the_decision(auto_run):
         len(selection["history"])
     assert selection["history"][-1]["table"] == selection["table"]
     assert selection["profile"]["trainer_step_s"] > 0
+    # The optimizer's step, timed before the first request (or read from the
+    # cache), stands in the first decision until the run times its own.
+    assert selection["profiling"]["optimizer_step"] in ("measured", "cached")
+    assert selection["profiling"]["optimizer_step_s"] > 0
     assert selection["profiling"]["probe_bytes"] > 0
     assert json.loads((out / "metrics.json").read_text()) == metrics
     plot = out / "metrics-split.png"
@@ -183,12 +187,16 @@ def test_a_second_run_decides_before_its_first_feature_request(cluster, tmp_path
     assert measured["from"] == decided["to"] and measured["shard"] <= MAX_PROFILE_SHARDS
     assert measured["why"] == "profiled" or measured["why"].startswith("profiling bound")
     assert before["profiling"]["trainer_times"] == "measured"
+    assert before["profiling"]["optimizer_step"] == "measured"
     assert after["profiling"]["trainer_times"] == "cached"
+    assert after["profiling"]["optimizer_step"] == "cached"
+    assert after["profiling"]["optimizer_step_s"] == before["profiling"]["optimizer_step_s"]
     assert after["profiling"]["trainer_times_s"] < before["profiling"]["trainer_times_s"]
     assert after["profile"]["layers"][0]["storage_s"] > 0
     # Layer times at two small batches (the training batch, 20, is larger
-    # than the profile's), one file of the wire formats' costs.
-    assert len(list(tmp_path.iterdir())) == 3
+    # than the profile's), one file of the wire formats' costs, one of the
+    # optimizer's step.
+    assert len(list(tmp_path.iterdir())) == 4
 
 
 # Pieces, without Swift ---------------------------------------------------------------

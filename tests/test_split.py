@@ -10,6 +10,7 @@ trainer, the prefetch depth of ``hapi.client.data.Prefetcher``) gives the "true"
 time of each split, independently of the cost model's formula.
 """
 
+import argparse
 import heapq
 import http.server
 import io
@@ -52,7 +53,9 @@ from hapi.client.autosplit.profiling import (
     at_batch,
     measure_copy_rate,
     measure_decode,
+    measure_optimizer_step,
     measure_trainer_layers,
+    optimizer_step_s,
     profile_from_model,
     trainer_times,
 )
@@ -1435,6 +1438,38 @@ def test_trainer_times_are_measured_once_then_read_from_the_cache(tmp_path, monk
     times, cached = trainer_times(model, (3, 32, 32), 11, 32, "cpu", 0,
                                   TrainerTimesCache(blocked / "profiles"))
     assert not cached and len(times.forward_s) == len(model)
+
+
+def test_the_optimizer_step_is_timed_on_stand_ins_and_kept_in_the_cache(tmp_path, monkeypatch):
+    """The step of the run's optimizer is timed over zeros shaped like the
+    trainable parameters (the model is not touched), once per model, freeze
+    index, device and optimizer settings, then read from the cache."""
+    model = zoo.build_model("alexnet", seed=0).freeze(16)
+    before = [p.detach().clone() for p in model.parameters()]
+    config = argparse.Namespace(freeze=16, batch_size=8, optimizer="sgd", momentum=0.9,
+                                weight_decay=1e-4)
+    stepped = []
+
+    def sgd(params):
+        stepped.append([(tuple(p.shape), p.dtype) for p in params])
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    cache = TrainerTimesCache(tmp_path / "profiles")
+    seconds, cached = optimizer_step_s(model, (3, 64, 64), config, "cpu", sgd, cache)
+    assert seconds > 0 and not cached
+    trained = [p for layer in model.layers[16:] for p in layer.parameters()]
+    assert stepped == [[(tuple(p.shape), p.dtype) for p in trained]]
+    assert all(torch.equal(p, old) for p, old in zip(model.parameters(), before, strict=True))
+    assert all(p.grad is None for p in model.parameters())
+
+    monkeypatch.setattr(profiling, "measure_optimizer_step", lambda *a, **k: pytest.fail())
+    assert optimizer_step_s(model, (3, 64, 64), config, "cpu", sgd, cache) == (seconds, True)
+    monkeypatch.undo()
+    adam = argparse.Namespace(**{**vars(config), "optimizer": "adam"})
+    assert not optimizer_step_s(model, (3, 64, 64), adam, "cpu", torch.optim.Adam, cache)[1]
+    assert measure_optimizer_step([], sgd) == 0.0
+    with pytest.raises(ValueError, match="iterations"):
+        measure_optimizer_step(trained, sgd, iterations=0)
 
 
 def test_per_sample_times_at_a_larger_batch_follow_each_layers_fixed_cost():

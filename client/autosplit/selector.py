@@ -211,11 +211,12 @@ class AutomaticSplit:
 
     @classmethod
     def measured(cls, model, config, plan, conn, log=print, *,
-                 cache: TrainerTimesCache | None = None,
+                 cache: TrainerTimesCache | None = None, optimizer=None,
                  fetch_costs=fetch_layer_costs) -> "AutomaticSplit":
         """The selector of a training run: measures the trainer (or reads its
-        times from ``cache``, default :class:`TrainerTimesCache`) and one
-        probe shard first (:func:`measure_profile`), then asks the storage
+        times from ``cache``, default :class:`TrainerTimesCache`; with
+        ``optimizer``, the run's optimizer over given parameters, its step
+        too) and one probe shard first (:func:`measure_profile`), then asks the storage
         tier for its layer costs (``fetch_costs``, with the arguments of
         :func:`fetch_layer_costs`). When it knows them, the first decision
         is taken here, before any feature request; else the run starts at
@@ -223,7 +224,7 @@ class AutomaticSplit:
         began = time.perf_counter()
         link = LinkClock(default_estimator())
         profile, probe = measure_profile(model, config, plan, conn, link,
-                                         cache or TrainerTimesCache())
+                                         cache or TrainerTimesCache(), optimizer=optimizer)
         costs = fetch_costs(storage_base_url(conn, config.intermediate_url), config.model,
                             config.preset, config.storage_batch, len(model))
         if costs.known:

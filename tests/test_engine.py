@@ -134,6 +134,47 @@ def test_layer_costs_leave_out_a_shapes_first_pass():
     assert all(0.001 / req.batch <= c < 0.02 / req.batch for c in costs)
 
 
+class FasterAfterTwoCalls(torch.nn.Module):
+    """A layer that takes 20 ms in its first two calls, 1 ms after."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        time.sleep(0.02 if self.calls <= 2 else 0.001)
+        return x
+
+
+def test_served_layer_costs_follow_the_frames():
+    """The costs served are the one-off measurement until three whole frames
+    ran a layer, then the median of the frames' per-sample times; a short
+    last frame does not count."""
+    engine = FeatureEngine(device="cpu")
+    req = request(split=2)
+    model = SimpleNamespace(layers=[FasterAfterTwoCalls(), FasterAfterTwoCalls(),
+                                    FasterAfterTwoCalls()])
+    assert engine.known_layer_costs(req.model, req.preset, req.batch) is None
+    engine.layer_costs(model, req)  # its two passes take 20 ms a layer
+    one_off = engine.known_layer_costs(req.model, req.preset, req.batch)
+    assert all(c >= 0.02 / req.batch for c in one_off)
+    samples = [Sample(f"{i:03d}", jpeg(i), "jpg", i) for i in range(req.batch)]
+    frames = []
+    for index in range(2):
+        frames.append(engine.extract(model, samples, req, index))
+        engine.extract(model, samples[:1], req, index)  # a short frame: not counted
+    assert engine.known_layer_costs(req.model, req.preset, req.batch) == one_off
+    frames.append(engine.extract(model, samples, req, 2))
+    served = engine.known_layer_costs(req.model, req.preset, req.batch)
+    timings = [wire.decode_frame(f[wire.LENGTH.size:]).timings["layers_s"]
+               for f in frames]
+    assert served[:2] == [sorted(t[i] for t in timings)[1] / req.batch for i in range(2)]
+    assert all(c < 0.01 / req.batch for c in served[:2])
+    assert served[2] == one_off[2]  # above the split: no frame ran it
+    assert engine.known_layer_costs(req.model, req.preset, 2 * req.batch) is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA device: checks that layers run on the GPU and give "
                            "the CPU's features")

@@ -17,6 +17,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -289,6 +290,30 @@ def test_a_choice_is_judged_on_fresh_runs_unless_it_is_the_best():
     # A choice the selection runs put 10% behind is a hit on fresh runs 4% apart.
     hit = judge({1: 2.0, 2: 2.2}, 2, 1, {2: [2.08, 2.1, 2.0], 1: [2.0, 2.0, 2.05]}, 0.05)
     assert hit["hit"] and hit["ratio"] == pytest.approx(1.04)
+
+
+def test_a_single_run_faster_than_every_confirmed_median_is_confirmed(monkeypatch):
+    """The contenders' band is drawn from the fastest single run; a split
+    outside it whose one run beats their medians runs ``repeats`` times
+    too, so that the best is never one lucky run."""
+    module = benchmark_module("split_quality")
+    later = {3: [0.60, 0.73, 0.51, 0.73], 4: [0.62, 0.84, 0.59, 0.82],
+             7: [0.66, 0.64, 0.83, 0.74]}
+    timed = []
+
+    def timed_run(tiers, flags, split, name, out_dir):
+        timed.append(split)
+        return SimpleNamespace(metrics=later[split].pop(0))
+
+    monkeypatch.setattr(module, "timed_run", timed_run)
+    monkeypatch.setattr(module, "train_time", lambda seconds: seconds)
+    runs = {2: [0.69], 3: [0.50], 4: [0.57], 5: [0.65], 7: [0.58], 9: None}
+    settings = {"repeats": 5, "confirm_within": 0.15}
+    contenders = module.confirm(None, settings, None, "tag", runs, 4, None)
+    assert contenders == [3, 4, 7]
+    assert timed == [3, 4] * 4 + [7] * 4
+    assert all(len(runs[s]) == 5 for s in contenders) and runs[5] == [0.65]
+    assert module.fastest_split(runs) == 3
 
 
 def test_the_choice_is_the_split_that_carried_most_of_the_run():

@@ -1443,7 +1443,8 @@ def test_trainer_times_are_measured_once_then_read_from_the_cache(tmp_path, monk
 def test_the_optimizer_step_is_timed_on_stand_ins_and_kept_in_the_cache(tmp_path, monkeypatch):
     """The step of the run's optimizer is timed over zeros shaped like the
     trainable parameters (the model is not touched), once per model, freeze
-    index, device and optimizer settings, then read from the cache."""
+    index, device and optimizer settings, then read from the cache; an entry
+    that does not hold seconds is measured again and replaced."""
     model = zoo.build_model("alexnet", seed=0).freeze(16)
     before = [p.detach().clone() for p in model.parameters()]
     config = argparse.Namespace(freeze=16, batch_size=8, optimizer="sgd", momentum=0.9,
@@ -1465,6 +1466,11 @@ def test_the_optimizer_step_is_timed_on_stand_ins_and_kept_in_the_cache(tmp_path
     monkeypatch.setattr(profiling, "measure_optimizer_step", lambda *a, **k: pytest.fail())
     assert optimizer_step_s(model, (3, 64, 64), config, "cpu", sgd, cache) == (seconds, True)
     monkeypatch.undo()
+    (path,) = (tmp_path / "profiles").iterdir()
+    path.write_text(json.dumps({**json.loads(path.read_text()), "times": {"seconds": "fast"}}))
+    again, cached = optimizer_step_s(model, (3, 64, 64), config, "cpu", sgd, cache)
+    assert again > 0 and not cached
+    assert json.loads(path.read_text())["times"] == {"seconds": again}
     adam = argparse.Namespace(**{**vars(config), "optimizer": "adam"})
     assert not optimizer_step_s(model, (3, 64, 64), adam, "cpu", torch.optim.Adam, cache)[1]
     assert measure_optimizer_step([], sgd) == 0.0

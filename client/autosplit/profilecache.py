@@ -17,15 +17,20 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torchvision
 
-__all__ = ["CACHE_ENV", "TIMES_FORMAT", "TrainerTimesCache", "default_cache_dir", "times_key"]
+__all__ = ["CACHE_ENV", "TIMES_FORMAT", "TrainerTimesCache", "cached", "default_cache_dir",
+           "times_key"]
 
 CACHE_ENV = "HAPI_PROFILE_CACHE"
 TIMES_FORMAT = "hapi-trainer-times/1"
+
+T = TypeVar("T")
 
 
 def default_cache_dir() -> Path:
@@ -88,3 +93,23 @@ class TrainerTimesCache:
             Path(f.name).unlink(missing_ok=True)
             return False
         return True
+
+
+def cached(cache: TrainerTimesCache | None, key: Callable[[], dict], measure: Callable[[], T],
+           encode: Callable[[T], dict], decode: Callable[[dict], T]) -> tuple[T, bool]:
+    """``decode`` of what ``cache`` holds for ``key()``, else ``measure()``,
+    stored there ``encode``d. An entry ``decode`` rejects (TypeError,
+    ValueError or KeyError: written by another version) is measured again
+    and replaced. ``key`` is called only with a cache. Returns (the value,
+    whether it came from the cache)."""
+    if cache is None:
+        return measure(), False
+    key_doc = key()
+    if (doc := cache.get(key_doc)) is not None:
+        try:
+            return decode(doc), True
+        except (TypeError, ValueError, KeyError):
+            pass
+    value = measure()
+    cache.put(key_doc, encode(value))
+    return value, False

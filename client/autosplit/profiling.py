@@ -44,7 +44,7 @@ from swiftclient import ClientException
 import hapi
 from hapi import names, wire
 from hapi.client import data
-from hapi.client.autosplit.profilecache import TrainerTimesCache, times_key
+from hapi.client.autosplit.profilecache import TrainerTimesCache, cached, times_key
 from hapi.client.autosplit.wireformats import (
     FormatCosts,
     candidate_formats,
@@ -479,15 +479,13 @@ def trainer_times(model, input_shape, freeze: int, batch_size: int, device, seed
 
 
 def _times_at(model, input_shape, freeze, batch, device, seed, cache):
-    key = times_key(model, input_shape, freeze, batch, device) if cache else None
-    if cache is not None and (doc := cache.get(key)) is not None:
-        with contextlib.suppress(TypeError, ValueError):
-            return TrainerTimes(**doc), True
-    inputs = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(seed))
-    times = measure_trainer_layers(model, inputs.to(device), freeze)
-    if cache is not None:
-        cache.put(key, asdict(times))
-    return times, False
+    def measure():
+        inputs = torch.randn(batch, *input_shape,
+                             generator=torch.Generator().manual_seed(seed))
+        return measure_trainer_layers(model, inputs.to(device), freeze)
+
+    return cached(cache, lambda: times_key(model, input_shape, freeze, batch, device), measure,
+                  encode=asdict, decode=lambda doc: TrainerTimes(**doc))
 
 
 def at_batch(small: TrainerTimes, large: TrainerTimes, batch: int) -> TrainerTimes:
@@ -526,20 +524,18 @@ def format_costs(model, inputs, config, cache: TrainerTimesCache | None = None):
     library versions, else measured and stored there. Returns (costs by
     format name, whether they came from the cache)."""
     formats = candidate_formats(config.wire_dtype, config.wire_encoding)
-    key = None
-    if cache is not None:
-        key = {**times_key(model, inputs.shape[1:], config.freeze, config.storage_batch,
-                           inputs.device),
-               "kind": "wire-formats", "container": config.container, "preset": config.preset,
-               "formats": [f.name for f in formats], "hapi": hapi.__version__}
-        if (doc := cache.get(key)) is not None:
-            with contextlib.suppress(TypeError, ValueError):
-                return costs_from_dict(doc), True
-    costs = measure_formats(model, inputs, config.freeze, formats,
-                            frame_samples=config.storage_batch)
-    if cache is not None:
-        cache.put(key, {name: cost.to_dict() for name, cost in costs.items()})
-    return costs, False
+
+    def key():
+        return {**times_key(model, inputs.shape[1:], config.freeze, config.storage_batch,
+                            inputs.device),
+                "kind": "wire-formats", "container": config.container, "preset": config.preset,
+                "formats": [f.name for f in formats], "hapi": hapi.__version__}
+
+    return cached(cache, key,
+                  lambda: measure_formats(model, inputs, config.freeze, formats,
+                                          frame_samples=config.storage_batch),
+                  encode=lambda costs: {name: cost.to_dict() for name, cost in costs.items()},
+                  decode=costs_from_dict)
 
 
 def measure_optimizer_step(params, optimizer, *, iterations: int = 3,
@@ -583,20 +579,24 @@ def optimizer_step_s(model, input_shape, config, device, optimizer,
     when it holds it for this model, freeze index, device, library versions
     and optimizer settings, else measured and stored there. Returns
     (seconds, whether it came from the cache)."""
-    key = None
-    if cache is not None:
-        key = {**times_key(model, input_shape, config.freeze, config.batch_size, device),
-               "kind": "optimizer-step", "optimizer": config.optimizer,
-               "momentum": config.momentum, "weight_decay": config.weight_decay}
-        doc = cache.get(key)
-        if doc is not None and isinstance(doc.get("seconds"), float):
-            return doc["seconds"], True
-    params = [p for layer in model.layers[config.freeze:] for p in layer.parameters()
-              if p.requires_grad]
-    seconds = measure_optimizer_step(params, optimizer)
-    if cache is not None:
-        cache.put(key, {"seconds": seconds})
-    return seconds, False
+    def key():
+        return {**times_key(model, input_shape, config.freeze, config.batch_size, device),
+                "kind": "optimizer-step", "optimizer": config.optimizer,
+                "momentum": config.momentum, "weight_decay": config.weight_decay}
+
+    def measure():
+        params = [p for layer in model.layers[config.freeze:] for p in layer.parameters()
+                  if p.requires_grad]
+        return measure_optimizer_step(params, optimizer)
+
+    return cached(cache, key, measure, encode=lambda seconds: {"seconds": seconds},
+                  decode=_seconds)
+
+
+def _seconds(doc: dict) -> float:
+    if not isinstance(doc["seconds"], float):
+        raise TypeError(f"seconds must be a float, got {doc['seconds']!r}")
+    return doc["seconds"]
 
 
 def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | None = None,

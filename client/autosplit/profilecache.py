@@ -95,21 +95,18 @@ class TrainerTimesCache:
         return True
 
 
-def cached(cache: TrainerTimesCache | None, key: Callable[[], dict], measure: Callable[[], T],
+def cached(cache: TrainerTimesCache | None, key: dict, measure: Callable[[], T],
            encode: Callable[[T], dict], decode: Callable[[dict], T]) -> tuple[T, bool]:
-    """``decode`` of what ``cache`` holds for ``key()``, else ``measure()``,
+    """``decode`` of what ``cache`` holds for ``key``, else ``measure()``,
     stored there ``encode``d. An entry ``decode`` rejects (TypeError,
     ValueError or KeyError: written by another version) is measured again
-    and replaced. ``key`` is called only with a cache. Returns (the value,
-    whether it came from the cache)."""
-    if cache is None:
-        return measure(), False
-    key_doc = key()
-    if (doc := cache.get(key_doc)) is not None:
+    and replaced. Returns (the value, whether it came from the cache)."""
+    if cache is not None and (doc := cache.get(key)) is not None:
         try:
             return decode(doc), True
         except (TypeError, ValueError, KeyError):
             pass
     value = measure()
-    cache.put(key_doc, encode(value))
+    if cache is not None:
+        cache.put(key, encode(value))
     return value, False

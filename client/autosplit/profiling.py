@@ -484,7 +484,7 @@ def _times_at(model, input_shape, freeze, batch, device, seed, cache):
                              generator=torch.Generator().manual_seed(seed))
         return measure_trainer_layers(model, inputs.to(device), freeze)
 
-    return cached(cache, lambda: times_key(model, input_shape, freeze, batch, device), measure,
+    return cached(cache, times_key(model, input_shape, freeze, batch, device), measure,
                   encode=asdict, decode=lambda doc: TrainerTimes(**doc))
 
 
@@ -524,13 +524,10 @@ def format_costs(model, inputs, config, cache: TrainerTimesCache | None = None):
     library versions, else measured and stored there. Returns (costs by
     format name, whether they came from the cache)."""
     formats = candidate_formats(config.wire_dtype, config.wire_encoding)
-
-    def key():
-        return {**times_key(model, inputs.shape[1:], config.freeze, config.storage_batch,
-                            inputs.device),
-                "kind": "wire-formats", "container": config.container, "preset": config.preset,
-                "formats": [f.name for f in formats], "hapi": hapi.__version__}
-
+    key = {**times_key(model, inputs.shape[1:], config.freeze, config.storage_batch,
+                       inputs.device),
+           "kind": "wire-formats", "container": config.container, "preset": config.preset,
+           "formats": [f.name for f in formats], "hapi": hapi.__version__}
     return cached(cache, key,
                   lambda: measure_formats(model, inputs, config.freeze, formats,
                                           frame_samples=config.storage_batch),
@@ -579,10 +576,9 @@ def optimizer_step_s(model, input_shape, config, device, optimizer,
     when it holds it for this model, freeze index, device, library versions
     and optimizer settings, else measured and stored there. Returns
     (seconds, whether it came from the cache)."""
-    def key():
-        return {**times_key(model, input_shape, config.freeze, config.batch_size, device),
-                "kind": "optimizer-step", "optimizer": config.optimizer,
-                "momentum": config.momentum, "weight_decay": config.weight_decay}
+    key = {**times_key(model, input_shape, config.freeze, config.batch_size, device),
+           "kind": "optimizer-step", "optimizer": config.optimizer,
+           "momentum": config.momentum, "weight_decay": config.weight_decay}
 
     def measure():
         params = [p for layer in model.layers[config.freeze:] for p in layer.parameters()

@@ -8,7 +8,7 @@ no split fits. The modules behind it, one job each:
 
 - ``profiling``: the measurements (:class:`Profile`) and how the trainer
   takes them before training;
-- ``profilecache``: the trainer's layer times kept on local disk between runs;
+- ``profilecache``: the trainer's own measurements kept on local disk between runs;
 - ``storagecosts``: the storage tier's layer costs (``/hapi/costs``), asked
   before the first request;
 - ``estimator``: the running estimates of the storage tier's speed and the

@@ -1,14 +1,17 @@
-"""The trainer's own layer times, kept on local disk between runs.
+"""What the trainer measures of itself, kept on local disk between runs.
 
-Timing every layer of a model on the trainer takes seconds to tens of
-seconds before the first request; the times depend only on the model (its
-layers and the shapes through them), the device, the batch and the torch
-and torchvision versions. :class:`TrainerTimesCache` keeps them as one JSON
-file per such key (no pickle) under ``$HAPI_PROFILE_CACHE``, else
+Before its first request the trainer times every layer of the model, the
+cost of each wire format on real features and one step of its optimizer:
+seconds to tens of seconds that depend only on the model (its layers and
+the shapes through them), the device, the batch and the torch and
+torchvision versions, plus what each measurement adds to its key
+(:func:`times_key`). :class:`TrainerTimesCache` keeps each measurement as
+one JSON file per key (no pickle) under ``$HAPI_PROFILE_CACHE``, else
 ``$XDG_CACHE_HOME/hapi/profiles``, else ``~/.cache/hapi/profiles``, so a
-second run of the same model starts at once. A file that cannot be read or
-does not match its key is measured again and replaced; a cache that cannot
-be written is skipped (the run goes on, measured).
+second run of the same model starts at once; :func:`cached` is the one way
+the measurements go through it. A file that cannot be read or does not
+match its key is measured again and replaced; a cache that cannot be
+written is skipped (the run goes on, measured).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def times_key(model, input_shape, freeze: int, batch: int, device) -> dict:
 
 
 class TrainerTimesCache:
-    """Layer times (a JSON document each) by :func:`times_key`, in ``folder``."""
+    """The trainer's measurements (a JSON document each) by key, in ``folder``."""
 
     def __init__(self, folder: str | os.PathLike | None = None):
         self.folder = Path(folder) if folder is not None else default_cache_dir()
@@ -67,7 +70,7 @@ class TrainerTimesCache:
         return self.folder / f"{key['model']}-{digest}.json"
 
     def get(self, key: dict) -> dict | None:
-        """The times stored for ``key``, or None (none, unreadable, another key's)."""
+        """The document stored for ``key``, or None (none, unreadable, another key's)."""
         try:
             doc = json.loads(self.path(key).read_text())
         except (OSError, ValueError):
@@ -78,7 +81,7 @@ class TrainerTimesCache:
         return doc["times"]
 
     def put(self, key: dict, times: dict) -> bool:
-        """Store ``times`` (JSON-able) for ``key``, atomically; False when the
+        """Store ``times`` (a JSON-able document) for ``key``, atomically; False when the
         folder cannot be written."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)

@@ -976,6 +976,26 @@ def test_step_times_and_frame_overhead_reach_the_profile():
     assert auto.report()["profile"]["trainer_step_s"] == pytest.approx(0.2)
 
 
+def test_what_the_frames_said_of_the_storage_tier_is_in_the_report_one_entry_a_shard():
+    """The estimator's input, for the metrics: each shard's frames' timings
+    added up, with its split and samples; a raw shard has none."""
+    profile = recorded("resnet18-112.json")
+    truth, _, _, _ = storage_layer_times(profile)
+    auto = AutomaticSplit(profile, log=[].append)
+    tier = StorageTier(profile, truth)
+    split = auto.route[0]
+    assert split > 0
+    for shard in (tier.shard(split, 1e6, slowdown=2.0), tier.shard(0, 1e6)):
+        StorageTier.deliver(auto, shard)
+    report = auto.report()
+    [seen] = report["storage_observations"]
+    samples = tier.frames * tier.samples
+    assert (seen["split"], seen["samples"]) == (split, samples)
+    assert seen["decode_s"] == pytest.approx(samples * profile.storage_decode_s * 2.0)
+    assert seen["layers_s"] == pytest.approx([samples * t * 2.0 for t in truth[:split]])
+    assert json.loads(json.dumps(report))["storage_observations"] == [seen]
+
+
 def test_decisions_are_logged_the_table_once_then_one_line_each():
     auto, lines, _, _ = drifting_run()
     first, measured, second = auto.history

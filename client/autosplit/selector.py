@@ -27,6 +27,7 @@ from hapi.client.autosplit.costmodel import (
     storage_layer_times,
 )
 from hapi.client.autosplit.estimator import (
+    LOGGED_OBSERVATIONS,
     SIZE_SPREAD,
     LinkClock,
     OnlineEstimator,
@@ -206,6 +207,9 @@ class AutomaticSplit:
         self._trained_from: int | None = None  # the lowest split of a shard taken
         self._observed_at: list[float] = []  # time.monotonic() of each shard observed
         self._completed_at: list[float] = []  # ... of each request heard as it completed
+        # What each shard's frames said of the storage tier (the estimator's
+        # input), the last LOGGED_OBSERVATIONS of them, for the metrics.
+        self._storage_observations: deque[dict] = deque(maxlen=LOGGED_OBSERVATIONS)
         self._decisions: list[Decision] = []
         self._history: list[dict] = []
 
@@ -389,14 +393,18 @@ class AutomaticSplit:
             # so that a small last frame does not weigh like a full one.
             features = sum(frame.feature_bytes for frame in shard.frames)
             samples = sum(frame.samples for frame in shard.frames)
-            self._estimator.observe_frame(_summed_timings(shard.frames), samples, features)
+            timings = _summed_timings(shard.frames)
+            self._estimator.observe_frame(timings, samples, features)
+            self._storage_observations.append(
+                {"monotonic_s": time.monotonic(), "split": shard.split,
+                 "wire_format": shard.wire_format, "samples": samples, **timings})
             # Frame headers, keys, labels, timings: what a frame adds to its
             # features (compressed features count as features).
             self._frame_overhead_bytes = max(shard.bytes_received - features, 0) / samples
             costs = {"receive": self._receive_cost, "storage": self._send_cost}
             separable = {name for name, cost in costs.items() if cost.separable}
             self._observe_host(shard, samples)
-            self._observe_storage(shard, samples)
+            self._observe_storage(shard, samples, timings)
             separated = [name for name, cost in costs.items()
                          if cost.separable and name not in separable]
             if separated:
@@ -437,13 +445,13 @@ class AutomaticSplit:
         beyond = max(shard.host_cpu_s - decode * samples, 0.0)
         self._receive_cost.observe(shard.bytes_received / samples, beyond / samples)
 
-    def _observe_storage(self, shard, samples) -> None:
+    def _observe_storage(self, shard, samples, timings) -> None:
         """The storage tier's compute for the shard beyond its own layer costs
         and the encoding the profile predicts: its decode and the rest of its
-        work, a part per sample and a part per byte sent."""
+        work, a part per sample and a part per byte sent (``timings``: the
+        shard's frames' timings, added up)."""
         if self._storage_costs is None or shard.split == 0 or shard.bytes_received <= 0:
             return
-        timings = _summed_timings(shard.frames)
         measured = timings["decode_s"] + sum(timings["layers_s"]) + timings["to_wire_s"]
         fmt = shard.wire_format if shard.wire_format in self._profile.wire_formats else None
         expected = sum(self._storage_costs[:shard.split]) + \
@@ -460,6 +468,7 @@ class AutomaticSplit:
                 "observed_at": list(self._observed_at),
                 "completed_at": list(self._completed_at),
                 "link_observations": [dict(one) for one in self._link.observations],
+                "storage_observations": [dict(one) for one in self._storage_observations],
                 "profiling": self._profiling, "profile": self.current_profile().to_dict()}
 
     def plot(self, path) -> bool:

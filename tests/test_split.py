@@ -1289,6 +1289,38 @@ def test_a_large_drift_re_decides_within_the_epoch():
     assert auto.split != fast_split and auto.history[2]["shard"] <= 6 + 4
 
 
+def test_a_split_the_storage_speed_moved_back_is_not_moved_again_within_an_epoch():
+    """The storage tier slows down 2x, speeds up, slows down, 10 shards
+    each, drifts judged on 4 to 8 shards: the split moves, moves back, and
+    then stays for an epoch's requests, as a shared host's swings are not
+    chased; after them, it moves. A large bandwidth drift still moves it."""
+    recorded_profile = recorded("alexnet-224.json")
+    truth, _, _, _ = storage_layer_times(recorded_profile)
+
+    def run(slowdowns, rates=None):
+        link = LinkClock(OnlineEstimator(min_observations=4, drift_window=8))
+        auto = AutomaticSplit(recorded_profile, link=link, epoch_shards=40, log=[].append)
+        tier = StorageTier(recorded_profile, truth)
+        splits = []
+        for slowdown, rate in zip(slowdowns, rates or [100] * len(slowdowns), strict=True):
+            for _ in range(10):
+                StorageTier.deliver(auto, tier.shard(auto.route[0], rate * MBIT, slowdown))
+                splits.append(auto.split)
+        return auto, splits
+
+    auto, splits = run([1, 2, 1, 2, 2, 2, 2])
+    storage_moves = [(step["shard"], step["from"], step["to"]) for step in auto.history
+                     if step["why"].startswith("drift")]
+    (left, fast, slow), (returned, _, back), (later, _, again) = storage_moves
+    assert slow != fast and back == fast and again == slow
+    assert (left, returned) == (15, 25) and later >= returned + 40
+    assert splits[returned - 1:later - 1] == [fast] * (later - returned)
+
+    auto, splits = run([1, 2, 1, 2], [100, 100, 100, 10])
+    assert [step["why"].split(":")[0] for step in auto.history].count("drift") == 3
+    assert "bandwidth -9" in auto.history[-1]["why"] and auto.history[-1]["shard"] < 40
+
+
 def costs_server(routes):
     """A local HTTP server answering GET paths from ``routes`` (path and
     query -> (status, JSON document)), 404 for the others; yields its URL."""

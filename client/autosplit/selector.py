@@ -120,9 +120,13 @@ class AutomaticSplit:
     with hysteresis: once the split changed, it changes again only after
     ``epoch_shards`` more shards (an epoch's requests), unless the drift is
     a factor of ``LARGE_DRIFT_FACTOR`` or more either way, as a reshaped
-    link makes it. Requests already sent keep their split, so a decision
-    ranks the samples still to request, then the passes of the job's
-    ``epochs`` still to come after them (``epoch_samples`` each); once all
+    link makes it; a large drift of the storage speed alone not even then
+    once a change went back to the split the change before it left, within
+    an epoch's requests: a storage tier whose speed swings back and forth
+    (a shared host) would otherwise be chased. Requests already sent keep
+    their split, so a decision ranks the samples still to request, then
+    the passes of the job's ``epochs`` still to come after them
+    (``epoch_samples`` each); once all
     of an epoch's requests are sent, one decision chooses for the next
     epoch, if the job has one, a new pass from an empty pipeline. That
     decision, and one on a newly measured cost per byte, wait for the same
@@ -183,6 +187,10 @@ class AutomaticSplit:
         self._epoch_shards = epoch_shards
         self._epochs = epochs
         self._last_change = -math.inf  # the shard after which the split last changed
+        self._left: int | None = None  # the split the last change left
+        # Whether the last change went back to the split the one before it
+        # left, within an epoch's requests: the drift it followed came and went.
+        self._returned = False
         self._profiled = False
         self._profiling = profiling or {}
         self._log = log
@@ -551,7 +559,10 @@ class AutomaticSplit:
         if not est.drifted(self._drift_threshold):
             return
         change = est.drift()
-        if self._settling() and not _large(est.drift(quick=False), est.settled()):
+        # After a return to the split the change before left, the storage
+        # tier's speed swings back and forth (a shared host): not chased.
+        steady = est.settled() - ({"storage"} if self._returned else set())
+        if self._settling() and not _large(est.drift(quick=False), steady):
             # Hysteresis: the drift re-decides once the epoch is over, or
             # sooner if min_observations confirm a large one against a
             # baseline of as many (a few quick observations could be noise,
@@ -613,6 +624,9 @@ class AutomaticSplit:
         self._decisions.append(decision)
         self._history.append(step)
         if (to, chosen_format) != (self._split, self._format) and self._shards > 0:
+            if to != self._split:
+                self._returned = to == self._left and self._settling()
+                self._left = self._split
             self._last_change = self._shards
         self._split = to
         if to and chosen_format in self._profile.wire_formats:

@@ -126,9 +126,9 @@ class AutomaticSplit:
     (a shared host) would otherwise be chased. Requests already sent keep
     their split, so a decision ranks the samples still to request, then
     the passes of the job's ``epochs`` still to come after them
-    (``epoch_samples`` each); once all
-    of an epoch's requests are sent, one decision chooses for the next
-    epoch, if the job has one, a new pass from an empty pipeline. That
+    (``epoch_samples`` each); once all of an epoch's requests are sent,
+    one decision chooses for the next epoch, if the job has one, a new
+    pass from an empty pipeline. That
     decision, and one on a newly measured cost per byte, wait for the same
     hysteresis: a split that a measured decision changed mid-epoch is not
     changed again within an epoch's requests by the ranking of a fresh

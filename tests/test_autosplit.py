@@ -191,7 +191,13 @@ def test_a_second_run_decides_before_its_first_feature_request(cluster, tmp_path
     assert after["profiling"]["trainer_times"] == "cached"
     assert after["profiling"]["optimizer_step"] == "cached"
     assert after["profiling"]["optimizer_step_s"] == before["profiling"]["optimizer_step_s"]
-    assert after["profiling"]["trainer_times_s"] < before["profiling"]["trainer_times_s"]
+    # The cached times, scaled to the trainer's speed now.
+    speed = after["profiling"]["trainer_speed"]
+    assert before["profiling"]["trainer_speed"] == 1.0 and speed > 0
+    assert any("their cached times now" in line for line in second_lines)
+    assert [layer["trainer_forward_s"] for layer in after["profile"]["layers"]] == \
+        pytest.approx([speed * layer["trainer_forward_s"]
+                       for layer in before["profile"]["layers"]])
     assert after["profile"]["layers"][0]["storage_s"] > 0
     # Layer times at two small batches (the training batch, 20, is larger
     # than the profile's), one file of the wire formats' costs, one of the

@@ -57,6 +57,7 @@ from hapi.client.autosplit.profiling import (
     measure_trainer_layers,
     optimizer_step_s,
     profile_from_model,
+    trainer_speed,
     trainer_times,
 )
 from hapi.client.autosplit.selector import MARGIN
@@ -1490,6 +1491,28 @@ def test_trainer_times_are_measured_once_then_read_from_the_cache(tmp_path, monk
     times, cached = trainer_times(model, (3, 32, 32), 11, 32, "cpu", 0,
                                   TrainerTimesCache(blocked / "profiles"))
     assert not cached and len(times.forward_s) == len(model)
+
+
+def test_the_trainer_s_speed_now_is_read_against_its_cached_times(tmp_path):
+    """Cached layer times describe the host when they were measured: a few
+    passes of the first frozen layers say how many times slower (or
+    faster) it runs now. Times cached 4x too fast read a trainer over 2x
+    slower, 4x too slow one over 2x faster; without cached times (measured
+    now) or without a frozen layer the speed is 1."""
+    model = zoo.build_model("resnet18", seed=0).freeze(11)
+    cache = TrainerTimesCache(tmp_path / "profiles")
+    assert trainer_speed(model, (3, 32, 32), 11, "cpu", 0, cache) == 1.0  # measured now
+    key = times_key(model, (3, 32, 32), 11, PROFILE_BATCH // 4, "cpu")
+    stored = cache.get(key)
+    assert stored is not None
+    state = [t.detach().clone() for t in model.state_dict().values()]
+    for factor, check in ((1 / 4, lambda speed: speed > 2), (4, lambda speed: speed < 0.5)):
+        cache.put(key, {**stored, "forward_s": [factor * s for s in stored["forward_s"]]})
+        speed = trainer_speed(model, (3, 32, 32), 11, "cpu", 0, cache)
+        assert check(speed), (factor, speed)
+    assert all(torch.equal(a, b) for a, b in zip(state, model.state_dict().values(),
+                                                  strict=True))
+    assert trainer_speed(model.freeze(0), (3, 32, 32), 0, "cpu", 0, cache) == 1.0
 
 
 def test_the_optimizer_step_is_timed_on_stand_ins_and_kept_in_the_cache(tmp_path, monkeypatch):

@@ -31,6 +31,7 @@ folds in what the stream measures during it):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import statistics
@@ -60,7 +61,7 @@ __all__ = [
     "PROFILE_FORMAT", "LayerProfile", "Profile", "TrainerTimes", "at_batch",
     "free_memory_bytes", "measure_copy_rate", "measure_decode", "measure_optimizer_step",
     "measure_profile", "measure_trainer_layers", "optimizer_step_s", "profile_from_model",
-    "trainer_times",
+    "trainer_speed", "trainer_times",
 ]
 
 PROFILE_FORMAT = "hapi-profile/1"
@@ -72,6 +73,11 @@ PROBE_SAMPLES = 1.5  # samples' worth of bytes read from a shard to time vanilla
 PROBE_MIN_BYTES = 2 * BURST_BYTES
 MIN_PROBE_S = 1e-4  # a body read faster than this is read at this (no division by zero)
 PROFILE_BATCH = 8  # samples per pass when the trainer times its layers
+# Timed passes (after one untimed) that compare the trainer's speed now with
+# the speed its cached layer times were measured at (:func:`trainer_speed`),
+# each over the first frozen layers that take this long by those times.
+SPEED_PASSES = 5
+SPEED_PASS_S = 0.02
 
 
 # The profile -----------------------------------------------------------------------
@@ -260,6 +266,11 @@ class TrainerTimes:
     batch_size: int
     device: str
     iterations: int
+
+    def scaled(self, factor: float) -> TrainerTimes:
+        """These times on a trainer ``factor`` times slower (:func:`trainer_speed`)."""
+        return replace(self, forward_s=[factor * s for s in self.forward_s],
+                       train_s=[None if s is None else factor * s for s in self.train_s])
 
 
 def _sync(device: torch.device) -> None:
@@ -488,6 +499,49 @@ def _times_at(model, input_shape, freeze, batch, device, seed, cache):
                   encode=asdict, decode=lambda doc: TrainerTimes(**doc))
 
 
+def trainer_speed(model, input_shape, freeze: int, device, seed: int,
+                  cache: TrainerTimesCache) -> float:
+    """How many times slower than its cached layer times the trainer runs
+    now (below 1: faster): the forward of the first frozen layers that
+    take :data:`SPEED_PASS_S` by those times (all of them if they take
+    less), at a quarter of :data:`PROFILE_BATCH`, the median of
+    :data:`SPEED_PASSES` passes after an untimed one, against the cached
+    times at that batch. 1 when the cache does not have them (they are
+    measured now) or when no layer is frozen (there is no split to choose).
+
+    Cached times describe the host as it was when they were measured; on a
+    shared host its speed moves by more than the differences between
+    splits (1.2-1.6x between one benchmark process and the next, on the
+    storage tier and the trainer alike), and the storage tier's speed is
+    measured now, from its frames: a trainer taken at its old speed makes
+    the storage tier look slower than it is against it. A few
+    milliseconds of the model's own layers tell the host's speed, where
+    timing every layer again would cost what the cache saves. The frozen
+    layers stay in eval mode (:meth:`hapi.zoo.LayeredModel.freeze`): the
+    passes change nothing in the model."""
+    if freeze == 0:
+        return 1.0
+    device = torch.device(device)
+    batch = PROFILE_BATCH // 4
+    then, cached_then = _times_at(model, input_shape, freeze, batch, device, seed, cache)
+    if not cached_then:
+        return 1.0
+    totals = list(itertools.accumulate(then.forward_s[:freeze]))
+    stop = next((i + 1 for i, total in enumerate(totals) if total * batch >= SPEED_PASS_S),
+                freeze)
+    inputs = torch.randn(batch, *input_shape,
+                         generator=torch.Generator().manual_seed(seed)).to(device)
+    seconds = []
+    with torch.no_grad():
+        for _ in range(1 + SPEED_PASSES):
+            _sync(device)
+            began = time.perf_counter()
+            model(inputs, 0, stop)
+            _sync(device)
+            seconds.append(time.perf_counter() - began)
+    return statistics.median(seconds[1:]) / batch / totals[stop - 1]
+
+
 def at_batch(small: TrainerTimes, large: TrainerTimes, batch: int) -> TrainerTimes:
     """Per-sample times at ``batch`` from those measured at two smaller batches.
 
@@ -599,7 +653,9 @@ def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | 
                     optimizer=None):
     """What the trainer measures before its first request, as a
     :class:`Profile`: every layer's time here (:func:`trainer_times`, from
-    ``cache`` when it has them), with ``optimizer`` (the run's, as
+    ``cache`` when it has them, then scaled to the trainer's speed now,
+    :func:`trainer_speed`, as are the cached wire formats' times and
+    optimizer step), with ``optimizer`` (the run's, as
     :func:`measure_optimizer_step` takes it) its step's time
     (:func:`optimizer_step_s`, which stands until the run times its own
     steps; without it, 0), the boundary sizes, the bytes per raw sample,
@@ -618,6 +674,8 @@ def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | 
     began = time.perf_counter()
     trainer, cached = trainer_times(model, input_shape, config.freeze, config.batch_size,
                                     device, config.seed, cache)
+    speed = trainer_speed(model, input_shape, config.freeze, device, config.seed,
+                          cache) if cached else 1.0
     step_s, step_cached = optimizer_step_s(model, input_shape, config, device, optimizer,
                                            cache) if optimizer else (0.0, False)
     trainer_s = time.perf_counter() - began
@@ -648,12 +706,17 @@ def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | 
     began_formats = time.perf_counter()
     formats, formats_cached = format_costs(model, inputs.to(device), config, cache)
     formats_s = time.perf_counter() - began_formats
+    if formats_cached:
+        formats = {name: FormatCosts(costs.bytes, [speed * s for s in costs.encode_s],
+                                     [speed * s for s in costs.decode_s])
+                   for name, costs in formats.items()}
     memory_dtype = pinned(config.wire_dtype, names.DEFAULT_WIRE_DTYPE)
     profile = profile_from_model(
         model, input_shape=input_shape, freeze=config.freeze, batch_size=config.batch_size,
-        trainer=trainer, raw_bytes=sum(r.bytes for r in refs) / sum(r.samples for r in refs),
+        trainer=trainer.scaled(speed),
+        raw_bytes=sum(r.bytes for r in refs) / sum(r.samples for r in refs),
         bandwidth_bytes_per_s=bandwidth, wire_dtype=memory_dtype,
-        trainer_decode_s=decode_s, trainer_step_s=step_s,
+        trainer_decode_s=decode_s, trainer_step_s=speed * step_s if step_cached else step_s,
         trainer_copy_s_per_byte=measure_copy_rate(wire_dtype=memory_dtype),
         samples_per_request=round(sum(r.samples for r in refs) / len(refs)),
         storage_batch=config.storage_batch, prefetch_depth=config.prefetch,
@@ -664,6 +727,7 @@ def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | 
                      "probe_images": len(images),
                      "trainer_times": "cached" if cached else "measured",
                      "trainer_times_s": trainer_s, "trainer_times_batch": trainer.batch_size,
+                     "trainer_speed": speed,
                      "optimizer_step_s": step_s,
                      "optimizer_step": ("cached" if step_cached else "measured") if optimizer
                      else None,

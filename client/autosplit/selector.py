@@ -251,6 +251,10 @@ class AutomaticSplit:
                        tie=config.split_tie,
                        profiling={**probe, "seconds": time.perf_counter() - began},
                        storage_costs=costs.layers_s_per_sample)
+        if probe["trainer_times"] == "cached":
+            selector._write([f"split selection: the trainer's layers take "
+                             f"{probe['trainer_speed']:.2f}x their cached times now; the "
+                             "profile is scaled to that"])
         where = f"the storage tier ({costs.url.split('?')[0]})"
         if costs.known:
             selector._write([f"split selection: {where} knows {config.model}'s layer costs "

@@ -380,7 +380,8 @@ class FixedSplit:
     follows) and ``closed(request, shard)`` (``shard`` None when it failed),
     with what ``opened`` returned; ``observe(shard)`` as the consumer takes
     each loaded shard, ``wants_step_times`` (and then
-    ``observe_step(seconds)``), ``report()`` for the metrics. The trainer's
+    ``observe_step(seconds)``), ``observe_iteration(parts, seconds)`` after
+    each training iteration, ``report()`` for the metrics. The trainer's
     automatic selection (``hapi.client.autosplit.AutomaticSplit``) is the other.
     """
 
@@ -408,6 +409,9 @@ class FixedSplit:
 
     def observe(self, shard):
         """A fixed split learns nothing from a shard."""
+
+    def observe_iteration(self, parts, seconds):
+        """A fixed split learns nothing from an iteration."""
 
     def report(self):
         return {"automatic": False, "split": self.split}

@@ -466,6 +466,7 @@ class Trainer:
         """One optimizer step; returns (mean loss, correct predictions)."""
         config = self.config
         torch.manual_seed(data.derived_seed("step", config.seed, epoch, step))
+        began = time.perf_counter()
         with torch.no_grad():
             x = self._inputs_at(batch, config.freeze)
         y = batch.labels.to(self.device, non_blocking=True)
@@ -478,7 +479,10 @@ class Trainer:
             _, step_s = self._timed(timed, self.optimizer.step)
         if timed:
             self.selector.observe_step(loss_s + step_s)
-        return loss.item(), (logits.argmax(1) == y).sum().item()
+        result = loss.item(), (logits.argmax(1) == y).sum().item()  # waits for the device
+        self.selector.observe_iteration([(part.split, len(part.inputs)) for part in batch.parts],
+                                        time.perf_counter() - began)
+        return result
 
     def _objective(self, loss, samples, step):
         """What a step differentiates: its mean loss, or under torchrun the

@@ -191,13 +191,19 @@ def test_a_second_run_decides_before_its_first_feature_request(cluster, tmp_path
     assert after["profiling"]["trainer_times"] == "cached"
     assert after["profiling"]["optimizer_step"] == "cached"
     assert after["profiling"]["optimizer_step_s"] == before["profiling"]["optimizer_step_s"]
-    # The cached times, scaled to the trainer's speed now.
-    speed = after["profiling"]["trainer_speed"]
-    assert before["profiling"]["trainer_speed"] == 1.0 and speed > 0
+    # Every iteration but the first told the trainer's speed against its profile.
+    steps = sum(epoch["train"]["steps"] for epoch in second["epochs"])
+    seen = after["trainer_observations"]
+    assert len(seen) == steps - 1 and all(one["seconds"] > 0 and one["predicted_s"] > 0
+                                          for one in seen)
+    # The same times, read from the cache, scaled to the trainer's speed
+    # now, then (as in the first run) to its iterations' speed: every layer alike.
+    assert before["profiling"]["trainer_speed"] == 1.0
+    assert after["profiling"]["trainer_speed"] > 0
     assert any("their cached times now" in line for line in second_lines)
-    assert [layer["trainer_forward_s"] for layer in after["profile"]["layers"]] == \
-        pytest.approx([speed * layer["trainer_forward_s"]
-                       for layer in before["profile"]["layers"]])
+    scales = [ours["trainer_forward_s"] / theirs["trainer_forward_s"] for ours, theirs
+              in zip(after["profile"]["layers"], before["profile"]["layers"], strict=True)]
+    assert scales == pytest.approx([scales[0]] * len(scales))
     assert after["profile"]["layers"][0]["storage_s"] > 0
     # Layer times at two small batches (the training batch, 20, is larger
     # than the profile's), one file of the wire formats' costs, one of the

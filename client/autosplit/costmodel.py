@@ -408,8 +408,7 @@ def evaluate_split(profile: Profile, split: int, freeze: int | None = None, *,
             p.storage_send_s_per_byte * wire
     host += p.trainer_receive_s_per_sample + p.trainer_receive_s_per_byte * wire
     transfer = wire / p.bandwidth_bytes_per_s
-    compute = sum(layer.trainer_forward_s for layer in layers[split:freeze]) + \
-        sum(_train_time(layer) for layer in layers[freeze:]) + p.trainer_step_s / batch
+    compute = trainer_layers_s(p, split, freeze) + p.trainer_step_s / batch
     work = storage + transfer + host + compute
     request = p.request_latency_s / requests + storage + transfer + host
     pipeline = request / depth if depth else request + compute
@@ -484,9 +483,15 @@ def evaluate_split(profile: Profile, split: int, freeze: int | None = None, *,
         samples_per_s=1 / cycle if cycle > 0 else math.inf)
 
 
-def _train_time(layer) -> float:
-    return layer.trainer_train_s if layer.trainer_train_s is not None \
-        else layer.trainer_forward_s
+def trainer_layers_s(profile: Profile, split: int, freeze: int | None = None) -> float:
+    """Per sample, the trainer's layers for a sample that came at ``split``:
+    forward up to the freeze index (default the profile's), then forward
+    and backward."""
+    freeze = profile.freeze if freeze is None else freeze
+    layers = profile.layers
+    return sum(layer.trainer_forward_s for layer in layers[split:freeze]) + \
+        sum(layer.trainer_forward_s if layer.trainer_train_s is None else layer.trainer_train_s
+            for layer in layers[freeze:])
 
 
 def _on_cpu(device: str) -> bool:

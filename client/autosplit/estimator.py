@@ -1,10 +1,10 @@
-"""The trainer's running estimates of the storage tier's speed and the link's.
+"""The trainer's running estimates of the two tiers' speeds and the link's.
 
-:class:`OnlineEstimator` folds the ``timings`` of the frames as they arrive
-and the transfers' bytes and durations into per-layer storage-side times and
-the bandwidth, fills them into a
-:class:`hapi.client.autosplit.profiling.Profile`, and says when either has
-drifted from the values the current split choice was made with (the
+:class:`OnlineEstimator` folds the ``timings`` of the frames as they arrive,
+the transfers' bytes and durations and the trainer's iterations into
+per-layer storage-side times, the bandwidth and the trainer's speed, fills
+them into a :class:`hapi.client.autosplit.profiling.Profile`, and says when
+one has drifted from the values the current split choice was made with (the
 selector, ``hapi.client.autosplit.selector``, re-decides then).
 :class:`LinkClock` turns the parts of the requests' bodies, as they arrive
 over all connections, into the observations of the link's rate that the
@@ -77,19 +77,22 @@ class _Series:
 
 
 class OnlineEstimator:
-    """Storage-side times and bandwidth, estimated from the stream as it arrives.
+    """Storage-side times, bandwidth and the trainer's speed, estimated from
+    the stream and the iterations as they come.
 
-    Feed it every frame (:meth:`observe_frame`) and every transfer
-    (:meth:`observe_transfer`, through a :class:`LinkClock`); read the
-    estimates (``bandwidth_bytes_per_s``, ``storage_layer_s``, ``storage_decode_s``...)
-    or :meth:`apply` them to a :class:`Profile`. Per-sample storage times
-    are medians over the last ``window`` frames (robust to a frame that
+    Feed it every frame (:meth:`observe_frame`), every transfer
+    (:meth:`observe_transfer`, through a :class:`LinkClock`) and every
+    iteration's compute against its prediction (:meth:`observe_trainer`);
+    read the estimates (``bandwidth_bytes_per_s``, ``storage_layer_s``,
+    ``storage_decode_s``, ``trainer_speed``...) or :meth:`apply` them to a
+    :class:`Profile`. Per-sample storage times and the trainer's speed are
+    medians over the last ``window`` observations (robust to a frame that
     shared the storage tier with another tenant); the bandwidth is the bytes
     over the seconds of the last ``window`` transfers.
 
     :meth:`mark` records the estimates a split choice was made with;
-    :meth:`drifted` then says whether the bandwidth or the storage tier's
-    speed has since moved by more than a relative threshold and by more than
+    :meth:`drifted` then says whether the bandwidth, the storage tier's
+    speed or the trainer's has since moved by more than a relative threshold and by more than
     ``spread_factor`` times the observations' own scatter (:meth:`spread`),
     judged on the last ``drift_window`` observations made since the mark,
     once there are at least ``min_observations`` of them: a change shows
@@ -123,6 +126,7 @@ class OnlineEstimator:
         self._to_wire = _Series(window)
         self._transfers = _Series(window)
         self._latency = _Series(window)
+        self._trainer = _Series(window)
         self._baseline: dict | None = None
         self.frames = 0
         self.transfers = 0
@@ -157,6 +161,13 @@ class OnlineEstimator:
         if seconds >= 0:
             self._latency.add(seconds)
 
+    def observe_trainer(self, ratio: float):
+        """One iteration's compute on the trainer over the time its profile
+        predicts for it (its layers, at the splits its samples came at, and
+        its optimizer step)."""
+        if ratio > 0:
+            self._trainer.add(ratio)
+
     # Estimates -----------------------------------------------------------
 
     @property
@@ -179,16 +190,28 @@ class OnlineEstimator:
         counts where it happens, not as latency."""
         return min(self._latency.values) if self._latency.values else None
 
+    @property
+    def trainer_speed(self) -> float | None:
+        """How many times its profile's time the trainer's compute takes."""
+        return self._trainer.median()
+
     def storage_layer_s(self, layers: int) -> list[float | None]:
         """Per-sample storage time of layers ``[0, layers)``; None where no frame ran it."""
         return [self._layers[i].median() if i in self._layers else None for i in range(layers)]
 
     def apply(self, profile: Profile) -> Profile:
-        """``profile`` with the estimates made so far filled in (a copy)."""
+        """``profile`` with the estimates made so far filled in (a copy): the
+        trainer's layer and step times scaled by its speed."""
         out = profile.with_measurements()
         for index, seconds in enumerate(self.storage_layer_s(min(len(out), out.freeze))):
             if seconds is not None:
                 out.layers[index].storage_s = seconds
+        if (speed := self.trainer_speed) is not None:
+            out.trainer_step_s *= speed
+            for layer in out.layers:
+                layer.trainer_forward_s *= speed
+                if layer.trainer_train_s is not None:
+                    layer.trainer_train_s *= speed
         for name in ("bandwidth_bytes_per_s", "storage_decode_s", "storage_to_wire_s_per_byte",
                      "request_latency_s"):
             value = getattr(self, name)
@@ -205,10 +228,13 @@ class OnlineEstimator:
                           "bandwidth_typical": _typical_rate(self._transfers.values),
                           "layers": {i: s.median() for i, s in self._layers.items()},
                           "decode": self._decode.median(),
+                          # Before any iteration: the speed the profile says.
+                          "trainer": self.trainer_speed or 1.0,
                           "observations": {"bandwidth": len(self._transfers.values),
-                                           "storage": len(self._decode.values)}}
+                                           "storage": len(self._decode.values),
+                                           "trainer": len(self._trainer.values)}}
         for series in (self._decode, self._to_wire, self._transfers, self._latency,
-                       *self._layers.values()):
+                       self._trainer, *self._layers.values()):
             series.since_mark = 0
         return self._baseline
 
@@ -228,7 +254,7 @@ class OnlineEstimator:
         enough = self.quick_observations if quick else self.min_observations
         keep = self.quick_observations if quick else self.drift_window
         series = [self._decode, self._to_wire, self._transfers, self._latency,
-                  *self._layers.values()]
+                  self._trainer, *self._layers.values()]
         for one in series:
             if one.since_mark >= enough:
                 recent = one.recent(keep)
@@ -246,9 +272,10 @@ class OnlineEstimator:
         """Relative change since :meth:`mark` (``new / old - 1``) of the
         bandwidth (the median observation's rate: a reader that the
         trainer's work delayed makes one observation slow and the next one
-        fast, and the median ignores either) and of the storage time per
-        sample (decode plus the layers measured both then and now), over
-        the last ``drift_window``
+        fast, and the median ignores either), of the storage time per
+        sample (decode plus the layers measured both then and now) and of
+        the trainer's speed (against the profile's when no iteration had
+        measured it), over the last ``drift_window``
         observations since the mark; each None until ``min_observations`` new
         observations of it arrived. With ``quick``, a change by
         ``quick_factor`` or more over the last ``quick_observations`` is
@@ -292,7 +319,7 @@ class OnlineEstimator:
     def _changes(self, limit: int, enough: int) -> dict:
         """:meth:`drift` over the last ``limit`` observations since the mark,
         each None until there are ``enough``."""
-        result = {"bandwidth": None, "storage": None}
+        result = {"bandwidth": None, "storage": None, "trainer": None}
         base = self._baseline
         if base is None:
             return result
@@ -307,14 +334,18 @@ class OnlineEstimator:
                 pairs.append((old, statistics.median(values)))
         if pairs:
             result["storage"] = sum(new for _, new in pairs) / sum(old for old, _ in pairs) - 1
+        speeds = self._trainer.recent(limit)
+        if len(speeds) >= enough:
+            result["trainer"] = statistics.median(speeds) / base["trainer"] - 1
         return result
 
     def spread(self, limit: int | None = None) -> dict:
         """How much one observation since :meth:`mark` strays from the others:
         the median absolute deviation over the median (relative) of the
-        per-transfer rates, and of the storage times (decode and each layer,
-        weighted by their medians), over the last ``limit`` observations
-        (default ``drift_window``). 0 until there are two observations."""
+        per-transfer rates, of the storage times (decode and each layer,
+        weighted by their medians) and of the trainer's speeds, over the
+        last ``limit`` observations (default ``drift_window``). 0 until there
+        are two observations."""
         limit = limit or self.drift_window
         rates = [b / s for b, s in self._transfers.recent(limit)]
         weighted = [(statistics.median(values), _relative_spread(values))
@@ -322,10 +353,11 @@ class OnlineEstimator:
                     if values]
         total = sum(median for median, _ in weighted)
         storage = sum(median * spread for median, spread in weighted) / total if total else 0.0
-        return {"bandwidth": _relative_spread(rates), "storage": storage}
+        return {"bandwidth": _relative_spread(rates), "storage": storage,
+                "trainer": _relative_spread(self._trainer.recent(limit))}
 
     def drifted(self, threshold: float = 0.25) -> bool:
-        """Whether the bandwidth or the storage speed moved since :meth:`mark`
+        """Whether the bandwidth, the storage speed or the trainer's moved since :meth:`mark`
         by more than ``threshold`` (relative, either way) and by more than
         ``spread_factor`` times its own :meth:`spread`: on a noisy host, a
         change no larger than the noise is no drift. A quick change is judged

@@ -6,9 +6,10 @@ the trainer measured on its own before the first request
 (:func:`hapi.client.autosplit.profiling.measure_profile`) and, when the
 storage tier has already run the model, from its layer costs
 (``hapi.client.autosplit.storagecosts``); learns from every loaded shard
-(its frames' timings and its transfer) and from the optimizer steps,
-decides with the cost model (``hapi.client.autosplit.costmodel``) and
-re-decides when the bandwidth or the storage tier's speed drifts beyond
+(its frames' timings and its transfer) and from every iteration (its
+compute, its optimizer step), decides with the cost model
+(``hapi.client.autosplit.costmodel``) and re-decides when the bandwidth,
+the storage tier's speed or the trainer's drifts beyond
 the noise of their measurements, at most once an epoch unless the change
 is large.
 """
@@ -25,6 +26,7 @@ from hapi.client.autosplit.costmodel import (
     choose_split,
     storage_encode_s,
     storage_layer_times,
+    trainer_layers_s,
 )
 from hapi.client.autosplit.estimator import (
     LOGGED_OBSERVATIONS,
@@ -104,7 +106,8 @@ class AutomaticSplit:
     the loader's threads), :meth:`observe` (a loaded shard, in the
     consumer's),
     :attr:`wants_step_times` and :meth:`observe_step` (an optimizer step's
-    time), :meth:`report` and :meth:`plot`; :attr:`decisions` and
+    time), :meth:`observe_iteration` (an iteration's compute),
+    :meth:`report` and :meth:`plot`; :attr:`decisions` and
     :attr:`history` are there to read.
 
     When the profile already holds the storage tier's time of every frozen
@@ -113,10 +116,13 @@ class AutomaticSplit:
     decision comes once ``profile_frames`` shards with frames and the
     estimator's ``min_observations`` transfers have arrived, and at the
     latest after ``max_profile_shards`` shards. After it, a drift of the
-    bandwidth or the storage speed beyond ``drift_threshold`` and beyond
-    the noise of the observations (``OnlineEstimator.drifted``)
+    bandwidth, the storage speed or the trainer's beyond ``drift_threshold``
+    and beyond the noise of the observations (``OnlineEstimator.drifted``)
     re-evaluates the choice, as soon as the drift shows: as frames arrive
-    (the link) or as the consumer takes a shard (the storage tier's times);
+    (the link), as the consumer takes a shard (the storage tier's times)
+    or as an iteration ends (the trainer's compute against its profile:
+    the trainer's layer times are measured before the run, or read from a
+    cache, at a moment's speed of a host that may share its cores);
     with hysteresis: once the split changed, it changes again only after
     ``epoch_shards`` more shards (an epoch's requests), unless the drift is
     a factor of ``LARGE_DRIFT_FACTOR`` or more either way, as a reshaped
@@ -195,6 +201,7 @@ class AutomaticSplit:
         self._profiling = profiling or {}
         self._log = log
         self._step_times: list[float] = []
+        self._iterations = 0
         self._receive_cost = SampleAndByteCost(HOST_WINDOW)
         # The storage tier's own layer costs, when it served them: what its
         # frames take beyond them, per sample and per byte sent.
@@ -218,6 +225,8 @@ class AutomaticSplit:
         # What each shard's frames said of the storage tier (the estimator's
         # input), the last LOGGED_OBSERVATIONS of them, for the metrics.
         self._storage_observations: deque[dict] = deque(maxlen=LOGGED_OBSERVATIONS)
+        # ... and what each iteration said of the trainer's.
+        self._trainer_observations: deque[dict] = deque(maxlen=LOGGED_OBSERVATIONS)
         self._decisions: list[Decision] = []
         self._history: list[dict] = []
 
@@ -301,6 +310,24 @@ class AutomaticSplit:
     def observe_step(self, seconds: float) -> None:
         """One iteration's loss and optimizer step, besides the layers."""
         self._step_times.append(seconds)
+
+    def observe_iteration(self, parts, seconds: float) -> None:
+        """One iteration took ``seconds`` of the trainer's compute (its
+        layers, from each part's split, its loss and optimizer step) on
+        ``parts``, ``(split, samples)`` for each part of its batch: the
+        trainer's speed against its profile. The first iteration is not
+        counted: it allocates what the next ones reuse (autograd's buffers,
+        the optimizer's state)."""
+        with self._lock:
+            self._iterations += 1
+            predicted = self._predicted_compute_s(parts)
+            if self._iterations > 1 and predicted > 0:
+                self._estimator.observe_trainer(seconds / predicted)
+                self._trainer_observations.append(
+                    {"monotonic_s": time.monotonic(), "parts": [list(part) for part in parts],
+                     "seconds": seconds, "predicted_s": predicted})
+                if self._profiled:
+                    self._follow_drift()
 
     def resumed(self, epochs: int, samples: int) -> None:
         """The job resumes from a checkpoint after ``epochs`` whole epochs
@@ -443,6 +470,14 @@ class AutomaticSplit:
             raise SplitSelectionError(f"automatic split selection: {err} (choose a split "
                                       "with --manual_split --split_idx N)") from None
 
+    def _predicted_compute_s(self, parts) -> float:
+        """The profile's compute for an iteration on ``parts`` (see
+        :meth:`observe_iteration`), at the speed it was measured at."""
+        step = statistics.median(self._step_times) if self._step_times \
+            else self._profile.trainer_step_s
+        return step + sum(samples * trainer_layers_s(self._profile, split)
+                          for split, samples in parts)
+
     def _observe_host(self, shard, samples) -> None:
         """The loader's CPU for the shard beyond the decode the profile
         predicts for its split and format: the trainer's receive cost."""
@@ -481,6 +516,7 @@ class AutomaticSplit:
                 "completed_at": list(self._completed_at),
                 "link_observations": [dict(one) for one in self._link.observations],
                 "storage_observations": [dict(one) for one in self._storage_observations],
+                "trainer_observations": [dict(one) for one in self._trainer_observations],
                 "profiling": self._profiling, "profile": self.current_profile().to_dict()}
 
     def plot(self, path) -> bool:
@@ -558,7 +594,7 @@ class AutomaticSplit:
         return self._samples // self._epoch_samples if self._epoch_samples else 0
 
     def _follow_drift(self) -> None:
-        """Re-decide when the bandwidth or the storage speed drifted."""
+        """Re-decide when the bandwidth, the storage speed or the trainer's drifted."""
         est = self._estimator
         if not est.drifted(self._drift_threshold):
             return

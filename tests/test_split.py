@@ -68,6 +68,7 @@ from hapi.client.autosplit.storagecosts import (
     storage_base_url,
     with_storage_costs,
 )
+from hapi.client.autosplit.wireformats import FormatCosts
 from hapi.client.data import FrameStats, ShardData, ShardRef, Transfer
 from hapi.names import SPLIT_TIE
 
@@ -990,13 +991,20 @@ def test_the_trainer_s_speed_is_estimated_applied_and_its_drift_judged():
     assert estimator.drift()["trainer"] == pytest.approx(1.0)
     assert estimator.spread()["trainer"] == pytest.approx(0.05)
     assert estimator.drifted(0.25)
-    profile = recorded("alexnet-224.json").with_measurements(trainer_step_s=0.01)
+    formats = {"uint8+zstd": FormatCosts([0.0, 100.0], [0.0, 1e-3], [0.0, 2e-3])}
+    profile = recorded("alexnet-224.json").with_measurements(trainer_step_s=0.01, freeze=1,
+                                                              wire_formats=formats)
     applied = estimator.apply(profile)
     assert applied.trainer_step_s == pytest.approx(0.02)
+    # The storage tier's encode, the trainer's encode times the speed ratio, stays.
+    costs = applied.wire_formats["uint8+zstd"]
+    assert (costs.bytes, costs.encode_s, costs.decode_s) == \
+        ([0.0, 100.0], pytest.approx([0.0, 2e-3]), pytest.approx([0.0, 4e-3]))
+    assert profile.wire_formats["uint8+zstd"].encode_s == [0.0, 1e-3]
     for before, after in zip(profile.layers, applied.layers, strict=True):
         assert after.trainer_forward_s == pytest.approx(2 * before.trainer_forward_s)
         assert (after.trainer_train_s is None) == (before.trainer_train_s is None)
-    assert trainer_layers_s(applied, 6) == pytest.approx(2 * trainer_layers_s(profile, 6))
+    assert trainer_layers_s(applied, 1) == pytest.approx(2 * trainer_layers_s(profile, 1))
     estimator.mark()  # the choice now rests on the speed measured
     for ratio in (2.1, 1.9, 2.05):
         estimator.observe_trainer(ratio)

@@ -4,7 +4,8 @@ The trainer uses one thing from here: :class:`AutomaticSplit`, built for a
 run by ``AutomaticSplit.measured(model, config, plan, conn, log)``, with
 ``split``, ``observe(shard)``, ``wants_step_times``/``observe_step(seconds)``,
 ``observe_iteration(parts, seconds)``, ``report()`` and ``plot(path)``; it
-raises :class:`SplitSelectionError` when no split fits. The modules behind it, one job each:
+raises :class:`SplitSelectionError` when no split fits. The modules behind
+it, one job each:
 
 - ``profiling``: the measurements (:class:`Profile`) and how the trainer
   takes them before training;

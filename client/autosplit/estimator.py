@@ -92,13 +92,14 @@ class OnlineEstimator:
 
     :meth:`mark` records the estimates a split choice was made with;
     :meth:`drifted` then says whether the bandwidth, the storage tier's
-    speed or the trainer's has since moved by more than a relative threshold and by more than
-    ``spread_factor`` times the observations' own scatter (:meth:`spread`),
-    judged on the last ``drift_window`` observations made since the mark,
-    once there are at least ``min_observations`` of them: a change shows
-    after a few observations, without waiting for the long window to fill
-    with it, and the noise of a shared host is not taken for one.
-    After a drift, :meth:`keep_recent` drops what the change made obsolete.
+    speed or the trainer's has since moved by more than a relative
+    threshold and by more than ``spread_factor`` times the observations'
+    own scatter (:meth:`spread`), judged on the last ``drift_window``
+    observations made since the mark, once there are at least
+    ``min_observations`` of them: a change shows after a few
+    observations, without waiting for the long window to fill with it,
+    and the noise of a shared host is not taken for one. After a drift,
+    :meth:`keep_recent` drops what the change made obsolete.
 
     A change by ``quick_factor`` or more either way (a link reshaped to half
     or twice its rate) shows after the last ``quick_observations``
@@ -201,7 +202,10 @@ class OnlineEstimator:
 
     def apply(self, profile: Profile) -> Profile:
         """``profile`` with the estimates made so far filled in (a copy): the
-        trainer's layer and step times scaled by its speed."""
+        trainer's times scaled by its speed (its layers, its step and the
+        wire formats' encode and decode: the cost model takes the storage
+        tier's encode as the trainer's times the two tiers' speed ratio,
+        which the trainer's speed changes)."""
         out = profile.with_measurements()
         for index, seconds in enumerate(self.storage_layer_s(min(len(out), out.freeze))):
             if seconds is not None:
@@ -212,6 +216,8 @@ class OnlineEstimator:
                 layer.trainer_forward_s *= speed
                 if layer.trainer_train_s is not None:
                     layer.trainer_train_s *= speed
+            out.wire_formats = {name: costs.scaled(speed)
+                                for name, costs in out.wire_formats.items()}
         for name in ("bandwidth_bytes_per_s", "storage_decode_s", "storage_to_wire_s_per_byte",
                      "request_latency_s"):
             value = getattr(self, name)
@@ -357,11 +363,11 @@ class OnlineEstimator:
                 "trainer": _relative_spread(self._trainer.recent(limit))}
 
     def drifted(self, threshold: float = 0.25) -> bool:
-        """Whether the bandwidth, the storage speed or the trainer's moved since :meth:`mark`
-        by more than ``threshold`` (relative, either way) and by more than
-        ``spread_factor`` times its own :meth:`spread`: on a noisy host, a
-        change no larger than the noise is no drift. A quick change is judged
-        against the scatter of the observations it rests on."""
+        """Whether the bandwidth, the storage speed or the trainer's moved
+        since :meth:`mark` by more than ``threshold`` (relative, either way)
+        and by more than ``spread_factor`` times its own :meth:`spread`: on a
+        noisy host, a change no larger than the noise is no drift. A quick
+        change is judged against the scatter of the observations it rests on."""
         quick = self._quick_changes()
         if quick:
             spread = self.spread(self.quick_observations)

@@ -707,9 +707,7 @@ def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | 
     formats, formats_cached = format_costs(model, inputs.to(device), config, cache)
     formats_s = time.perf_counter() - began_formats
     if formats_cached:
-        formats = {name: FormatCosts(costs.bytes, [speed * s for s in costs.encode_s],
-                                     [speed * s for s in costs.decode_s])
-                   for name, costs in formats.items()}
+        formats = {name: costs.scaled(speed) for name, costs in formats.items()}
     memory_dtype = pinned(config.wire_dtype, names.DEFAULT_WIRE_DTYPE)
     profile = profile_from_model(
         model, input_shape=input_shape, freeze=config.freeze, batch_size=config.batch_size,

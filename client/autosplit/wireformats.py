@@ -102,6 +102,11 @@ class FormatCosts:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def scaled(self, factor: float) -> FormatCosts:
+        """These costs on a trainer ``factor`` times slower."""
+        return FormatCosts(self.bytes, [factor * s for s in self.encode_s],
+                           [factor * s for s in self.decode_s])
+
 
 def measure_formats(model, inputs: torch.Tensor, freeze: int, formats, *,
                     frame_samples: int, samples: int = MEASURED_SAMPLES,

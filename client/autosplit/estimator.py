@@ -201,23 +201,14 @@ class OnlineEstimator:
         return [self._layers[i].median() if i in self._layers else None for i in range(layers)]
 
     def apply(self, profile: Profile) -> Profile:
-        """``profile`` with the estimates made so far filled in (a copy): the
-        trainer's times scaled by its speed (its layers, its step and the
-        wire formats' encode and decode: the cost model takes the storage
-        tier's encode as the trainer's times the two tiers' speed ratio,
-        which the trainer's speed changes)."""
-        out = profile.with_measurements()
+        """``profile`` with the estimates made so far filled in (a copy), at
+        the trainer's speed (:meth:`Profile.at_trainer_speed`)."""
+        speed = self.trainer_speed
+        out = profile.at_trainer_speed(speed) if speed is not None \
+            else profile.with_measurements()
         for index, seconds in enumerate(self.storage_layer_s(min(len(out), out.freeze))):
             if seconds is not None:
                 out.layers[index].storage_s = seconds
-        if (speed := self.trainer_speed) is not None:
-            out.trainer_step_s *= speed
-            for layer in out.layers:
-                layer.trainer_forward_s *= speed
-                if layer.trainer_train_s is not None:
-                    layer.trainer_train_s *= speed
-            out.wire_formats = {name: costs.scaled(speed)
-                                for name, costs in out.wire_formats.items()}
         for name in ("bandwidth_bytes_per_s", "storage_decode_s", "storage_to_wire_s_per_byte",
                      "request_latency_s"):
             value = getattr(self, name)

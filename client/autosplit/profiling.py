@@ -253,6 +253,21 @@ class Profile:
                 for name, c in self.wire_formats.items()}
         return replace(copy, **changes) if changes else copy
 
+    def at_trainer_speed(self, factor: float) -> Profile:
+        """A copy on a trainer ``factor`` times slower: its layers, its
+        optimizer step and the wire formats' encode and decode (the cost
+        model takes the storage tier's encode as the trainer's times the
+        two tiers' speed ratio, which the trainer's speed changes)."""
+        out = self.with_measurements(
+            trainer_step_s=factor * self.trainer_step_s,
+            wire_formats={name: costs.scaled(factor)
+                          for name, costs in self.wire_formats.items()})
+        for layer in out.layers:
+            layer.trainer_forward_s *= factor
+            if layer.trainer_train_s is not None:
+                layer.trainer_train_s *= factor
+        return out
+
 
 # Trainer-side measurements -----------------------------------------------------------
 

@@ -320,14 +320,15 @@ class AutomaticSplit:
         the optimizer's state)."""
         with self._lock:
             self._iterations += 1
-            predicted = self._predicted_compute_s(parts)
-            if self._iterations > 1 and predicted > 0:
-                self._estimator.observe_trainer(seconds / predicted)
-                self._trainer_observations.append(
-                    {"monotonic_s": time.monotonic(), "parts": [list(part) for part in parts],
-                     "seconds": seconds, "predicted_s": predicted})
-                if self._profiled:
-                    self._follow_drift()
+            predicted = self._predicted_compute_s(parts) if self._iterations > 1 else 0.0
+            if predicted <= 0:
+                return
+            self._estimator.observe_trainer(seconds / predicted)
+            self._trainer_observations.append(
+                {"monotonic_s": time.monotonic(), "parts": [list(part) for part in parts],
+                 "seconds": seconds, "predicted_s": predicted})
+            if self._profiled:
+                self._follow_drift()
 
     def resumed(self, epochs: int, samples: int) -> None:
         """The job resumes from a checkpoint after ``epochs`` whole epochs

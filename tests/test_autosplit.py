@@ -16,6 +16,7 @@ what a fixed split computes), not which split it picks.
 import inspect
 import json
 import re
+import threading
 
 import pytest
 import torch
@@ -23,8 +24,9 @@ from helpers import upload_digits
 from pytest import approx
 
 from hapi import wire
+from hapi.client import data
 from hapi.client import main as cli
-from hapi.client.autosplit import AutomaticSplit
+from hapi.client.autosplit import AutomaticSplit, profiling
 from hapi.client.autosplit.profilecache import CACHE_ENV
 from hapi.client.data import Part, ShardData, ShardRef, Transfer, rebatch
 
@@ -163,11 +165,27 @@ def test_a_second_run_decides_before_its_first_feature_request(cluster, tmp_path
     layer costs at the storage tier and starts at the freeze index; its
     feature requests have the storage tier measure them, so the second run
     of the same job decides before its first feature request, and reads the
-    trainer's layer times from the cache instead of measuring them."""
+    trainer's layer times from the cache instead of measuring them, its
+    probe's GET on the way meanwhile."""
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # empty: the first run measures
+    probing, overlapped = threading.Event(), []
+
+    def leading_samples(*args):
+        probing.set()
+        return real_leading_samples(*args)
+
+    def trainer_speed(*args):
+        overlapped.append(probing.wait(timeout=10))
+        return real_trainer_speed(*args)
+
+    real_leading_samples, real_trainer_speed = data.leading_samples, profiling.trainer_speed
+    monkeypatch.setattr(data, "leading_samples", leading_samples)
+    monkeypatch.setattr(profiling, "trainer_speed", trainer_speed)
     job = ("--storage_batch", "5", "--num_epochs", "1")
     first, first_lines = train(cluster, *job)
+    probing.clear()
     second, second_lines = train(cluster, *job)
+    assert overlapped == [True]  # only the second run scales cached times
     before, after = (run["split_selection"] for run in (first, second))
     assert before["profiling"]["storage_costs"]["known"] is False
     assert "not measured there yet" in before["profiling"]["storage_costs"]["note"]

@@ -37,6 +37,7 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
@@ -676,7 +677,7 @@ def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | 
     steps; without it, 0), the boundary sizes, the bytes per raw sample,
     vanilla's decode time on the first images of a typical shard
     (a ranged GET of :data:`PROBE_SAMPLES` samples' bytes, at least
-    :data:`PROBE_MIN_BYTES`; its
+    :data:`PROBE_MIN_BYTES`, on its way while the layers are timed; its
     transfer goes to ``link``, a
     :class:`hapi.client.autosplit.estimator.LinkClock`, and gives the first
     bandwidth), every candidate wire format's bytes and costs on those
@@ -686,23 +687,27 @@ def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | 
     side = preset_size(config.preset)
     input_shape = (3, side, side)
     device = torch.device(config.device)
-    began = time.perf_counter()
-    trainer, cached = trainer_times(model, input_shape, config.freeze, config.batch_size,
-                                    device, config.seed, cache)
-    speed = trainer_speed(model, input_shape, config.freeze, device, config.seed,
-                          cache) if cached else 1.0
-    step_s, step_cached = optimizer_step_s(model, input_shape, config, device, optimizer,
-                                           cache) if optimizer else (0.0, False)
-    trainer_s = time.perf_counter() - began
     refs = plan.train + plan.holdout
     probe = sorted(refs, key=lambda ref: ref.bytes)[len(refs) // 2]  # a typical shard
     per_sample = probe.bytes / max(probe.samples, 1)
-    try:
-        images, transfer = data.leading_samples(
-            conn, config.container, probe,
-            max(math.ceil(PROBE_SAMPLES * per_sample + 2048), PROBE_MIN_BYTES))
-    except ClientException as err:
-        raise data.storage_error(err, config.container, probe.name) from None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hapi-probe") as pool:
+        # The probe waits on the link while the trainer times its layers on
+        # its cores: on a slow link its bytes take longer than the timing.
+        fetching = pool.submit(data.leading_samples, conn, config.container, probe,
+                               max(math.ceil(PROBE_SAMPLES * per_sample + 2048),
+                                   PROBE_MIN_BYTES))
+        began = time.perf_counter()
+        trainer, cached = trainer_times(model, input_shape, config.freeze, config.batch_size,
+                                        device, config.seed, cache)
+        speed = trainer_speed(model, input_shape, config.freeze, device, config.seed,
+                              cache) if cached else 1.0
+        step_s, step_cached = optimizer_step_s(model, input_shape, config, device, optimizer,
+                                               cache) if optimizer else (0.0, False)
+        trainer_s = time.perf_counter() - began
+        try:
+            images, transfer = fetching.result()
+        except ClientException as err:
+            raise data.storage_error(err, config.container, probe.name) from None
     if not images:
         raise data.DataError(f"{config.container}/{probe.name}: no whole image in its first "
                              f"{transfer.nbytes} bytes (is it a tar shard?)")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from hapi import names, zoo
 from hapi.client.autosplit import AutomaticSplit
-from hapi.client.autosplit.costmodel import choose_split
+from hapi.client.autosplit.costmodel import choose_split, evaluate_split
 from hapi.client.autosplit.estimator import SampleAndByteCost
 from hapi.client.autosplit.profiling import LayerProfile, Profile
 from hapi.client.autosplit.wireformats import (
@@ -175,9 +175,13 @@ def test_a_profile_with_formats_round_trips_through_json():
 # The selector ----------------------------------------------------------------------
 
 
-def shard_at(split, wire_format, host_cpu_s, samples=8, nbytes=4000, to_wire_s=0.0):
+def shard_at(split, wire_format, host_cpu_s, samples=8, nbytes=4000, to_wire_s=0.0,
+             slower=1.0):
+    """A shard of ``split`` whose frames took 1 ms a sample to decode and 1 ms
+    a layer (``slower`` times that)."""
     ref = ShardRef(name="s", samples=samples, bytes=nbytes, lo=0, hi=samples)
-    frames = [FrameStats({"decode_s": 1e-3 * samples, "layers_s": [1e-3 * samples] * split,
+    took = 1e-3 * samples * slower
+    frames = [FrameStats({"decode_s": took, "layers_s": [took] * split,
                           "to_wire_s": to_wire_s}, samples, nbytes)]
     return ShardData(ref=ref, split=split, inputs=torch.zeros(samples, 1),
                      labels=torch.zeros(samples, dtype=torch.int64), keys=list(range(samples)),
@@ -294,26 +298,35 @@ def test_the_first_decision_sends_two_requests_at_a_heavier_contender():
 
 
 def test_the_storage_tiers_compute_beyond_its_layer_costs_is_fitted_per_byte():
-    """The frames take the storage tier's own layer costs, 1 ms a sample of
-    decoding and 20 ns more a byte sent: once shards far apart in bytes
-    arrived, the profile has the cost per byte, and the split is chosen again."""
-    selector = AutomaticSplit(contended_profile(), storage_costs=[1e-3, 1.5e-3],
+    """The storage tier's own layer costs are 1 ms a sample a layer, and its
+    decode 1 ms; sending a byte costs it 0.5 us more, spread over the whole
+    frame (the cores that compute also send). Once shards far apart in bytes
+    arrived, the profile has the cost per byte and the frames' times without
+    what the recent shards' bytes cost them: a split pays for its own bytes,
+    once, and the split is chosen again."""
+    per_byte = 5e-7
+    selector = AutomaticSplit(contended_profile(), storage_costs=[1e-3, 1e-3],
                               log=lambda line: None, profile_frames=1, max_profile_shards=1)
 
     def shard(split, nbytes):
-        per_sample = (nbytes + 100) / 8  # the transfer adds 100 bytes
+        base = 1e-3 * (1 + split)  # decode and layers, per sample
+        sent = per_byte * (nbytes + 100) / 8  # the transfer adds 100 bytes to 8 samples
         return shard_at(split, "float32", host_cpu_s=24e-3, nbytes=nbytes,
-                        to_wire_s=8 * (2e-8 * per_sample + (0.5e-3 if split == 2 else 0)))
+                        slower=1 + sent / base)
 
     for _ in range(3):
         selector.observe(shard(2, 32000))
     assert selector.current_profile().storage_send_s_per_byte == 0.0
     selector.observe(shard(1, 80000))
     profile = selector.current_profile()
-    assert profile.storage_send_s_per_byte == pytest.approx(2e-8)
-    # The frames' own times stay, less what the bytes of most shards cost.
-    assert profile.storage_decode_s == pytest.approx(1e-3 - 2e-8 * 32100 / 8)
-    assert [layer.storage_s for layer in profile.layers[:2]] == [1e-3, 1e-3]
+    assert profile.storage_send_s_per_byte == pytest.approx(per_byte)
+    assert profile.storage_decode_s == pytest.approx(1e-3)
+    assert [layer.storage_s for layer in profile.layers[:2]] == pytest.approx([1e-3, 1e-3])
+    # The split in use is predicted what its frames took: 2 ms of layers,
+    # 1 ms of decode, 2 ms for its 4012.5 bytes a sample (over the decode:
+    # taken from it alone, the rest would count twice).
+    row = evaluate_split(profile, 2, wire_format="float32")
+    assert row.storage_s == pytest.approx(4 * (3e-3 + per_byte * 4012.5))
     # The loader's CPU, the same for both sizes, tells its two parts apart too.
     assert selector.history[-1]["why"] == "receive and storage cost per byte measured"
 

@@ -208,6 +208,7 @@ class AutomaticSplit:
         self._storage_costs = list(storage_costs) if storage_costs else None
         self._storage_ratio = storage_layer_times(profile)[1]  # scales the encode times
         self._send_cost = SampleAndByteCost(HOST_WINDOW)
+        self._frame_s = deque(maxlen=HOST_WINDOW)  # the same shards' frames, s per sample
         # Routes of the next requests that measure bytes (None: the split in
         # use), and the most bytes a sample of a shard with frames has sent.
         self._measuring: deque[tuple[int, str | None] | None] = deque()
@@ -505,6 +506,7 @@ class AutomaticSplit:
         expected = sum(self._storage_costs[:shard.split]) + \
             storage_encode_s(self._profile, shard.split, fmt, self._storage_ratio)
         self._send_cost.observe(shard.bytes_received / samples, measured / samples - expected)
+        self._frame_s.append(measured / samples)
 
     def report(self) -> dict:
         """The decision (its table too), how it came about, and what it was made from."""
@@ -556,14 +558,31 @@ class AutomaticSplit:
         with self._lock:
             profile = self._estimator.apply(self._profile.with_measurements(**measured))
             if self._send_cost.separable:
-                # The frames' times include what the bytes they were sent
-                # with cost: that part moves from the decode, where the
-                # recent shards' bytes put it, to every split's own bytes.
-                per_byte = self._send_cost.costs()[1]
-                profile.storage_send_s_per_byte = per_byte
-                profile.storage_decode_s = max(
-                    profile.storage_decode_s - per_byte * self._send_cost.bytes_per_sample, 0.0)
+                self._without_recent_bytes(profile)
             return profile
+
+    def _without_recent_bytes(self, profile: Profile) -> None:
+        """Move what a byte sent costs the storage tier from its frames'
+        times to every split's own bytes (``storage_send_s_per_byte``).
+
+        The frames' times include what the recent shards' bytes cost the
+        cores that computed them, spread over the whole frame: their
+        decode and every layer they ran. That share of them, the cost of
+        the recent shards' bytes over their frames' time, per sample, comes
+        off the decode and off every layer time the frames measured; left
+        in, a split would pay for the bytes it sends twice, the recent
+        shards' bytes in its layer times and its own on top."""
+        per_byte = self._send_cost.costs()[1]
+        profile.storage_send_s_per_byte = per_byte
+        frame_s = statistics.median(self._frame_s)
+        if frame_s <= 0:
+            return
+        keep = min(max(1.0 - per_byte * self._send_cost.bytes_per_sample / frame_s, 0.0), 1.0)
+        profile.storage_decode_s *= keep
+        measured = self._estimator.storage_layer_s(min(len(profile), profile.freeze))
+        for layer, seconds in zip(profile.layers[:len(measured)], measured, strict=True):
+            if seconds is not None:
+                layer.storage_s *= keep
 
     # Deciding -------------------------------------------------------------------------
 

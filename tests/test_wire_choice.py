@@ -175,14 +175,13 @@ def test_a_profile_with_formats_round_trips_through_json():
 # The selector ----------------------------------------------------------------------
 
 
-def shard_at(split, wire_format, host_cpu_s, samples=8, nbytes=4000, to_wire_s=0.0,
-             slower=1.0):
+def shard_at(split, wire_format, host_cpu_s, samples=8, nbytes=4000, slower=1.0):
     """A shard of ``split`` whose frames took 1 ms a sample to decode and 1 ms
     a layer (``slower`` times that)."""
     ref = ShardRef(name="s", samples=samples, bytes=nbytes, lo=0, hi=samples)
     took = 1e-3 * samples * slower
     frames = [FrameStats({"decode_s": took, "layers_s": [took] * split,
-                          "to_wire_s": to_wire_s}, samples, nbytes)]
+                          "to_wire_s": 0.0}, samples, nbytes)]
     return ShardData(ref=ref, split=split, inputs=torch.zeros(samples, 1),
                      labels=torch.zeros(samples, dtype=torch.int64), keys=list(range(samples)),
                      transfer=Transfer(nbytes=nbytes + 100, sent_at=0.0, answered_at=0.01,

@@ -577,7 +577,8 @@ class AutomaticSplit:
         frame_s = statistics.median(self._frame_s)
         if frame_s <= 0:
             return
-        keep = min(max(1.0 - per_byte * self._send_cost.bytes_per_sample / frame_s, 0.0), 1.0)
+        # The cost per byte is never below 0 (SampleAndByteCost.costs): keep <= 1.
+        keep = max(1.0 - per_byte * self._send_cost.bytes_per_sample / frame_s, 0.0)
         profile.storage_decode_s *= keep
         measured = self._estimator.storage_layer_s(min(len(profile), profile.freeze))
         for layer, seconds in zip(profile.layers[:len(measured)], measured, strict=True):

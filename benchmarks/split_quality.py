@@ -49,12 +49,18 @@ medians say. Results go to ``OUT/split_quality.json``, a table to stdout,
 and ``OUT/split_quality.png`` draws, per case, the measured time of every
 split beside the time the cost model predicted for it.
 
+A grid too long for one sitting runs in parts (a process per model, say);
+``--merge`` joins the parts' results into one document, table and plot,
+with one summary over all their cases and each part's settings kept.
+
     python benchmarks/split_quality.py --quick
     python benchmarks/split_quality.py --models alexnet resnet18 resnet50 \\
         --bandwidths 5 25 125 --batch_sizes 16 32
+    python benchmarks/split_quality.py --merge PART_DIR [PART_DIR ...] --out GRID_DIR
 """
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -305,6 +311,46 @@ def run_all(settings, out_dir, log=say):
     return doc
 
 
+def merge(parts):
+    """One document of the results in ``parts`` (directories holding a
+    split_quality.json, or the files): their cases in order, each part's
+    settings and set-up, and one summary. A part whose run was stopped
+    counts the cases it finished; parts must judge hits at one tolerance,
+    and a case (model, rate, batch) may come from one part only."""
+    docs, seen, tolerances = [], {}, set()
+    for part in parts:
+        path = part / RESULTS if part.is_dir() else part
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not JSON ({err})") from None
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"{path}: format {doc.get('format')!r}, not {FORMAT!r}")
+        try:
+            keys = [(case["model"], case["bandwidth_mbit"], case["batch_size"])
+                    for case in doc["cases"]]
+            tolerances.add(doc["settings"]["tolerance"])
+            setup = {"shaped": doc["setup"]["shaped"], "note": doc["setup"]["note"]}
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{path}: no field {err}") from None
+        for key in keys:
+            if key in seen:
+                raise ValueError(f"{path}: {key[0]} at {key[1]} Mbit/s and batch {key[2]} "
+                                 f"is also in {seen[key]}")
+            seen[key] = path
+        docs.append((path.parent.name, doc, setup))
+    if len(tolerances) != 1:
+        raise ValueError(f"the parts judge hits at different tolerances: {sorted(tolerances)}")
+    [tolerance] = tolerances
+    cases = [case for _, doc, _ in docs for case in doc["cases"]]
+    return {"format": FORMAT, "settings": {"tolerance": tolerance},
+            "setup": {"shaped": all(setup["shaped"] for _, _, setup in docs),
+                      "note": "; ".join(setup["note"] for _, _, setup in docs if setup["note"])},
+            "parts": [{"source": name, "settings": doc["settings"], "setup": doc["setup"],
+                       "cases": len(doc["cases"])} for name, doc, _ in docs],
+            "cases": cases, "summary": summarise(cases, tolerance)}
+
+
 def summarise(cases, tolerance):
     hits = sum(case["hit"] for case in cases)
     best = sum(case["is_best"] for case in cases)
@@ -408,6 +454,9 @@ def parse_args(argv=None):
     parser.add_argument("--link", default=DEFAULT_LINK, metavar="SUBNET",
                         help=f"private subnet of the shaped link (default: {DEFAULT_LINK})")
     parser.add_argument("--out", type=Path, default=Path("bench-results/split_quality"))
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="PART",
+                        help="join these runs' results (directories or their "
+                             f"{RESULTS}) into one in --out; runs nothing")
     args = parser.parse_args(argv)
     for key, value in PRESETS["quick" if args.quick else "full"].items():
         if getattr(args, key) is None:
@@ -435,11 +484,19 @@ def main(argv=None):
     out_dir = args.out.absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
-    try:
-        doc = run_all(settings_from(args), out_dir)
-    except CommandFailed as err:
-        print(f"error: a run failed: {err}", file=sys.stderr)
-        return 1
+    if args.merge:
+        try:
+            doc = merge(args.merge)
+        except (OSError, ValueError) as err:
+            print(f"error: cannot merge: {err}", file=sys.stderr)
+            return 1
+        write_json(doc, out_dir / RESULTS)
+    else:
+        try:
+            doc = run_all(settings_from(args), out_dir)
+        except CommandFailed as err:
+            print(f"error: a run failed: {err}", file=sys.stderr)
+            return 1
     print(format_table(doc))
     plot(doc, out_dir / "split_quality.png")
     print(f"wrote {out_dir / RESULTS} and {out_dir / 'split_quality.png'} "

@@ -316,6 +316,54 @@ def test_a_single_run_faster_than_every_confirmed_median_is_confirmed(monkeypatc
     assert module.fastest_split(runs) == 3
 
 
+def quality_part(path, cases, tolerance=0.05):
+    """A split_quality.json of ``cases`` (model, Mbit/s, batch, hit) in ``path``."""
+    module = benchmark_module("split_quality")
+    done = [{"model": model, "bandwidth_mbit": rate, "batch_size": batch, "chosen_split": 3,
+             "best_split": 3 if hit else 4, "chosen_s": 1.0, "best_s": 1.0 if hit else 0.8,
+             "ratio": 1.0 if hit else 1.25, "auto_ratio": 1.0, "stopped": [], "hit": hit,
+             "is_best": hit, "miss_within_noise": False, "decided": True,
+             "times_s": {"3": 1.0, "4": 0.8}, "predicted_s": {"3": 1.0, "4": 0.9}}
+            for model, rate, batch, hit in cases]
+    path.mkdir()
+    (path / "split_quality.json").write_text(json.dumps({
+        "format": module.FORMAT, "settings": {"tolerance": tolerance, "iterations": 8},
+        "setup": {"shaped": True, "note": ""}, "cases": done,
+        "summary": module.summarise(done, tolerance)}))
+    return path
+
+
+def test_a_grid_run_in_parts_is_merged_into_one_summary(tmp_path, capsys):
+    """Two parts' cases in one document, table and plot, counted together;
+    a case in two parts, or parts judged at different tolerances, are
+    refused with the file named, and nothing is written."""
+    main = benchmark_module("split_quality").main
+    alexnet = quality_part(tmp_path / "alexnet", [("alexnet", 5, 8, True),
+                                                  ("alexnet", 25, 8, False)])
+    resnet = quality_part(tmp_path / "resnet18", [("resnet18", 5, 8, True)])
+    assert main(["--merge", str(alexnet), str(resnet / "split_quality.json"),
+                 "--out", str(tmp_path / "grid")]) == 0
+    doc = json.loads((tmp_path / "grid" / "split_quality.json").read_text())
+    assert [(case["model"], case["bandwidth_mbit"]) for case in doc["cases"]] == \
+        [("alexnet", 5), ("alexnet", 25), ("resnet18", 5)]
+    assert (doc["summary"]["cases"], doc["summary"]["hits"]) == (3, 2)
+    assert doc["summary"]["hit_share"] == pytest.approx(2 / 3)
+    assert [(part["source"], part["cases"]) for part in doc["parts"]] == \
+        [("alexnet", 2), ("resnet18", 1)]
+    assert "2 of 3 cases (66.7%)" in capsys.readouterr().out
+    assert (tmp_path / "grid" / "split_quality.png").read_bytes().startswith(b"\x89PNG")
+
+    again = quality_part(tmp_path / "again", [("alexnet", 25, 8, True)])
+    loose = quality_part(tmp_path / "loose", [("resnet18", 25, 8, True)], tolerance=0.1)
+    for parts, said in (([alexnet, again], "alexnet at 25 Mbit/s and batch 8 is also in"),
+                        ([resnet, loose], "different tolerances: [0.05, 0.1]")):
+        out = tmp_path / f"refused-{parts[1].name}"
+        assert main(["--merge", *map(str, parts), "--out", str(out)]) == 1
+        error = capsys.readouterr().err
+        assert error.startswith("error: cannot merge: ") and said in error
+        assert not (out / "split_quality.json").exists()
+
+
 def test_the_choice_is_the_split_that_carried_most_of_the_run():
     carried_split = benchmark_module("split_quality").carried_split
 

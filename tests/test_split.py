@@ -1011,26 +1011,31 @@ def test_the_trainer_s_speed_is_estimated_applied_and_its_drift_judged():
     assert abs(estimator.drift()["trainer"]) < 0.1 and not estimator.drifted(0.25)
 
 
-def trainer_run(speeds):
+def trainer_run(speeds, **job):
     """AlexNet's recorded profile at 100 Mbit/s, where a trainer twice as
-    slow as its profile changes the best split, run by a selector whose
-    trainer computes at ``speeds[i]`` times its profile after shard ``i``:
-    one iteration a shard, on the shard's samples. Returns the selector and
-    the splits."""
+    slow as its profile changes the best split, run by a selector (``job``:
+    its epochs' sizes) whose trainer computes at ``speeds[i]`` times its
+    profile after shard ``i``: one iteration a shard, on the shard's
+    samples. Returns the selector and the splits."""
     profile = recorded("alexnet-224.json").with_measurements(bandwidth_bytes_per_s=100 * MBIT)
     truth, _, _, _ = storage_layer_times(profile)
-    auto = AutomaticSplit(profile, log=[].append)
+    auto = AutomaticSplit(profile, log=[].append, **job)
     tier = StorageTier(profile, truth)
     splits = []
     for speed in speeds:
         shard = tier.shard(auto.route[0], 100 * MBIT)
         StorageTier.deliver(auto, shard)
         samples = len(shard.keys)
-        auto.observe_iteration([(shard.split, samples)],
-                               speed * (trainer_layers_s(profile, shard.split) * samples +
-                                        profile.trainer_step_s))
+        iterate(auto, profile, shard.split, samples, speed)
         splits.append(auto.split)
     return auto, splits, profile
+
+
+def iterate(auto, profile, split, samples, speed):
+    """One iteration on ``samples`` from ``split``, at ``speed`` times the
+    trainer's profile."""
+    auto.observe_iteration([(split, samples)], speed * (
+        trainer_layers_s(profile, split) * samples + profile.trainer_step_s))
 
 
 def test_a_trainer_slower_than_its_profile_moves_the_split_to_less_trainer_work():
@@ -1062,6 +1067,25 @@ def test_a_trainer_slower_than_its_profile_moves_the_split_to_less_trainer_work(
     seen = later.report()["trainer_observations"]
     assert len(seen) == 15 and [one["seconds"] / one["predicted_s"] for one in seen] == \
         pytest.approx([1.0] * 7 + [2.0] * 8)
+
+
+def test_a_drift_after_the_jobs_last_request_is_not_followed():
+    """The trainer slows down 2x over the iterations left after the job's
+    last request: a decision then would route nothing (and rank a fresh
+    epoch that does not come), so none is taken; with requests still to
+    send, the same drift moves the split."""
+    r = recorded("alexnet-224.json").samples_per_request
+
+    def slowed(epoch_shards):
+        auto, splits, profile = trainer_run([1.0] * 16, epoch_samples=epoch_shards * r)
+        decided = len(auto.history)
+        for _ in range(8):
+            iterate(auto, profile, auto.split, r, 2.0)
+        return [step["why"] for step in auto.history[decided:]], splits[-1], auto.split
+
+    assert slowed(16) == ([], 6, 6)
+    [why], before, after = slowed(24)
+    assert "trainer +100%" in why and (before, after) == (6, 13)
 
 
 def test_what_the_frames_said_of_the_storage_tier_is_in_the_report_one_entry_a_shard():

@@ -461,7 +461,7 @@ class AutomaticSplit:
             self._trained_from = shard.split
         self._observed_at.append(time.monotonic())
         try:
-            if learnt and self._profiled and not self._settling():
+            if learnt and self._profiled and not (self._settling() or self._all_requested()):
                 # Shards of another size now tell a cost per byte from the
                 # cost per request: new knowledge of every split's trainer or
                 # storage stage (the next decision uses it when the split
@@ -615,9 +615,10 @@ class AutomaticSplit:
         return self._samples // self._epoch_samples if self._epoch_samples else 0
 
     def _follow_drift(self) -> None:
-        """Re-decide when the bandwidth, the storage speed or the trainer's drifted."""
+        """Re-decide when the bandwidth, the storage speed or the trainer's
+        drifted, unless the job's last request is sent (nothing to route)."""
         est = self._estimator
-        if not est.drifted(self._drift_threshold):
+        if self._all_requested() or not est.drifted(self._drift_threshold):
             return
         change = est.drift()
         # After a return to the split the change before left, the storage
@@ -633,6 +634,13 @@ class AutomaticSplit:
         self._decide("drift: " + ", ".join(f"{name} {value:+.0%}"
                                            for name, value in change.items()
                                            if value is not None), drift=change)
+
+    def _all_requested(self) -> bool:
+        """Whether the job's last request is sent: the samples taken and those
+        of the requests on their way make all its epochs."""
+        epoch = self._epoch_samples
+        return bool(epoch) and self._samples + self._pending * \
+            self._profile.samples_per_request >= self._epochs * epoch
 
     def _routable(self) -> tuple[int | None, bool, tuple[int, int], int]:
         """The samples a decision now can still route, whether they start

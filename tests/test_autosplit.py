@@ -174,9 +174,9 @@ def test_a_second_run_decides_before_its_first_feature_request(cluster, tmp_path
         probing.set()
         return real_leading_samples(*args)
 
-    def trainer_speed(*args):
+    def trainer_speed(*args, **kwargs):
         overlapped.append(probing.wait(timeout=10))
-        return real_trainer_speed(*args)
+        return real_trainer_speed(*args, **kwargs)
 
     real_leading_samples, real_trainer_speed = data.leading_samples, profiling.trainer_speed
     monkeypatch.setattr(data, "leading_samples", leading_samples)
@@ -185,7 +185,9 @@ def test_a_second_run_decides_before_its_first_feature_request(cluster, tmp_path
     first, first_lines = train(cluster, *job)
     probing.clear()
     second, second_lines = train(cluster, *job)
-    assert overlapped == [True]  # only the second run scales cached times
+    # Each run times the trainer's speed (the first stores its passes with
+    # its layer times), the probe's GET on its way meanwhile.
+    assert overlapped == [True, True]
     before, after = (run["split_selection"] for run in (first, second))
     assert before["profiling"]["storage_costs"]["known"] is False
     assert "not measured there yet" in before["profiling"]["storage_costs"]["note"]
@@ -224,9 +226,9 @@ def test_a_second_run_decides_before_its_first_feature_request(cluster, tmp_path
     assert scales == pytest.approx([scales[0]] * len(scales))
     assert after["profile"]["layers"][0]["storage_s"] > 0
     # Layer times at two small batches (the training batch, 20, is larger
-    # than the profile's), one file of the wire formats' costs, one of the
-    # optimizer's step.
-    assert len(list(tmp_path.iterdir())) == 4
+    # than the profile's), the speed passes timed with them, one file of
+    # the wire formats' costs, one of the optimizer's step.
+    assert len(list(tmp_path.iterdir())) == 5
 
 
 # Pieces, without Swift ---------------------------------------------------------------

@@ -58,6 +58,7 @@ from hapi.client.autosplit.profiling import (
     measure_trainer_layers,
     optimizer_step_s,
     profile_from_model,
+    speed_reference_key,
     trainer_speed,
     trainer_times,
 )
@@ -1604,28 +1605,45 @@ def test_trainer_times_are_measured_once_then_read_from_the_cache(tmp_path, monk
     assert not cached and len(times.forward_s) == len(model)
 
 
-def test_the_trainer_s_speed_now_is_read_against_its_cached_times(tmp_path):
+def test_the_trainer_s_speed_now_is_read_against_passes_timed_with_its_times(tmp_path):
     """Cached layer times describe the host when they were measured: a few
-    passes of the first frozen layers say how many times slower (or
-    faster) it runs now. Times cached 100x too fast read a trainer over 10x
-    slower, 100x too slow one over 10x faster (a margin no noisy host
-    reaches); without cached times (measured now) or without a frozen
-    layer the speed is 1."""
+    passes of the first frozen layers, timed with the times and stored
+    beside them, timed again say how many times slower (or faster) it runs
+    now. Passes stored 100x too fast read a trainer over 10x slower, 100x
+    too slow over 10x faster (a margin no noisy host reaches). With times
+    measured now the speed is 1 and the passes are stored, so the next run
+    that reads the times reads a speed; each batch's times keep their own
+    passes; cached times without stored passes (or with passes over more
+    layers than are frozen) read 1 and store them; no frozen layer, 1."""
     model = zoo.build_model("resnet18", seed=0).freeze(11)
     cache = TrainerTimesCache(tmp_path / "profiles")
-    assert trainer_speed(model, (3, 32, 32), 11, "cpu", 0, cache) == 1.0  # measured now
-    key = times_key(model, (3, 32, 32), 11, PROFILE_BATCH // 4, "cpu")
+    times, cached = trainer_times(model, (3, 32, 32), 11, 4, "cpu", 0, cache)
+    assert not cached
+    assert trainer_speed(model, (3, 32, 32), 11, times, "cpu", 0, cache, cached=False) == 1.0
+    key = speed_reference_key(model, (3, 32, 32), 11, 4, "cpu")
     stored = cache.get(key)
-    assert stored is not None
+    assert 0 < stored["stop"] <= 11 and stored["seconds"] > 0
     state = [t.detach().clone() for t in model.state_dict().values()]
     for factor, check in ((1 / 100, lambda speed: speed > 10),
                           (100, lambda speed: speed < 0.1)):
-        cache.put(key, {**stored, "forward_s": [factor * s for s in stored["forward_s"]]})
-        speed = trainer_speed(model, (3, 32, 32), 11, "cpu", 0, cache)
+        cache.put(key, {**stored, "seconds": factor * stored["seconds"]})
+        speed = trainer_speed(model, (3, 32, 32), 11, times, "cpu", 0, cache, cached=True)
         assert check(speed), (factor, speed)
     assert all(torch.equal(a, b) for a, b in zip(state, model.state_dict().values(),
                                                   strict=True))
-    assert trainer_speed(model.freeze(0), (3, 32, 32), 0, "cpu", 0, cache) == 1.0
+    # Times measured again store their own passes over the old ones.
+    assert trainer_speed(model, (3, 32, 32), 11, times, "cpu", 0, cache, cached=False) == 1.0
+    assert cache.get(key)["seconds"] < 10 * stored["seconds"]
+    at_8 = speed_reference_key(model, (3, 32, 32), 11, 8, "cpu")
+    assert cache.get(at_8) is None
+    times_8, _ = trainer_times(model, (3, 32, 32), 11, 8, "cpu", 0, cache)
+    assert trainer_speed(model, (3, 32, 32), 11, times_8, "cpu", 0, cache, cached=True) == 1.0
+    assert cache.get(at_8)["seconds"] > 0
+    cache.put(at_8, {"stop": 12, "seconds": 1.0})
+    assert trainer_speed(model, (3, 32, 32), 11, times_8, "cpu", 0, cache, cached=True) == 1.0
+    assert cache.get(at_8)["stop"] <= 11
+    assert trainer_speed(model.freeze(0), (3, 32, 32), 0, times, "cpu", 0, cache,
+                         cached=True) == 1.0
 
 
 def test_the_optimizer_step_is_timed_on_stand_ins_and_kept_in_the_cache(tmp_path, monkeypatch):

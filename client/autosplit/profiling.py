@@ -62,7 +62,7 @@ __all__ = [
     "PROFILE_FORMAT", "LayerProfile", "Profile", "TrainerTimes", "at_batch",
     "free_memory_bytes", "measure_copy_rate", "measure_decode", "measure_optimizer_step",
     "measure_profile", "measure_trainer_layers", "optimizer_step_s", "profile_from_model",
-    "trainer_speed", "trainer_times",
+    "speed_reference_key", "trainer_speed", "trainer_times",
 ]
 
 PROFILE_FORMAT = "hapi-profile/1"
@@ -79,6 +79,7 @@ PROFILE_BATCH = 8  # samples per pass when the trainer times its layers
 # each over the first frozen layers that take this long by those times.
 SPEED_PASSES = 5
 SPEED_PASS_S = 0.02
+SPEED_BATCH = PROFILE_BATCH // 4
 
 
 # The profile -----------------------------------------------------------------------
@@ -515,15 +516,18 @@ def _times_at(model, input_shape, freeze, batch, device, seed, cache):
                   encode=asdict, decode=lambda doc: TrainerTimes(**doc))
 
 
-def trainer_speed(model, input_shape, freeze: int, device, seed: int,
-                  cache: TrainerTimesCache) -> float:
-    """How many times slower than its cached layer times the trainer runs
-    now (below 1: faster): the forward of the first frozen layers that
-    take :data:`SPEED_PASS_S` by those times (all of them if they take
-    less), at a quarter of :data:`PROFILE_BATCH`, the median of
-    :data:`SPEED_PASSES` passes after an untimed one, against the cached
-    times at that batch. 1 when the cache does not have them (they are
-    measured now) or when no layer is frozen (there is no split to choose).
+def trainer_speed(model, input_shape, freeze: int, times: TrainerTimes, device, seed: int,
+                  cache: TrainerTimesCache, *, cached: bool) -> float:
+    """How many times slower than when its layer times ``times`` were
+    measured the trainer runs now (below 1: faster): the forward of its
+    first frozen layers that take :data:`SPEED_PASS_S` at a quarter of
+    :data:`PROFILE_BATCH` by those times (all of them if they take less),
+    the median of :data:`SPEED_PASSES` passes after an untimed one, against
+    the same passes timed when ``times`` were. Those are stored in
+    ``cache`` beside the times (:func:`speed_reference_key`): with times
+    measured now (``cached`` false), the passes are timed and stored, and
+    the speed is 1; so it is with cached times whose passes the cache does
+    not hold. 1 too when no layer is frozen (there is no split to choose).
 
     Cached times describe the host as it was when they were measured; on a
     shared host its speed moves by more than the differences between
@@ -532,20 +536,47 @@ def trainer_speed(model, input_shape, freeze: int, device, seed: int,
     measured now, from its frames: a trainer taken at its old speed makes
     the storage tier look slower than it is against it. A few
     milliseconds of the model's own layers tell the host's speed, where
-    timing every layer again would cost what the cache saves. The frozen
-    layers stay in eval mode (:meth:`hapi.zoo.LayeredModel.freeze`): the
-    passes change nothing in the model."""
+    timing every layer again would cost what the cache saves. They are
+    compared with the same passes timed with the times, not with the
+    times themselves: layers timed one by one in another run (or at
+    another batch) are another measurement, taken at another moment. The
+    frozen layers stay in eval mode (:meth:`hapi.zoo.LayeredModel.freeze`):
+    the passes change nothing in the model."""
     if freeze == 0:
         return 1.0
     device = torch.device(device)
-    batch = PROFILE_BATCH // 4
-    then, cached_then = _times_at(model, input_shape, freeze, batch, device, seed, cache)
-    if not cached_then:
-        return 1.0
-    totals = list(itertools.accumulate(then.forward_s[:freeze]))
-    stop = next((i + 1 for i, total in enumerate(totals) if total * batch >= SPEED_PASS_S),
+    key = speed_reference_key(model, input_shape, freeze, times.batch_size, device)
+    reference = cache.get(key) if cached else None
+    if _reference_of(reference, freeze):
+        now = _speed_passes(model, input_shape, reference["stop"], device, seed)
+        return now / reference["seconds"]
+    totals = list(itertools.accumulate(times.forward_s[:freeze]))
+    stop = next((i + 1 for i, total in enumerate(totals) if total * SPEED_BATCH >= SPEED_PASS_S),
                 freeze)
-    inputs = torch.randn(batch, *input_shape,
+    cache.put(key, {"stop": stop, "seconds": _speed_passes(model, input_shape, stop, device,
+                                                           seed)})
+    return 1.0
+
+
+def _reference_of(doc, freeze: int) -> bool:
+    """Whether ``doc`` is passes' time :func:`trainer_speed` stored, over
+    at most ``freeze`` layers."""
+    return isinstance(doc, dict) and type(doc.get("stop")) is int and \
+        0 < doc["stop"] <= freeze and isinstance(doc.get("seconds"), float) and \
+        doc["seconds"] > 0
+
+
+def speed_reference_key(model, input_shape, freeze: int, batch: int, device) -> dict:
+    """Where :func:`trainer_speed` keeps its passes' time: beside the
+    layer times at ``batch`` (:func:`times_key`) they were timed with."""
+    return {**times_key(model, input_shape, freeze, batch, device),
+            "measurement": "speed passes", "passes": SPEED_PASSES, "pass_batch": SPEED_BATCH}
+
+
+def _speed_passes(model, input_shape, stop: int, device, seed: int) -> float:
+    """The median of :data:`SPEED_PASSES` timed forwards of ``model``'s
+    first ``stop`` layers at :data:`SPEED_BATCH`, after an untimed one."""
+    inputs = torch.randn(SPEED_BATCH, *input_shape,
                          generator=torch.Generator().manual_seed(seed)).to(device)
     seconds = []
     with torch.no_grad():
@@ -555,7 +586,7 @@ def trainer_speed(model, input_shape, freeze: int, device, seed: int,
             model(inputs, 0, stop)
             _sync(device)
             seconds.append(time.perf_counter() - began)
-    return statistics.median(seconds[1:]) / batch / totals[stop - 1]
+    return statistics.median(seconds[1:])
 
 
 def at_batch(small: TrainerTimes, large: TrainerTimes, batch: int) -> TrainerTimes:
@@ -699,8 +730,8 @@ def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | 
         began = time.perf_counter()
         trainer, cached = trainer_times(model, input_shape, config.freeze, config.batch_size,
                                         device, config.seed, cache)
-        speed = trainer_speed(model, input_shape, config.freeze, device, config.seed,
-                              cache) if cached else 1.0
+        speed = trainer_speed(model, input_shape, config.freeze, trainer, device, config.seed,
+                              cache, cached=cached)
         step_s, step_cached = optimizer_step_s(model, input_shape, config, device, optimizer,
                                                cache) if optimizer else (0.0, False)
         trainer_s = time.perf_counter() - began

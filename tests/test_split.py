@@ -1619,7 +1619,7 @@ def test_the_trainer_s_speed_now_is_read_against_passes_timed_with_its_times(tmp
     cache = TrainerTimesCache(tmp_path / "profiles")
     times, cached = trainer_times(model, (3, 32, 32), 11, 4, "cpu", 0, cache)
     assert not cached
-    assert trainer_speed(model, (3, 32, 32), 11, times, "cpu", 0, cache, cached=False) == 1.0
+    assert trainer_speed(model, (3, 32, 32), 11, times, "cpu", 0, cache, times_cached=False) == 1.0
     key = speed_reference_key(model, (3, 32, 32), 11, 4, "cpu")
     stored = cache.get(key)
     assert 0 < stored["stop"] <= 11 and stored["seconds"] > 0
@@ -1627,23 +1627,23 @@ def test_the_trainer_s_speed_now_is_read_against_passes_timed_with_its_times(tmp
     for factor, check in ((1 / 100, lambda speed: speed > 10),
                           (100, lambda speed: speed < 0.1)):
         cache.put(key, {**stored, "seconds": factor * stored["seconds"]})
-        speed = trainer_speed(model, (3, 32, 32), 11, times, "cpu", 0, cache, cached=True)
+        speed = trainer_speed(model, (3, 32, 32), 11, times, "cpu", 0, cache, times_cached=True)
         assert check(speed), (factor, speed)
     assert all(torch.equal(a, b) for a, b in zip(state, model.state_dict().values(),
                                                   strict=True))
     # Times measured again store their own passes over the old ones.
-    assert trainer_speed(model, (3, 32, 32), 11, times, "cpu", 0, cache, cached=False) == 1.0
+    assert trainer_speed(model, (3, 32, 32), 11, times, "cpu", 0, cache, times_cached=False) == 1.0
     assert cache.get(key)["seconds"] < 10 * stored["seconds"]
     at_8 = speed_reference_key(model, (3, 32, 32), 11, 8, "cpu")
     assert cache.get(at_8) is None
     times_8, _ = trainer_times(model, (3, 32, 32), 11, 8, "cpu", 0, cache)
-    assert trainer_speed(model, (3, 32, 32), 11, times_8, "cpu", 0, cache, cached=True) == 1.0
+    assert trainer_speed(model, (3, 32, 32), 11, times_8, "cpu", 0, cache, times_cached=True) == 1.0
     assert cache.get(at_8)["seconds"] > 0
     cache.put(at_8, {"stop": 12, "seconds": 1.0})
-    assert trainer_speed(model, (3, 32, 32), 11, times_8, "cpu", 0, cache, cached=True) == 1.0
+    assert trainer_speed(model, (3, 32, 32), 11, times_8, "cpu", 0, cache, times_cached=True) == 1.0
     assert cache.get(at_8)["stop"] <= 11
     assert trainer_speed(model.freeze(0), (3, 32, 32), 0, times, "cpu", 0, cache,
-                         cached=True) == 1.0
+                         times_cached=True) == 1.0
 
 
 def test_the_optimizer_step_is_timed_on_stand_ins_and_kept_in_the_cache(tmp_path, monkeypatch):

@@ -517,7 +517,7 @@ def _times_at(model, input_shape, freeze, batch, device, seed, cache):
 
 
 def trainer_speed(model, input_shape, freeze: int, times: TrainerTimes, device, seed: int,
-                  cache: TrainerTimesCache, *, cached: bool) -> float:
+                  cache: TrainerTimesCache, *, times_cached: bool) -> float:
     """How many times slower than when its layer times ``times`` were
     measured the trainer runs now (below 1: faster): the forward of its
     first frozen layers that take :data:`SPEED_PASS_S` at a quarter of
@@ -525,7 +525,7 @@ def trainer_speed(model, input_shape, freeze: int, times: TrainerTimes, device, 
     the median of :data:`SPEED_PASSES` passes after an untimed one, against
     the same passes timed when ``times`` were. Those are stored in
     ``cache`` beside the times (:func:`speed_reference_key`): with times
-    measured now (``cached`` false), the passes are timed and stored, and
+    measured now (``times_cached`` false), the passes are timed and stored, and
     the speed is 1; so it is with cached times whose passes the cache does
     not hold. 1 too when no layer is frozen (there is no split to choose).
 
@@ -546,24 +546,33 @@ def trainer_speed(model, input_shape, freeze: int, times: TrainerTimes, device, 
         return 1.0
     device = torch.device(device)
     key = speed_reference_key(model, input_shape, freeze, times.batch_size, device)
-    reference = cache.get(key) if cached else None
-    if _reference_of(reference, freeze):
-        now = _speed_passes(model, input_shape, reference["stop"], device, seed)
-        return now / reference["seconds"]
-    totals = list(itertools.accumulate(times.forward_s[:freeze]))
-    stop = next((i + 1 for i, total in enumerate(totals) if total * SPEED_BATCH >= SPEED_PASS_S),
-                freeze)
-    cache.put(key, {"stop": stop, "seconds": _speed_passes(model, input_shape, stop, device,
-                                                           seed)})
-    return 1.0
+
+    def measure() -> tuple[int, float]:
+        totals = list(itertools.accumulate(times.forward_s[:freeze]))
+        stop = next((i + 1 for i, total in enumerate(totals)
+                     if total * SPEED_BATCH >= SPEED_PASS_S), freeze)
+        return stop, _speed_passes(model, input_shape, stop, device, seed)
+
+    def encode(passes: tuple[int, float]) -> dict:
+        return {"stop": passes[0], "seconds": passes[1]}
+
+    if not times_cached:
+        cache.put(key, encode(measure()))
+        return 1.0
+    (stop, then), passes_cached = cached(cache, key, measure, encode=encode,
+                                         decode=lambda doc: _passes(doc, freeze))
+    if not passes_cached:
+        return 1.0
+    return _speed_passes(model, input_shape, stop, device, seed) / then
 
 
-def _reference_of(doc, freeze: int) -> bool:
-    """Whether ``doc`` is passes' time :func:`trainer_speed` stored, over
-    at most ``freeze`` layers."""
-    return isinstance(doc, dict) and type(doc.get("stop")) is int and \
-        0 < doc["stop"] <= freeze and isinstance(doc.get("seconds"), float) and \
-        doc["seconds"] > 0
+def _passes(doc: dict, freeze: int) -> tuple[int, float]:
+    """The layers and the seconds of passes :func:`trainer_speed` stored;
+    ValueError for passes over more layers than are frozen."""
+    stop, seconds = doc["stop"], _seconds(doc)
+    if type(stop) is not int or not 0 < stop <= freeze or seconds <= 0:
+        raise ValueError(f"passes over {stop!r} of {freeze} layers in {seconds} s")
+    return stop, seconds
 
 
 def speed_reference_key(model, input_shape, freeze: int, batch: int, device) -> dict:
@@ -731,7 +740,7 @@ def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | 
         trainer, cached = trainer_times(model, input_shape, config.freeze, config.batch_size,
                                         device, config.seed, cache)
         speed = trainer_speed(model, input_shape, config.freeze, trainer, device, config.seed,
-                              cache, cached=cached)
+                              cache, times_cached=cached)
         step_s, step_cached = optimizer_step_s(model, input_shape, config, device, optimizer,
                                                cache) if optimizer else (0.0, False)
         trainer_s = time.perf_counter() - began

@@ -577,6 +577,7 @@ def run(args, on_step=None, log=print):
 
     import torch
 
+    from hapi import hostmem
     from hapi.client import distributed
     from hapi.client.train import RunComplete, Trainer
     from hapi.stores import DirectoryStore, SwiftStore
@@ -586,6 +587,7 @@ def run(args, on_step=None, log=print):
     config = train_config(args, log)
     if args.threads:
         torch.set_num_threads(args.threads)
+    hostmem.keep_freed_memory()
     ranks, device = distributed.from_environment(config.device)
     config = dataclasses.replace(config, device=device)
     connect = swift_connector(args)

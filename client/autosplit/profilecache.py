@@ -27,6 +27,8 @@ from typing import TypeVar
 import torch
 import torchvision
 
+from hapi import hostmem
+
 __all__ = ["CACHE_ENV", "TIMES_FORMAT", "TrainerTimesCache", "cached", "default_cache_dir",
            "times_key"]
 
@@ -48,7 +50,9 @@ def times_key(model, input_shape, freeze: int, batch: int, device) -> dict:
     """What a model's layer times on the trainer depend on: the model's name,
     its layers and the shapes through them (the classifier's width too), the
     freeze index (layers below it run without gradients), the batch, the
-    device (with its name on a GPU), torch's and torchvision's versions."""
+    device (with its name on a GPU), torch's and torchvision's versions, and
+    whether the allocator keeps freed memory (:func:`hapi.hostmem.keep_freed_memory`:
+    a CPU forward whose pages fault in afresh takes longer)."""
     device = torch.device(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         device.type
@@ -56,7 +60,8 @@ def times_key(model, input_shape, freeze: int, batch: int, device) -> dict:
             "shapes": [list(shape) for shape in model.boundary_shapes(tuple(input_shape))],
             "freeze": freeze, "batch": batch, "device": device_name,
             "threads": torch.get_num_threads() if device.type == "cpu" else None,
-            "torch": torch.__version__, "torchvision": torchvision.__version__}
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "allocator": hostmem.allocator()}
 
 
 class TrainerTimesCache:

@@ -44,7 +44,7 @@ import torch
 from swiftclient import ClientException
 
 import hapi
-from hapi import names, wire
+from hapi import hostmem, names, wire
 from hapi.client import data
 from hapi.client.autosplit.profilecache import TrainerTimesCache, cached, times_key
 from hapi.client.autosplit.wireformats import (
@@ -55,7 +55,6 @@ from hapi.client.autosplit.wireformats import (
     pinned,
 )
 from hapi.client.features import BURST_BYTES
-from hapi.hostmem import available_memory_bytes
 from hapi.preprocess import DecodeError, preprocess, preset_size
 
 __all__ = [
@@ -445,7 +444,7 @@ def free_memory_bytes(device: str | torch.device = "cpu") -> int | None:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    return available_memory_bytes()
+    return hostmem.available_memory_bytes()
 
 
 def profile_from_model(model, *, input_shape: Sequence[int], freeze: int, batch_size: int,
@@ -785,7 +784,7 @@ def measure_profile(model, config, plan, conn, link, cache: TrainerTimesCache | 
                      "probe_images": len(images),
                      "trainer_times": "cached" if cached else "measured",
                      "trainer_times_s": trainer_s, "trainer_times_batch": trainer.batch_size,
-                     "trainer_speed": speed,
+                     "trainer_speed": speed, "allocator": hostmem.allocator(),
                      "optimizer_step_s": step_s,
                      "optimizer_step": ("cached" if step_cached else "measured") if optimizer
                      else None,

@@ -9,6 +9,7 @@ check that fallback instead.
 import io
 import json
 import os
+import platform
 import signal
 import statistics
 import subprocess
@@ -475,6 +476,23 @@ def test_the_automatic_run_is_judged_with_its_profiling_against_the_faster_mode(
                record("hapi_auto", 2, 6.3, profiling_s=0.0)]
     ratio = bench.auto_over_best(results, "m", 8, "auto")
     assert ratio["min"] == pytest.approx(1.05) and ratio["max"] == pytest.approx(1.05)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
+                    reason="freed memory is kept through glibc's mallopt; this is not glibc")
+def test_the_allocator_benchmark_reads_the_speed_in_fresh_processes_both_ways(tmp_path):
+    benchmark_module("allocator").main(["--models", "alexnet", "--batch", "2",
+                                        "--processes", "1", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "allocator.json").read_text())
+    ways = doc["results"]["alexnet"]
+    assert set(ways) == {"default", "freed memory kept"}
+    for way in ways.values():
+        assert way["measuring_process"]["times"] == "measured"
+        assert way["measuring_process"]["speed"] == 1.0
+        assert [run["times"] for run in way["fresh_processes"]] == ["cached"]
+        assert way["speed"]["median"] > 0 and way["iteration_s"]["median"] > 0
+        assert way["passes_s"]["median"] == pytest.approx(
+            way["speed"]["median"] * way["measuring_process"]["reference_passes_s"])
 
 
 def test_format_costs_times_both_ways_and_writes_json(tmp_path):

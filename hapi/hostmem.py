@@ -39,15 +39,15 @@ def keep_freed_memory() -> bool:
     rest of the process; False where the C library is not glibc.
 
     By default glibc maps every block above a threshold that starts at
-    128 KiB and moves with what was freed last, and gives the heap's top
-    back to the system: a CPU forward allocates its activations afresh,
-    and each page of them faults in again. On a 2-core host the first
-    frozen layers of resnet50 at batch 2 took 1.4x as long in a fresh
-    process as after the trainer had timed its layers (24 ms against 18),
-    and the trainer's speed, read from those passes, was taken for 1.4x
-    slower than it was; with the thresholds set, the fresh process runs
-    them in 17.5 ms. The cost is memory: the process keeps the peak of what
-    its tensors used, as a training process does anyway."""
+    128 KiB and moves with the last one freed, and gives the heap's top
+    back to the system: a CPU forward in a fresh process faults the pages
+    of its activations in afresh, while one that has run many forwards
+    has grown its heap. The trainer's speed, read from a few passes
+    against the same passes timed where its layer times were measured,
+    read resnet18 1.47x slower than it was in fresh processes on an idle
+    core; with the thresholds set, 0.99 (``benchmarks/allocator.py``).
+    The cost is memory: the process keeps the peak of what its tensors
+    used, as a training process does anyway."""
     global _freed_memory_kept
     if platform.libc_ver()[0] != "glibc":
         return False

@@ -7,9 +7,9 @@ measured and cached (``hapi.client.autosplit.profiling.trainer_speed``): on
 an unchanged host the ratio should read 1. For each model and allocator this
 starts one process that measures the times and their passes into an empty
 cache, then ``--processes`` fresh ones that read the speed from it, as the
-trainer's later runs do, each also timing training iterations at the
-freeze index (the frozen layers' forward, then the rest forward, backward
-and an SGD step, on features computed once), the median after two.
+trainer's later runs do, each also timing training iterations at split 0
+(the frozen layers' forward without gradients, then the rest forward,
+backward and an SGD step), the median after two.
 
 Output: a table and ``OUT/allocator.json`` (per model and allocator: what
 the measuring process and each fresh one read, and the fresh processes'

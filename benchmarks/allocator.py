@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tl_benchmark import spread, write_json
+
 FORMAT = "hapi-allocator/1"
 ALLOCATORS = ("default", "freed memory kept")
 ITERATIONS = 8
@@ -96,11 +98,6 @@ def in_fresh_process(spec: dict) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def spread(values: list[float]) -> dict:
-    return {"values": values, "median": statistics.median(values), "min": min(values),
-            "max": max(values)}
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet50"])
@@ -129,7 +126,8 @@ def main(argv=None):
                 measured = in_fresh_process(spec)
                 fresh = [in_fresh_process(spec) for _ in range(args.processes)]
             figures = {"measuring_process": measured, "fresh_processes": fresh,
-                       **{key: spread([run[key] for run in fresh])
+                       **{key: {"values": [run[key] for run in fresh],
+                                **spread([run[key] for run in fresh])}
                           for key in ("passes_s", "speed", "iteration_s")}}
             doc["results"][name][allocator] = figures
             passes, speed, iteration = (figures[key] for key in
@@ -141,9 +139,8 @@ def main(argv=None):
                   f"{iteration['median']:>9.3f} [{iteration['min']:.3f}-"
                   f"{iteration['max']:.3f}]")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "allocator.json"
-    path.write_text(json.dumps(doc, indent=1))
-    print(f"wrote {path}")
+    write_json(doc, args.out / "allocator.json")
+    print(f"wrote {args.out / 'allocator.json'}")
 
 
 if __name__ == "__main__":

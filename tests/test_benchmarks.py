@@ -274,6 +274,12 @@ def benchmark_module(name):
         sys.path.remove(str(REPO / "benchmarks"))
 
 
+def benchmark_json(name, out, *argv):
+    """Run benchmarks/NAME.py's main with ``argv`` and ``--out out``; its NAME.json."""
+    benchmark_module(name).main([*argv, "--out", str(out)])
+    return json.loads((out / f"{name}.json").read_text())
+
+
 def test_a_choice_is_judged_on_fresh_runs_unless_it_is_the_best():
     judge = benchmark_module("split_quality").judge
     times = {0: 3.0, 1: 2.0, 2: 2.06}
@@ -481,9 +487,8 @@ def test_the_automatic_run_is_judged_with_its_profiling_against_the_faster_mode(
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
                     reason="freed memory is kept through glibc's mallopt; this is not glibc")
 def test_the_allocator_benchmark_reads_the_speed_in_fresh_processes_both_ways(tmp_path):
-    benchmark_module("allocator").main(["--models", "alexnet", "--batch", "2",
-                                        "--processes", "1", "--out", str(tmp_path)])
-    doc = json.loads((tmp_path / "allocator.json").read_text())
+    doc = benchmark_json("allocator", tmp_path, "--models", "alexnet", "--batch", "2",
+                         "--processes", "1")
     ways = doc["results"]["alexnet"]
     assert set(ways) == {"default", "freed memory kept"}
     for way in ways.values():
@@ -496,9 +501,8 @@ def test_the_allocator_benchmark_reads_the_speed_in_fresh_processes_both_ways(tm
 
 
 def test_format_costs_times_both_ways_and_writes_json(tmp_path):
-    benchmark_module("format_costs").main(["--models", "alexnet", "--preset", "resize-64",
-                                           "--runs", "1", "--out", str(tmp_path)])
-    doc = json.loads((tmp_path / "format_costs.json").read_text())
+    doc = benchmark_json("format_costs", tmp_path, "--models", "alexnet", "--preset",
+                         "resize-64", "--runs", "1")
     ways = doc["results"]["alexnet"]
     assert set(ways) == {"defaults", "four images, every timing repeated"}
     assert all(way["median"] > 0 and len(way["seconds"]) == 1 for way in ways.values())

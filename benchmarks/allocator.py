@@ -98,6 +98,10 @@ def in_fresh_process(spec: dict) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
+def _with_spread(values: list[float]) -> dict:
+    return {"values": values, **spread(values)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet50"])
@@ -126,8 +130,7 @@ def main(argv=None):
                 measured = in_fresh_process(spec)
                 fresh = [in_fresh_process(spec) for _ in range(args.processes)]
             figures = {"measuring_process": measured, "fresh_processes": fresh,
-                       **{key: {"values": [run[key] for run in fresh],
-                                **spread([run[key] for run in fresh])}
+                       **{key: _with_spread([run[key] for run in fresh])
                           for key in ("passes_s", "speed", "iteration_s")}}
             doc["results"][name][allocator] = figures
             passes, speed, iteration = (figures[key] for key in
@@ -139,8 +142,9 @@ def main(argv=None):
                   f"{iteration['median']:>9.3f} [{iteration['min']:.3f}-"
                   f"{iteration['max']:.3f}]")
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(doc, args.out / "allocator.json")
-    print(f"wrote {args.out / 'allocator.json'}")
+    path = args.out / "allocator.json"
+    write_json(doc, path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

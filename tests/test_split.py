@@ -1561,14 +1561,15 @@ def test_profiler_handles_inplace_layers_in_the_trainable_part():
 
 
 def test_trainer_times_are_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
-    """The trainer times its layers at two small batches once per model,
-    device, batch and library versions and extrapolates to the training
-    batch; a second run reads them (JSON) from the cache; a file that does
-    not match, or a cache that cannot be written, only means measuring again."""
+    """The trainer times its layers for a batch above PROFILE_BATCH at two
+    smaller batches, once per model, device, batch and library versions,
+    and extrapolates to the training batch; a second run reads them (JSON)
+    from the cache; a file that does not match, or a cache that cannot be
+    written, only means measuring again."""
     model = zoo.build_model("resnet18", seed=0).freeze(11)
     cache = TrainerTimesCache(tmp_path / "profiles")
-    first, cached = trainer_times(model, (3, 32, 32), 11, 32, "cpu", 0, cache)
-    assert not cached and first.batch_size == 32
+    first, cached = trainer_times(model, (3, 32, 32), 11, 64, "cpu", 0, cache)
+    assert not cached and first.batch_size == 64
     stored = sorted((tmp_path / "profiles").iterdir())
     docs = [json.loads(path.read_text()) for path in stored]
     assert sorted(doc["key"]["batch"] for doc in docs) == [PROFILE_BATCH // 4, PROFILE_BATCH]
@@ -1582,12 +1583,12 @@ def test_trainer_times_are_measured_once_then_read_from_the_cache(tmp_path, monk
         raise AssertionError("measured again")
 
     monkeypatch.setattr(profiling, "measure_trainer_layers", no_measuring)
-    second, cached = trainer_times(model, (3, 32, 32), 11, 32, "cpu", 0, cache)
+    second, cached = trainer_times(model, (3, 32, 32), 11, 64, "cpu", 0, cache)
     assert cached and second == first
     with pytest.raises(AssertionError, match="measured again"):  # another freeze index
-        trainer_times(model, (3, 32, 32), 12, 32, "cpu", 0, cache)
+        trainer_times(model, (3, 32, 32), 12, 64, "cpu", 0, cache)
     with pytest.raises(AssertionError, match="measured again"):  # another input size
-        trainer_times(model, (3, 64, 64), 11, 32, "cpu", 0, cache)
+        trainer_times(model, (3, 64, 64), 11, 64, "cpu", 0, cache)
     monkeypatch.undo()
 
     path = stored[docs.index(large)]
@@ -1595,8 +1596,8 @@ def test_trainer_times_are_measured_once_then_read_from_the_cache(tmp_path, monk
     again, cached = trainer_times(model, (3, 32, 32), 11, 4, "cpu", 0, cache)
     assert not cached and again.batch_size == 4
     path.write_text("{not json")
-    assert not trainer_times(model, (3, 32, 32), 11, 32, "cpu", 0, cache)[1]
-    assert trainer_times(model, (3, 32, 32), 11, 32, "cpu", 0, cache)[1]
+    assert not trainer_times(model, (3, 32, 32), 11, 64, "cpu", 0, cache)[1]
+    assert trainer_times(model, (3, 32, 32), 11, 64, "cpu", 0, cache)[1]
 
     blocked = tmp_path / "a-file"
     blocked.write_text("")
@@ -1682,6 +1683,19 @@ def test_the_optimizer_step_is_timed_on_stand_ins_and_kept_in_the_cache(tmp_path
     assert measure_optimizer_step([], sgd) == 0.0
     with pytest.raises(ValueError, match="iterations"):
         measure_optimizer_step(trained, sgd, iterations=0)
+
+
+def test_a_training_batch_up_to_profile_batch_is_timed_as_it_is(tmp_path):
+    """Per-sample times at a batch up to PROFILE_BATCH come from that batch
+    itself, not extrapolated: a layer whose activations outgrow the caches
+    costs more per sample at a larger batch."""
+    model = zoo.build_model("resnet18", seed=0).freeze(11)
+    cache = TrainerTimesCache(tmp_path / "profiles")
+    times, cached = trainer_times(model, (3, 32, 32), 11, PROFILE_BATCH // 2, "cpu", 0, cache)
+    assert not cached and times.batch_size == PROFILE_BATCH // 2
+    docs = [json.loads(path.read_text()) for path in (tmp_path / "profiles").iterdir()]
+    assert [doc["key"]["batch"] for doc in docs] == [PROFILE_BATCH // 2]
+    assert docs[0]["times"]["forward_s"] == times.forward_s
 
 
 def test_per_sample_times_at_a_larger_batch_follow_each_layers_fixed_cost():

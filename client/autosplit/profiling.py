@@ -10,8 +10,9 @@ folds in what the stream measures during it):
   at the batch the profile is for, sizes bytes *per sample*.
 - :func:`measure_trainer_layers`: per-layer forward time of every layer and
   forward+backward time of the trainable ones, on the trainer (a few timed
-  passes after a warm-up); :func:`trainer_times` runs it at one or two
-  small batches, extrapolates to the training batch (:func:`at_batch`),
+  passes after a warm-up); :func:`trainer_times` runs it at the training
+  batch, or above :data:`PROFILE_BATCH` at two smaller batches and
+  extrapolates (:func:`at_batch`),
   and keeps the measurements on local disk
   (``hapi.client.autosplit.profilecache``), so that a second run of the
   same model does not measure again.
@@ -72,13 +73,13 @@ PROBE_SAMPLES = 1.5  # samples' worth of bytes read from a shard to time vanilla
 # rest must be worth timing (hapi.client.autosplit.estimator.MIN_TIMED_BYTES).
 PROBE_MIN_BYTES = 2 * BURST_BYTES
 MIN_PROBE_S = 1e-4  # a body read faster than this is read at this (no division by zero)
-PROFILE_BATCH = 8  # samples per pass when the trainer times its layers
+PROFILE_BATCH = 32  # the largest batch the trainer times its layers at
 # Timed passes (after one untimed) that compare the trainer's speed now with
 # the speed its cached layer times were measured at (:func:`trainer_speed`),
 # each over the first frozen layers that take this long by those times.
 SPEED_PASSES = 5
 SPEED_PASS_S = 0.02
-SPEED_BATCH = PROFILE_BATCH // 4
+SPEED_BATCH = 2
 
 
 # The profile -----------------------------------------------------------------------
@@ -485,16 +486,20 @@ def trainer_times(model, input_shape, freeze: int, batch_size: int, device, seed
     """Every layer's per-sample time on the trainer at ``batch_size``.
 
     A batch up to :data:`PROFILE_BATCH` samples is timed as it is
-    (:func:`measure_trainer_layers`). A larger one is not: the times at
-    :data:`PROFILE_BATCH` and at a quarter of it are extrapolated
-    (:func:`at_batch`), because per-sample times fall with the batch (a
-    linear layer reads all its weights once per batch: AlexNet's first
-    classifier layer takes twice the time for 8 samples as for 2, not four
-    times) and timing the training batch itself would make profiling as
-    long as training. Each
-    measured batch is read from ``cache`` when it holds it for this model,
-    device and library versions, else measured and stored there. Returns
-    (times, whether every measurement came from the cache)."""
+    (:func:`measure_trainer_layers`): per-sample times change with the batch
+    both ways, and by more than the differences between splits. A linear
+    layer reads all its weights once per batch (AlexNet's first classifier
+    layer takes twice the time for 8 samples as for 2, not four times),
+    while a layer whose activations outgrow the processor's caches costs
+    more per sample (on one core, resnet50's layers up to layer1 took
+    1.15-6x their per-sample time at 8 when timed at 32, and its iteration
+    at split 0 1.25x what times at 8 and 2 extrapolated). A larger batch
+    is not timed, which would make profiling as long as training: the
+    times at :data:`PROFILE_BATCH` and at a quarter of it are extrapolated
+    (:func:`at_batch`). Each measured batch is read from ``cache`` when it
+    holds it for this model, device and library versions, else measured
+    and stored there. Returns (times, whether every measurement came from
+    the cache)."""
     device = torch.device(device)
     if batch_size <= PROFILE_BATCH:
         return _times_at(model, input_shape, freeze, batch_size, device, seed, cache)
@@ -519,8 +524,8 @@ def trainer_speed(model, input_shape, freeze: int, times: TrainerTimes, device, 
                   cache: TrainerTimesCache, *, times_cached: bool) -> float:
     """How many times slower than when its layer times ``times`` were
     measured the trainer runs now (below 1: faster): the forward of its
-    first frozen layers that take :data:`SPEED_PASS_S` at a quarter of
-    :data:`PROFILE_BATCH` by those times (all of them if they take less),
+    first frozen layers that take :data:`SPEED_PASS_S` at
+    :data:`SPEED_BATCH` samples by those times (all of them if they take less),
     the median of :data:`SPEED_PASSES` passes after an untimed one, against
     the same passes timed when ``times`` were. Those are stored in
     ``cache`` beside the times (:func:`speed_reference_key`): with times

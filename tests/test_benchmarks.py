@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from hapi import zoo
 from hapi.client_setup import datasets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -498,6 +499,21 @@ def test_the_allocator_benchmark_reads_the_speed_in_fresh_processes_both_ways(tm
         assert way["speed"]["median"] > 0 and way["iteration_s"]["median"] > 0
         assert way["passes_s"]["median"] == pytest.approx(
             way["speed"]["median"] * way["measuring_process"]["reference_passes_s"])
+
+
+def test_the_batch_times_benchmark_compares_both_ways_with_whole_iterations(tmp_path):
+    doc = benchmark_json("batch_times", tmp_path, "--models", "alexnet", "--batch", "4",
+                         "--anchors", "2", "1", "--repeats", "1")
+    figures = doc["results"]["alexnet"]
+    assert figures["iteration_s"]["median"] > 0
+    for way in ("at_batch", "extrapolated"):
+        assert figures[f"{way}_s"]["median"] > 0
+        assert figures[f"{way}_over_iteration"]["median"] == pytest.approx(
+            figures[f"{way}_s"]["median"] / figures["iteration_s"]["median"])
+    assert [layer["name"] for layer in figures["layers"]] == \
+        list(zoo.build_model("alexnet", seed=0).layer_names)
+    with pytest.raises(SystemExit):
+        benchmark_json("batch_times", tmp_path, "--batch", "4", "--anchors", "8", "2")
 
 
 def test_format_costs_times_both_ways_and_writes_json(tmp_path):

@@ -491,10 +491,10 @@ def trainer_times(model, input_shape, freeze: int, batch_size: int, device, seed
     layer reads all its weights once per batch (AlexNet's first classifier
     layer takes twice the time for 8 samples as for 2, not four times),
     while a layer whose activations outgrow the processor's caches costs
-    more per sample (on one core, resnet50's layers up to layer1 took
-    1.15-6x their per-sample time at 8 when timed at 32, and times at 8
-    and 2 extrapolated its iteration at split 0 to 0.91x its time, times
-    at 32 to 1.04x: ``benchmarks/batch_times.py``). A larger batch
+    more per sample (on one core, resnet50's bn1 and layer1 blocks timed
+    at 32 took 1.4-5.8x what times at 8 and 2 extrapolated, which put its
+    iteration at split 0 at 0.91x its time, times at 32 at 1.04x:
+    ``benchmarks/batch_times.py``). A larger batch
     is not timed, which would make profiling as long as training: the
     times at :data:`PROFILE_BATCH` and at a quarter of it are extrapolated
     (:func:`at_batch`). Each measured batch is read from ``cache`` when it

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tl_benchmark import spread, write_json
+from tl_benchmark import with_spread, write_results
 
 FORMAT = "hapi-allocator/1"
 ALLOCATORS = ("default", "freed memory kept")
@@ -98,10 +98,6 @@ def in_fresh_process(spec: dict) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def _with_spread(values: list[float]) -> dict:
-    return {"values": values, **spread(values)}
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet50"])
@@ -130,7 +126,7 @@ def main(argv=None):
                 measured = in_fresh_process(spec)
                 fresh = [in_fresh_process(spec) for _ in range(args.processes)]
             figures = {"measuring_process": measured, "fresh_processes": fresh,
-                       **{key: _with_spread([run[key] for run in fresh])
+                       **{key: with_spread([run[key] for run in fresh])
                           for key in ("passes_s", "speed", "iteration_s")}}
             doc["results"][name][allocator] = figures
             passes, speed, iteration = (figures[key] for key in
@@ -141,10 +137,7 @@ def main(argv=None):
                   f"{speed['median']:>9.2f} [{speed['min']:.2f}-{speed['max']:.2f}]"
                   f"{iteration['median']:>9.3f} [{iteration['min']:.3f}-"
                   f"{iteration['max']:.3f}]")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "allocator.json"
-    write_json(doc, path)
-    print(f"wrote {path}")
+    write_results(doc, args.out, "allocator")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from allocator import iteration_s
-from tl_benchmark import spread, write_json
+from tl_benchmark import with_spread, write_results
 
 FORMAT = "hapi-batch-times/1"
 
@@ -57,11 +57,11 @@ def measure(name: str, batch: int, anchors: tuple[int, int], repeats: int) -> di
         rounds.append({"at_batch_s": _split0_s(at_batch, freeze),
                        "extrapolated_s": _split0_s(extrapolated, freeze),
                        "iteration_s": iteration_s(model, freeze, batch)})
-    figures = {key: {"values": [r[key] for r in rounds], **spread([r[key] for r in rounds])}
+    figures = {key: with_spread([r[key] for r in rounds])
                for key in ("at_batch_s", "extrapolated_s", "iteration_s")}
     for key in ("at_batch_s", "extrapolated_s"):
         ratios = [r[key] / r["iteration_s"] for r in rounds]
-        figures[key.replace("_s", "_over_iteration")] = {"values": ratios, **spread(ratios)}
+        figures[key.replace("_s", "_over_iteration")] = with_spread(ratios)
     figures["layers"] = [{"name": layer, "at_batch_s": a * batch, "extrapolated_s": e * batch}
                          for layer, a, e in zip(model.layer_names, at_batch.forward_s,
                                                 extrapolated.forward_s, strict=True)]
@@ -102,10 +102,7 @@ def main(argv=None):
             ratio = figures[key]
             cells.append(f"{ratio['median']:.2f}x [{ratio['min']:.2f}-{ratio['max']:.2f}]")
         print(f"{name:<20}{cells[0]:>24}{cells[1]:>26}{cells[2]:>26}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "batch_times.json"
-    write_json(doc, path)
-    print(f"wrote {path}")
+    write_results(doc, args.out, "batch_times")
 
 
 if __name__ == "__main__":

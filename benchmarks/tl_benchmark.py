@@ -429,6 +429,14 @@ def write_json(doc, path):
     os.replace(partial, path)
 
 
+def write_results(doc, out, name):
+    """``doc`` as ``out/NAME.json`` (the folder made if need be), said on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    write_json(doc, path)
+    print(f"wrote {path}")
+
+
 def _progress_line(r, repeats):
     encoding = f" {r['encoding']}" if r["encoding"] else ""
     return (f"[{r['repeat']}/{repeats}] {r['model']} {r['bandwidth_mbit']} Mbit/s "
@@ -454,6 +462,11 @@ def spread(values):
     if not values:
         return {"median": None, "min": None, "max": None}
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def with_spread(values):
+    """The values and their :func:`spread`."""
+    return {"values": values, **spread(values)}
 
 
 def _cell_key(record):

@@ -516,6 +516,28 @@ def test_the_batch_times_benchmark_compares_both_ways_with_whole_iterations(tmp_
         benchmark_json("batch_times", tmp_path, "--batch", "4", "--anchors", "8", "2")
 
 
+def test_the_verdict_noise_benchmark_deals_runs_as_the_verdict_does():
+    module = benchmark_module("verdict_noise")
+    assert module.parse_case("alexnet:500:32:6:uint8+zstd") == {
+        "model": "alexnet", "bandwidth_mbit": 500, "batch_size": 32, "split": 6,
+        "wire_format": "uint8+zstd"}
+    assert module.parse_case("resnet18:5:8:0")["wire_format"] is None
+    for bad, why in (("alexnet:500:32", "MODEL:MBIT:BATCH:SPLIT"), ("vgg:5:8:1", "unknown model"),
+                     ("alexnet:fast:8:1", "integers"), ("alexnet:5:8:99", "SPLIT <=")):
+        with pytest.raises(ValueError, match=why):
+            module.parse_case(bad)
+    # Rounds alternate which series runs first, as split_quality.verdict_runs does.
+    assert module.verdict_order([1, 2, 3, 4, 5, 6]) == ([1, 4, 5], [2, 3, 6])
+    # Runs that agree never miss; a slow half misses whenever the chosen
+    # series holds more slow runs than the best series (one way in two here).
+    assert module.false_miss_share([2.0] * 6, 3, 0.05) == 0.0
+    assert module.false_miss_share([1.0, 1.0, 1.0, 2.0, 2.0, 2.0], 3, 0.05) == 0.5
+    # Medians of 1.0 against 1.04: within the tolerance, never a miss.
+    assert module.false_miss_share([1.0, 1.0, 1.04, 1.04], 2, 0.05) == 0.0
+    with pytest.raises(ValueError, match="5 runs for two series of 3"):
+        module.false_miss_share([1.0] * 5, 3, 0.05)
+
+
 def test_format_costs_times_both_ways_and_writes_json(tmp_path):
     doc = benchmark_json("format_costs", tmp_path, "--models", "alexnet", "--preset",
                          "resize-64", "--runs", "1")

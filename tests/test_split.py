@@ -161,8 +161,10 @@ def simulate_run(profile, splits, storage_true):
     a request's next frame gets in line once the one before is sent (as in
     the cost model, nothing overlaps within a request). The link is FIFO;
     the trainer's CPU decodes (vanilla) or copies a whole shard, and trains
-    on it when it is its turn. The loader keeps ``prefetch_depth`` requests
-    in flight and submits the next one when the trainer takes a shard."""
+    on it when it is its turn, together with the shards after it that its
+    training batch needs (a batch of 32 out of shards of 8 waits for four).
+    The loader keeps ``prefetch_depth`` requests in flight and submits the
+    next one when the trainer takes a shard."""
     p, shards = profile, len(splits)
     costs = {split: true_stage_costs(p, split, storage_true) for split in set(splits)}
     r, depth = p.samples_per_request, p.prefetch_depth
@@ -202,13 +204,16 @@ def simulate_run(profile, splits, storage_true):
 
     def try_consume(now):
         k = consumer["next"]
-        if consumer["busy"] or k >= shards or k not in loaded:
+        batch = range(k, min(k + max(math.ceil(p.batch_size / r), 1), shards))
+        if consumer["busy"] or k >= shards or not all(i in loaded for i in batch):
             return
         consumer["busy"] = True
-        taken[k] = now
-        if depth and k + depth < shards:
-            fetch(k + depth, now)
-        at(reserve("trainer", now, r * costs[splits[k]][3]), "consumed", k, 0)
+        for i in batch:
+            taken[i] = now
+            if depth and i + depth < shards:
+                fetch(i + depth, now)
+        at(reserve("trainer", now, sum(r * costs[splits[i]][3] for i in batch)), "consumed",
+           batch[-1], 0)
 
     for k in range(min(max(depth, 1), shards)):
         fetch(k, 0.0)
@@ -596,6 +601,31 @@ def test_a_short_epoch_counts_the_other_requests_first_frames(alexnet_bytes):
                         worst[row.bottleneck] = max(worst.get(row.bottleneck, 0.0), error)
     assert worst["trainer"] > 0  # trainer-bound splits were among them
     assert max(worst.values()) <= 0.09, worst
+
+
+def test_a_batch_of_several_shards_waits_for_all_of_them(alexnet_bytes):
+    """A training batch of 32 from shards of 8: the trainer starts once the
+    first four shards are in and computes the last batch after the last
+    shard. Every split's predicted epoch is within 8% of the simulation,
+    the storage-bound ones within 4% (counting one shard's wait and work
+    instead of a batch's, they were up to 8.3% short, the network-bound
+    ones 9.7%)."""
+    model, sizes = alexnet_bytes
+    worst = {}
+    for ratio in (0.5, 1.0, 2.0):
+        for mbit in (3000, 300, 100, 30):
+            for depth in (4, 8):
+                profile = constructed(
+                    model, sizes, bandwidth_bytes_per_s=mbit * MBIT, storage_ratio=ratio,
+                    prefetch_depth=depth, storage_batch=2, batch_size=32,
+                    samples_per_request=8, epoch_samples=256, request_latency_s=0.002)
+                truth = [layer.storage_s for layer in profile.layers[:profile.freeze]]
+                for split in range(profile.freeze + 1):
+                    row = evaluate_split(profile, split)
+                    error = row.epoch_s / simulate(profile, split, truth, 32) - 1
+                    worst[row.bottleneck] = max(worst.get(row.bottleneck, 0.0), abs(error))
+    assert {"storage", "trainer"} <= set(worst)
+    assert worst["storage"] <= 0.04 and max(worst.values()) <= 0.08, worst
 
 
 def test_cost_model_components(alexnet_bytes):

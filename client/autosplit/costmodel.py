@@ -60,23 +60,30 @@ shards taken by the trainer::
     ahead    = R * N                        s = 0: raw shards share the link
              = B * max(S, N)                s > 0: another request's first frame
              = 0                            s > 0 and B >= R: one frame a request
-    epoch_s  = max(fill_s + max(samples - R, 0) * cycle(s),
-                   fill_s + (k - 1) * ahead + max(samples - R, 0) * T)
-               + min(samples, R) * C'
-               (k = min(max(d, 1), shards in the epoch) requests sent together,
+    G        = min(max(R, batch), samples)  the grain: what the trainer computes on at once
+    epoch_s  = max(fill_s + max(samples - R, 0) * supply + G * C',
+                   fill_s + (k - 1) * ahead + max(samples - R, 0) * T + min(samples, R) * C',
+                   fill_s + (G - R) * supply + (samples - G) * T + G * C')
+               (supply = max(S, N, Q), and H too on a GPU;
+                k = min(max(d, 1), shards in the epoch) requests sent together,
                 B the storage batch, T = H + C on a CPU trainer and
                 max(H, C) on a GPU, C' = H + C on a CPU trainer and C on a GPU;
                 iterations = ceil(samples / batch))
 
-The epoch is the later of two paths, plus the trainer's work on the last
-shard. Along the supply's, the first shard arrives, then one shard a cycle.
-Along the trainer's, it starts on the first shard and never waits again; but
-the ``k`` requests sent together at the start each have their first frame
-computed before the first shard's later ones (the storage tier's frame
-order, ``hapi.middleware.device.frame_priority``; raw shards share the link),
-so the first shard is ``(k - 1) * ahead`` late. On a storage-bound split that
+The epoch is the latest of three paths. Along the supply's, the first shard
+arrives, then one shard a supply cycle, and the trainer still works on the
+last grain: a training batch of several shards waits for all of them (a
+batch of 32 out of shards of 8 for four), a shard larger than the batch is
+trained on once it is complete. Along the trainer's, it starts on the first
+shard and never waits again; but the ``k`` requests sent together at the
+start each have their first frame computed before the first shard's later
+ones (the storage tier's frame order,
+``hapi.middleware.device.frame_priority``; raw shards share the link), so
+the first shard is ``(k - 1) * ahead`` late. On a storage-bound split that
 delay costs nothing (the storage tier works throughout); on a trainer-bound
-one the trainer waits for it.
+one the trainer waits for it. The third path is the trainer's from its
+first grain, which the supply completes ``G - R`` samples after the first
+shard; with a grain of one shard it is never the latest.
 
 Wire formats
 ------------
@@ -109,10 +116,10 @@ pipeline's fill, as ``epoch_s``; in a running pipeline the requests in
 flight, at the split they were sent with, keep every station busy across
 a change, and the ``U`` samples take::
 
-    rest_s = max(B_S + U * supply + min(U, R) * C',  B_T + U * T)
+    rest_s = max(B_S + U * supply + min(U, G) * C',  B_T + U * T)
 
 (``supply`` the busiest station before the trainer, ``max(S, N, Q)``, and
-``H`` too on a GPU; ``T`` and ``C'`` as in ``epoch_s``; ``B_S`` the
+``H`` too on a GPU; ``T``, ``C'`` and ``G`` as in ``epoch_s``; ``B_S`` the
 supply's work on the samples already sent, at the split in use, and
 ``B_T`` the trainer's, but no less than ``B_S``: it takes shards in
 order): their shards arrive one a supply cycle after those sent before
@@ -473,7 +480,7 @@ def evaluate_split(profile: Profile, split: int, freeze: int | None = None, *,
         first_ahead_s=ahead, trainer_cycle_s=batch * trainer_cycle,
         trainer_last_s=batch * last, supply_s=batch * supply,
         epoch_s=None if samples is None else
-        _fresh_s(fill, ahead, cycle, trainer_cycle, last, samples, requests, depth),
+        _fresh_s(fill, ahead, supply, trainer_cycle, last, samples, requests, depth, batch),
         iterations=None if samples is None else math.ceil(samples / batch),
         storage_batch=max(storage_batch, 0) if split else 0,
         storage_estimated_layers=sum(estimated[:split]),
@@ -517,16 +524,25 @@ def _fewest_bytes_of_the_fastest(rows, tie: float) -> SplitCost:
                key=lambda row: (row.wire_bytes, _rank(row)))
 
 
-def _fresh_s(fill, ahead, cycle, trainer_cycle, last, samples, requests, depth) -> float:
+def _fresh_s(fill, ahead, supply, trainer_cycle, last, samples, requests, depth,
+             batch) -> float:
     """Seconds for ``samples`` from an empty pipeline (the module docstring's
-    ``epoch_s``): the later of the supply's path (the first shard, then one
-    shard a cycle) and the trainer's (it starts on the first shard, which the
-    other requests sent with it delayed by ``ahead`` each, and then never
-    waits), and the trainer's work on the last shard."""
+    ``epoch_s``), the latest of three paths: the supply's (the first shard,
+    then one shard a ``supply`` cycle, then the trainer's work on the last
+    grain); the trainer's from its first shard, which the other requests
+    sent with it delay by ``ahead`` each (it then never waits); and the
+    trainer's from its first grain, whose other shards come one a supply
+    cycle after the first. The grain is what the trainer needs before it
+    computes: a training batch, or a shard when shards are larger; with a
+    grain of one shard the third path is never the latest."""
     together = min(max(depth, 1), math.ceil(samples / requests))
+    grain = min(max(requests, batch), samples)
     rest = max(samples - requests, 0)
-    return max(fill + rest * cycle, fill + (together - 1) * ahead + rest * trainer_cycle) + \
-        min(samples, requests) * last
+    return max(fill + rest * supply + grain * last,
+               fill + (together - 1) * ahead + rest * trainer_cycle
+               + min(samples, requests) * last,
+               fill + (grain - requests) * supply + (samples - grain) * trainer_cycle
+               + grain * last)
 
 
 def _rest_s(row: SplitCost, profile: Profile, rest_samples: int, fresh: bool,
@@ -539,16 +555,15 @@ def _rest_s(row: SplitCost, profile: Profile, rest_samples: int, fresh: bool,
     the trainer's work, or the trainer, the slower, takes them one a trainer
     cycle (the module docstring's Ranking)."""
     batch, requests = profile.batch_size, profile.samples_per_request
-    cycle = row.iteration_s / batch
     if not fresh:
         supply, trainer = backlog
         arrived = supply + rest_samples * row.supply_s / batch + \
-            min(rest_samples, requests) * row.trainer_last_s / batch
+            min(rest_samples, max(requests, batch)) * row.trainer_last_s / batch
         return max(arrived, trainer + rest_samples * row.trainer_cycle_s / batch)
-    return _fresh_s(row.fill_s, row.first_ahead_s, cycle,
+    return _fresh_s(row.fill_s, row.first_ahead_s, row.supply_s / batch,
                     row.trainer_cycle_s / batch,
                     row.trainer_last_s / batch, rest_samples,
-                    requests, profile.prefetch_depth)
+                    requests, profile.prefetch_depth, batch)
 
 
 def choose_split(profile: Profile, freeze: int | None = None, *,

@@ -109,8 +109,11 @@ def format_flags(metrics, split):
     selection = metrics.get("split_selection") or {}
     rows = {row["split"]: row for row in (selection.get("decision") or {}).get("rows", ())}
     name = (rows.get(split) or {}).get("wire_format") or selection.get("wire_format")
-    if not name:
-        return []
+    return wire_flags(name) if name else []
+
+
+def wire_flags(name):
+    """The trainer's flags for the wire format ``name``, ``DTYPE[+ENCODING]``."""
     dtype, _, encoding = name.partition("+")
     return ["--wire_dtype", dtype, "--wire_encoding", encoding or "raw"]
 

@@ -88,10 +88,7 @@ def measure_case(tiers, settings, case, out_dir):
     """The case's runs and what the verdict would make of them."""
     tiers.set_rate(case["bandwidth_mbit"])
     base = split_quality.run_flags(settings, case["model"], case["batch_size"])
-    wire = []
-    if case["wire_format"]:
-        dtype, _, encoding = case["wire_format"].partition("+")
-        wire = ["--wire_dtype", dtype, "--wire_encoding", encoding or "raw"]
+    wire = split_quality.wire_flags(case["wire_format"]) if case["wire_format"] else []
     tag = f"{case['model']}-{case['bandwidth_mbit']}mbit-b{case['batch_size']}-s{case['split']}"
     runs = []
     for n in range(2 * settings["repeats"]):

@@ -116,6 +116,16 @@ class Tier:
         return [*prefix, "taskset", "--cpu-list", str(self.core), *map(str, argv)]
 
 
+def add_two_tier_arguments(parser):
+    """The command-line flags of the two-tier set-up that the benchmarks share:
+    ``--threads``, ``--network`` and ``--link`` (:class:`TwoTier`'s settings)."""
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per tier")
+    parser.add_argument("--network", choices=NETWORKS, default="auto",
+                        help="shaped needs root; auto falls back to loopback (default: auto)")
+    parser.add_argument("--link", default=DEFAULT_LINK, metavar="SUBNET",
+                        help=f"private subnet of the shaped link (default: {DEFAULT_LINK})")
+
+
 def default_cores():
     """(storage core, trainer core): the first two cores this process may use.
 

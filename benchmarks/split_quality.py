@@ -67,7 +67,7 @@ import sys
 import time
 from pathlib import Path
 
-from shaped import DEFAULT_LINK, NETWORKS, CommandFailed, TwoTier
+from shaped import CommandFailed, TwoTier, add_two_tier_arguments
 from tl_benchmark import (
     TRAINER,
     load_dataset,
@@ -451,11 +451,7 @@ def parse_args(argv=None):
                         help="a choice this close to the best is a hit (default: 0.05)")
     parser.add_argument("--image_size", type=int, default=224, help="JPEG side in pixels")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per tier")
-    parser.add_argument("--network", choices=NETWORKS, default="auto",
-                        help="shaped needs root; auto falls back to loopback (default: auto)")
-    parser.add_argument("--link", default=DEFAULT_LINK, metavar="SUBNET",
-                        help=f"private subnet of the shaped link (default: {DEFAULT_LINK})")
+    add_two_tier_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("bench-results/split_quality"))
     parser.add_argument("--merge", nargs="+", type=Path, metavar="PART",
                         help="join these runs' results (directories or their "

@@ -58,7 +58,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from shaped import DEFAULT_LINK, NETWORKS, CommandFailed, TwoTier
+from shaped import CommandFailed, TwoTier, add_two_tier_arguments
 
 from hapi import names, zoo
 from hapi.client_setup.datasets import IMAGENET_LIKE
@@ -786,11 +786,7 @@ def parse_args(argv=None):
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--holdout", type=float, default=0.2,
                         help="share of the shards held out for the accuracy")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per tier")
-    parser.add_argument("--network", choices=NETWORKS, default="auto",
-                        help="shaped needs root; auto falls back to loopback (default: auto)")
-    parser.add_argument("--link", default=DEFAULT_LINK, metavar="SUBNET",
-                        help=f"private subnet of the shaped link (default: {DEFAULT_LINK})")
+    add_two_tier_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("bench-results/tl"))
     parser.add_argument("--resummarise", type=Path, metavar="RESULTS_JSON",
                         help="run nothing: recompute an earlier run's summary, table and "

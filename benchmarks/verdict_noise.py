@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 import split_quality
-from shaped import DEFAULT_LINK, NETWORKS, CommandFailed, TwoTier
+from shaped import CommandFailed, TwoTier, add_two_tier_arguments
 from tl_benchmark import load_dataset, warm_up, with_spread, write_results
 
 from hapi import zoo
@@ -150,11 +150,7 @@ def parse_args(argv=None):
     parser.add_argument("--tolerance", type=float, default=0.05,
                         help="split_quality.py's tolerance (default: 0.05)")
     parser.add_argument("--image_size", type=int, default=224, help="JPEG side in pixels")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per tier")
-    parser.add_argument("--network", choices=NETWORKS, default="auto",
-                        help="shaped needs root; auto falls back to loopback (default: auto)")
-    parser.add_argument("--link", default=DEFAULT_LINK, metavar="SUBNET",
-                        help=f"private subnet of the shaped link (default: {DEFAULT_LINK})")
+    add_two_tier_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("bench-results/verdict_noise"))
     args = parser.parse_args(argv)
     try:

@@ -531,18 +531,23 @@ def _fresh_s(fill, ahead, supply, trainer_cycle, last, samples, requests, depth,
     then one shard a ``supply`` cycle, then the trainer's work on the last
     grain); the trainer's from its first shard, which the other requests
     sent with it delay by ``ahead`` each (it then never waits); and the
-    trainer's from its first grain, whose other shards come one a supply
-    cycle after the first. The grain is what the trainer needs before it
-    computes: a training batch, or a shard when shards are larger; with a
-    grain of one shard the third path is never the latest."""
+    trainer's from its first grain (:func:`_grain`), whose other shards
+    come one a supply cycle after the first; with a grain of one shard the
+    third path is never the latest."""
     together = min(max(depth, 1), math.ceil(samples / requests))
-    grain = min(max(requests, batch), samples)
+    grain = _grain(samples, requests, batch)
     rest = max(samples - requests, 0)
     return max(fill + rest * supply + grain * last,
                fill + (together - 1) * ahead + rest * trainer_cycle
                + min(samples, requests) * last,
                fill + (grain - requests) * supply + (samples - grain) * trainer_cycle
                + grain * last)
+
+
+def _grain(samples, requests, batch):
+    """Of ``samples``, how many the trainer needs before it computes: a
+    training batch, or a shard when shards are larger."""
+    return min(max(requests, batch), samples)
 
 
 def _rest_s(row: SplitCost, profile: Profile, rest_samples: int, fresh: bool,
@@ -558,7 +563,7 @@ def _rest_s(row: SplitCost, profile: Profile, rest_samples: int, fresh: bool,
     if not fresh:
         supply, trainer = backlog
         arrived = supply + rest_samples * row.supply_s / batch + \
-            min(rest_samples, max(requests, batch)) * row.trainer_last_s / batch
+            _grain(rest_samples, requests, batch) * row.trainer_last_s / batch
         return max(arrived, trainer + rest_samples * row.trainer_cycle_s / batch)
     return _fresh_s(row.fill_s, row.first_ahead_s, row.supply_s / batch,
                     row.trainer_cycle_s / batch,
